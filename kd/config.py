@@ -1,0 +1,340 @@
+"""The run configuration: every flag, its default and check, and how the layers combine.
+
+Later wins: built-in defaults → commandline_args.txt → YAML presets (in the order named) → command
+line. Every value remembers where it came from, for ``--print_config`` and for error messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+from kd.errors import KDError
+from kd.registry import did_you_mean
+
+FLAGS_FILE = "commandline_args.txt"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
+
+
+def _flag(default: Any, help: str, choices: tuple = (), check: Callable[[Any], bool] | None = None,
+          must: str = "", group: str = "") -> Any:
+    """A config field with its help text, allowed choices and a value check (``must`` explains it)."""
+    meta = {"help": help, "choices": choices, "check": check, "must": must, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+@dataclass
+class Config:
+    """Every setting of a run; field names are the flag names without ``--``."""
+
+    # What to run
+    train_teacher: bool = _flag(False, "train the teacher", group="stages")
+    baseline: bool = _flag(False, "train the student on labels alone", group="stages")
+    distill: bool = _flag(False, "train the student with distillation from the teacher", group="stages")
+    teacher_checkpoint: Optional[str] = _flag(
+        None, "teacher checkpoint to distill from (default: the teacher trained in this run)", group="stages")
+    # Data
+    data_dir: str = _flag("demo", "ImageFolder root (train/ and val/ inside, or class folders); "
+                          "'demo' generates the built-in demo dataset", group="data")
+    val_fraction: float = _flag(0.2, "share of each class held out for validation when data_dir has no val/",
+                                check=lambda x: 0 < x < 1, must="be between 0 and 1", group="data")
+    num_classes: Optional[int] = _flag(None, "expected number of classes (checked against the data)",
+                                       check=_positive, must="be positive", group="data")
+    image_size: int = _flag(224, "side of the square crop fed to the networks",
+                            check=lambda x: x >= 8, must="be at least 8", group="data")
+    min_crop_scale: float = _flag(0.08, "smallest area share of a training crop (RandomResizedCrop scale)",
+                                  check=lambda x: 0 < x <= 1, must="be in (0, 1]", group="data")
+    batch_size: int = _flag(64, "images per batch", check=_positive, must="be positive", group="data")
+    num_workers: int = _flag(2, "DataLoader worker processes (0 loads in the main process)",
+                             check=lambda x: x >= 0, must="be 0 or more", group="data")
+    # Models
+    teacher_arch: str = _flag("resnet50", "teacher network: a built-in or torchvision model name", group="models")
+    student_arch: str = _flag("resnet18", "student network: a built-in or torchvision model name", group="models")
+    teacher_weights: Optional[str] = _flag(
+        None, "initial teacher weights: a torchvision weights name (e.g. DEFAULT) or a local file", group="models")
+    student_weights: Optional[str] = _flag(
+        None, "initial student weights: a torchvision weights name or a local file", group="models")
+    # Distillation
+    kd_loss: str = _flag("kl_softmax", "distillation loss: a registered name or module:Class", group="distillation")
+    temperature: float = _flag(4.0, "softmax temperature of the distillation loss",
+                               check=_positive, must="be positive", group="distillation")
+    alpha: float = _flag(0.9, "loss = alpha * distillation + (1 - alpha) * cross-entropy on labels",
+                         check=lambda x: 0 <= x <= 1, must="be between 0 and 1", group="distillation")
+    # Optimisation
+    epochs: int = _flag(10, "training epochs of each stage", check=_positive, must="be positive", group="training")
+    lr: float = _flag(0.05, "peak learning rate", check=_positive, must="be positive", group="training")
+    optimizer: str = _flag("sgd", "optimizer", choices=("sgd", "adam", "adamw"), group="training")
+    momentum: float = _flag(0.9, "SGD momentum (Adam's beta1)", check=lambda x: 0 <= x < 1,
+                            must="be in [0, 1)", group="training")
+    weight_decay: float = _flag(5e-4, "weight decay", check=lambda x: x >= 0, must="be 0 or more",
+                                group="training")
+    scheduler: str = _flag("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "none"),
+                           group="training")
+    warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up", check=lambda x: x >= 0,
+                                 must="be 0 or more", group="training")
+    seed: int = _flag(0, "random seed of models, augmentation and batch order", group="training")
+    # Hardware
+    accelerator: str = _flag("auto", "Lightning accelerator (auto, cpu, gpu, ...)", group="hardware")
+    devices: str = _flag("auto", "Lightning devices (auto, a count, or a list like 0,1)", group="hardware")
+    precision: str = _flag("32-true", "Lightning precision", choices=PRECISIONS, group="hardware")
+    # Output
+    output_dir: str = _flag("runs", "where runs are written", group="output")
+    experiment_name: str = _flag("kd", "runs go to output_dir/experiment_name/<stage>/version_N", group="output")
+    # Configuration itself
+    config: list[str] = _flag([], "YAML presets applied after the flags file, in the order named", group="config")
+    print_config: bool = _flag(False, "print the resolved configuration with each value's source and exit",
+                               group="config")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that define a run (not how it was configured), for saving beside its logs."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("config", "print_config")}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TYPES = get_type_hints(Config)
+# Flags that only the command line understands: they choose which flags file is read.
+CLI_ONLY = {"flags_file": "read flags from this file instead of commandline_args.txt ('none' reads none)"}
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+@dataclass
+class Setting:
+    """One flag as written somewhere: its name, raw values and where it was written."""
+
+    name: str
+    values: list[Any]
+    where: str  # "commandline_args.txt:3", "configs/x.yaml:5", "command line"
+
+
+def _scalar_type(name: str) -> type:
+    hint = TYPES[name]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if get_origin(hint) is not None else hint
+
+
+def _is_list(name: str) -> bool:
+    return get_origin(TYPES[name]) is list
+
+
+def _convert_one(name: str, raw: Any, where: str) -> Any:
+    """Turn one raw value (a string from a flags file, or a YAML scalar) into the flag's type."""
+    kind = _scalar_type(name)
+    fail = KDError(f"{where}: --{name} expects {kind.__name__ if kind is not str else 'a string'}, got {raw!r}")
+    if isinstance(raw, (list, dict)) or (kind is not bool and isinstance(raw, bool)):
+        raise fail
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
+        if type(None) in get_args(TYPES[name]):
+            return None
+        if raw is None:
+            raise fail
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in _TRUE | _FALSE:
+            return str(raw).lower() in _TRUE
+        raise KDError(f"{where}: --{name} expects true or false, got {raw!r}")
+    if kind is str:
+        return str(raw)
+    try:
+        if kind is int and isinstance(raw, float):
+            raise ValueError
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise fail from None
+
+
+def _convert(setting: Setting) -> Any:
+    """The typed, checked value of a setting, or a KDError naming where it was written."""
+    name, values, where = setting.name, setting.values, setting.where
+    meta = FIELDS[name].metadata
+    if _is_list(name):
+        value = [_convert_one(name, v, where) for v in values]
+        items = value
+    else:
+        if not values and _scalar_type(name) is bool:
+            values = [True]
+        if len(values) != 1:
+            raise KDError(f"{where}: --{name} takes one value, got {len(values)}: {' '.join(map(str, values))}")
+        value = _convert_one(name, values[0], where)
+        items = [] if value is None else [value]
+    for item in items:
+        if meta["choices"] and item not in meta["choices"]:
+            raise KDError(f"{where}: --{name} must be one of {', '.join(meta['choices'])}, got {item!r}"
+                          f"{did_you_mean(str(item), meta['choices'])}")
+        if meta["check"] and not meta["check"](item):
+            raise KDError(f"{where}: --{name} must {meta['must']}, got {item!r}")
+    return value
+
+
+def _unknown_flag(name: str, where: str) -> KDError:
+    return KDError(f"{where}: unknown flag --{name}{did_you_mean(name, [*FIELDS, *CLI_ONLY], '--')}")
+
+
+def parse_tokens(tokens: list[str], where: str) -> list[Setting]:
+    """Group ``--flag value ...`` tokens (also ``--flag=value``) into settings."""
+    settings: list[Setting] = []
+    for token in tokens:
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token[2:].partition("=")
+            if name not in FIELDS and name not in CLI_ONLY:
+                raise _unknown_flag(name, where)
+            settings.append(Setting(name, [value] if eq else [], where))
+        elif not settings:
+            raise KDError(f"{where}: expected a flag like --epochs, got {token!r}")
+        else:
+            settings[-1].values.append(token)
+    return settings
+
+
+def read_flags_file(path: Path) -> list[Setting]:
+    """Settings from a flags file: one flag per line, ``#`` comments and blank lines allowed."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KDError(f"cannot read flags file {path}: {exc}") from exc
+    settings = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        where = f"{path}:{number}"
+        try:
+            tokens = shlex.split(line, comments=True)
+        except ValueError as exc:
+            raise KDError(f"{where}: cannot parse line ({exc}): {line.strip()}") from None
+        if not tokens:
+            continue
+        line_settings = parse_tokens(tokens, where)
+        if len(line_settings) > 1:
+            raise KDError(f"{where}: one flag per line, found {len(line_settings)}: {line.strip()}")
+        settings += line_settings
+    return settings
+
+
+def read_preset(path: Path) -> list[Setting]:
+    """Settings from a YAML preset: a flat mapping of flag names (without --) to values."""
+    try:
+        node = yaml.compose(path.read_text())
+    except OSError as exc:
+        raise KDError(f"cannot read preset {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise KDError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if node is None:
+        return []
+    if not isinstance(node, yaml.MappingNode):
+        raise KDError(f"{path}:{node.start_mark.line + 1}: a preset must be a mapping of flag: value")
+    settings = []
+    for key_node, value_node in node.value:
+        where = f"{path}:{key_node.start_mark.line + 1}"
+        name = str(key_node.value).removeprefix("--")
+        if name not in FIELDS:
+            raise _unknown_flag(name, where)
+        if name == "config":
+            raise KDError(f"{where}: a preset cannot name other presets; list them all with --config")
+        value = yaml.safe_load(yaml.serialize(value_node))
+        settings.append(Setting(name, value if isinstance(value, list) else [value], where))
+    return settings
+
+
+def _find(path: str, bases: list[Path], what: str, where: str) -> Path:
+    """Resolve a relative file name against the current directory, then ``bases``."""
+    candidate = Path(path).expanduser()
+    for base in [Path.cwd(), *bases]:
+        if (base / candidate).is_file():
+            return base / candidate
+    raise KDError(f"{where}: {what} {path} not found")
+
+
+@dataclass
+class Resolved:
+    """A configuration plus the source of each value."""
+
+    config: Config
+    sources: dict[str, str]
+
+    def table(self) -> str:
+        """A three-column text table: flag, value, where it came from."""
+        rows = [(f"--{k}", _show(v), self.sources[k]) for k, v in dataclasses.asdict(self.config).items()]
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "[]"
+    return str(value)
+
+
+def default_flags_file() -> Path | None:
+    """commandline_args.txt in the working directory, else the one beside experiment.py."""
+    if Path(FLAGS_FILE).is_file():
+        return Path(FLAGS_FILE)
+    return PROJECT_DIR / FLAGS_FILE if (PROJECT_DIR / FLAGS_FILE).is_file() else None
+
+
+def resolve(argv: list[str]) -> Resolved:
+    """Build the configuration from the flags file, presets and command line ``argv``."""
+    cli = parse_tokens(argv, "command line")
+    flags_file = default_flags_file()
+    for setting in cli:
+        if setting.name == "flags_file":
+            if len(setting.values) != 1:
+                raise KDError("command line: --flags_file takes one value: a file, or none")
+            chosen = setting.values[0]
+            flags_file = None if chosen.lower() == "none" else _find(chosen, [], "flags file", "--flags_file")
+    cli = [s for s in cli if s.name != "flags_file"]
+    from_file = read_flags_file(flags_file) if flags_file else []
+
+    presets: list[tuple[str, Path]] = []
+    for settings, bases in ((from_file, [flags_file.parent] if flags_file else []), (cli, [PROJECT_DIR])):
+        for setting in settings:
+            if setting.name == "config":
+                for name in _convert(setting):
+                    presets.append((name, _find(name, bases, "preset", setting.where)))
+    layers = from_file + [s for _, path in presets for s in read_preset(path)] + cli
+
+    values = {name: getattr(Config(), name) for name in FIELDS}
+    sources = dict.fromkeys(FIELDS, "default")
+    for setting in layers:
+        values[setting.name] = _convert(setting)
+        sources[setting.name] = setting.where
+    values["config"] = [name for name, _ in presets]
+    return Resolved(Config(**values), sources)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the run-defining settings as a YAML preset that repeats the run (``--config path``).
+
+    Written to a temporary file and renamed, so a kill leaves no half-written file behind.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def help_text() -> str:
+    """The list of flags with defaults and help, grouped as in Config."""
+    lines = ["usage: python experiment.py [--flag value ...]",
+             f"Flags are read from {FLAGS_FILE}, then --config presets, then the command line.", ""]
+    group = None
+    for name, f in FIELDS.items():
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines.append(f"{group}:")
+        default = _show(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        choices = f" ({', '.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
+        lines.append(f"  --{name:<20} {f.metadata['help']}{choices} [default: {default}]")
+    lines += ["", *(f"  --{k:<20} {v}" for k, v in CLI_ONLY.items())]
+    return "\n".join(lines)

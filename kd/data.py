@@ -1,0 +1,226 @@
+"""ImageFolder data: layout detection and checks, transforms, the DataModule, the demo dataset."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms import v2
+
+from kd.errors import KDError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
+Sample = tuple[str, int]
+
+
+@dataclass
+class ImageFolderLayout:
+    """What was found under a data directory: class names and (path, label) samples per split."""
+
+    root: Path
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+
+
+def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
+    """Class names and samples of one ImageFolder-style folder, refusing empty classes."""
+    try:
+        found, class_to_idx = find_classes(str(folder))
+    except FileNotFoundError:
+        raise KDError(f"--data_dir: {folder} has no class folders (expected {folder}/<class>/<image>)") from None
+    if classes is not None and found != classes:
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise KDError(f"--data_dir: the class folders of {folder} differ from train/: "
+                      f"missing {missing or 'none'}, extra {extra or 'none'}")
+    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    counts = np.bincount([label for _, label in samples], minlength=len(found))
+    empty = [found[i] for i in np.flatnonzero(counts == 0)]
+    if len(samples) == 0:
+        raise KDError(f"--data_dir: no images ({', '.join(IMG_EXTENSIONS)}) under {folder}")
+    if empty:
+        raise KDError(f"--data_dir: class folder {folder / empty[0]} has no images"
+                      + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""))
+    return found, samples
+
+
+def _split(samples: list[Sample], num_classes: int, val_fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """A stratified train/val split with a fixed seed: every class keeps images on both sides."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    train, val = [], []
+    for label in range(num_classes):
+        own = [s for s in samples if s[1] == label]
+        order = rng.permutation(len(own))
+        n_val = min(max(1, round(len(own) * val_fraction)), len(own) - 1)
+        if n_val < 1:
+            raise KDError(f"--val_fraction: class {label} has {len(own)} image(s), too few to split")
+        val += [own[i] for i in sorted(order[:n_val])]
+        train += [own[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2,
+                      num_classes: int | None = None) -> ImageFolderLayout:
+    """Find the classes and images under ``data_dir``: ``train/`` + ``val/``, or one folder to split."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise KDError(f"--data_dir: {root} does not exist or is not a folder")
+    if (root / "train").is_dir():
+        if not (root / "val").is_dir():
+            raise KDError(f"--data_dir: {root} has train/ but no val/ folder")
+        classes, train = _scan(root / "train")
+        _, val = _scan(root / "val", classes)
+    else:
+        classes, samples = _scan(root)
+        train, val = _split(samples, len(classes), val_fraction)
+    if num_classes is not None and num_classes != len(classes):
+        raise KDError(f"--num_classes is {num_classes} but {root} holds {len(classes)} classes: "
+                      f"{', '.join(classes)}")
+    return ImageFolderLayout(root, classes, train, val)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, with an error that names the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise KDError(f"cannot read image {path}: {exc}") from None
+
+
+class ImageListDataset(Dataset):
+    """(image, label) pairs from a list of (path, label) samples."""
+
+    def __init__(self, samples: list[Sample], transform: v2.Transform) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
+def train_transform(image_size: int, min_crop_scale: float = 0.08) -> v2.Transform:
+    """Random resized crop and horizontal flip, then ImageNet normalisation."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def val_transform(image_size: int) -> v2.Transform:
+    """Resize the short side to 256/224 of the crop, centre crop, ImageNet normalisation."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(round(image_size * 256 / 224), antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """Train and validation loaders over an ImageFolder, scanned and checked on construction."""
+
+    def __init__(self, data_dir: str | Path, image_size: int = 224, batch_size: int = 64,
+                 num_workers: int = 2, val_fraction: float = 0.2, num_classes: int | None = None,
+                 min_crop_scale: float = 0.08) -> None:
+        super().__init__()
+        self.layout = scan_image_folder(data_dir, val_fraction, num_classes)
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.min_crop_scale = min_crop_scale
+
+    @property
+    def classes(self) -> list[str]:
+        return self.layout.classes
+
+    def _loader(self, samples: list[Sample], transform: v2.Transform, shuffle: bool) -> DataLoader:
+        return DataLoader(ImageListDataset(samples, transform), batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.layout.train, train_transform(self.image_size, self.min_crop_scale), True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.layout.val, val_transform(self.image_size), False)
+
+
+# The demo dataset: shapes in colours. Classes that share a shape or a near hue look alike, so a
+# teacher's soft targets carry which classes resemble one another, the case distillation is for.
+DEMO_SHAPES = ("circle", "ring", "square", "triangle")
+DEMO_HUES = {"red": 0.0, "orange": 0.07, "blue": 0.6}
+DEMO_VERSION = 1
+
+
+def _draw_demo_image(shape: str, hue: float, size: int, rng: np.random.Generator) -> Image.Image:
+    """One noisy picture of a coloured shape at a random place and scale."""
+    base = rng.uniform(0.25, 0.75, 3) * 255
+    smooth = np.kron(rng.normal(0, 30, (5, 5, 3)), np.ones((size // 5 + 1, size // 5 + 1, 1)))[:size, :size]
+    pixels = np.clip(base + smooth + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    colour = colorsys.hsv_to_rgb((hue + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
+    fill = tuple(int(c * 255) for c in colour)
+    r = rng.uniform(0.18, 0.32) * size
+    cx, cy = rng.uniform(r, size - r, 2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(2, int(r / 2.5)))
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class: int = 50,
+                      image_size: int = 40, seed: int = 0) -> Path:
+    """Write the demo ImageFolder (train/ and val/ of PNGs) under ``root`` once; reuse it after.
+
+    The images are a pure function of the arguments. The folder is built beside ``root`` and renamed
+    into place when complete, so an interrupted generation never leaves a partial dataset behind.
+    """
+    root = Path(root)
+    params = {"version": DEMO_VERSION, "train_per_class": train_per_class, "val_per_class": val_per_class,
+              "image_size": image_size, "seed": seed}
+    marker = root / "demo.json"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    if root.exists():
+        raise KDError(f"--data_dir demo: {root} exists but is not this demo dataset; move it away")
+    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    classes = [f"{colour}_{shape}" for colour in DEMO_HUES for shape in DEMO_SHAPES]
+    for split, count, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
+        for label, name in enumerate(classes):
+            folder = tmp / split / name
+            folder.mkdir(parents=True)
+            colour, shape = name.split("_")
+            rng = np.random.default_rng([split_seed, label])
+            for i in range(count):
+                _draw_demo_image(shape, DEMO_HUES[colour], image_size, rng).save(folder / f"{i:04d}.png")
+    (tmp / "demo.json").write_text(json.dumps(params))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
+    return root

@@ -1,0 +1,53 @@
+"""The loss registry and how a loss is built from its name and the run's settings.
+
+A loss is an ``nn.Module`` (or any callable) called as ``loss(student_logits, teacher_logits,
+labels)`` that returns a scalar tensor or a dict of named scalar terms, each logged on its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+
+from kd.errors import KDError
+from kd.registry import Registry
+
+LOSSES: Registry = Registry("loss")
+LossOutput = torch.Tensor | dict[str, torch.Tensor]
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossOutput]
+
+
+def build_loss(name: str, **settings: Any) -> Loss:
+    """Instantiate loss ``name`` (registered, or ``module:Class``) with the settings it accepts.
+
+    Settings the class's ``__init__`` does not name are dropped (unless it takes ``**kwargs``), so a
+    loss declares exactly the hyper-parameters it uses, e.g. ``temperature``.
+    """
+    factory = LOSSES.get(name)
+    if not callable(factory):
+        raise KDError(f"--kd_loss: {name} is not a class or function")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        settings = {k: v for k, v in settings.items() if k in params}
+    try:
+        loss = factory(**settings)
+    except Exception as exc:  # a user's constructor failed: name the loss and the reason
+        raise KDError(f"--kd_loss {name}: building it failed: {type(exc).__name__}: {exc}") from None
+    if not callable(loss):
+        raise KDError(f"--kd_loss {name}: {type(loss).__name__} instances are not callable")
+    return loss
+
+
+def loss_terms(name: str, output: Any) -> dict[str, torch.Tensor]:
+    """A loss's output as named scalar terms: a tensor becomes ``{name: tensor}``."""
+    terms = output if isinstance(output, dict) else {name: output}
+    for key, value in terms.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise KDError(f"--kd_loss {name}: term '{key}' must be a scalar tensor, got "
+                          f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+    return {key if isinstance(output, dict) else name: value.reshape(()) for key, value in terms.items()}

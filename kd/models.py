@@ -1,0 +1,164 @@
+"""Networks by name: kd's small built-in CNNs and every torchvision classification model."""
+
+from __future__ import annotations
+
+import fnmatch
+import socket
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+
+from kd.errors import KDError
+from kd.registry import Registry, did_you_mean
+
+MODELS: Registry = Registry("model")
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class SimpleCNN(nn.Module):
+    """Conv-BN-ReLU blocks, each halving the resolution, then global pooling and a linear head."""
+
+    def __init__(self, widths: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        blocks, channels = [], 3
+        for width in widths:
+            blocks += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@MODELS.register()
+def cnn_tiny(num_classes: int) -> nn.Module:
+    """Two blocks (8, 16 channels), ~1.5k parameters: a student that trains in seconds on a CPU."""
+    return SimpleCNN((8, 16), num_classes)
+
+
+@MODELS.register()
+def cnn_small(num_classes: int) -> nn.Module:
+    """Three blocks (16, 32, 64 channels), ~25k parameters."""
+    return SimpleCNN((16, 32, 64), num_classes)
+
+
+@MODELS.register()
+def cnn_medium(num_classes: int) -> nn.Module:
+    """Four blocks (32, 64, 128, 256 channels), ~390k parameters: a CPU-sized teacher."""
+    return SimpleCNN((32, 64, 128, 256), num_classes)
+
+
+def torchvision_models() -> list[str]:
+    """Names of torchvision's image classification models."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Every model name kd can build (built-in, then torchvision) matching a shell-style pattern."""
+    return MODELS.names(pattern) + [n for n in torchvision_models() if fnmatch.fnmatch(n, pattern)]
+
+
+def check_model_name(name: str) -> None:
+    """Refuse an unknown architecture up front, suggesting close names."""
+    if name not in MODELS and name not in torchvision_models() and ":" not in name:
+        raise KDError(MODELS.unknown(name, torchvision_models()))
+
+
+def _class_layers(model: nn.Module, out_features: int) -> list[str]:
+    """Names of the layers that produce ``out_features`` class scores (the classifier heads)."""
+    return [name for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) and m.out_features == out_features)
+            or (isinstance(m, nn.Conv2d) and m.out_channels == out_features and m.kernel_size == (1, 1))]
+
+
+def _replace_heads(model: nn.Module, old_classes: int, num_classes: int) -> None:
+    """Resize every classifier head (main and auxiliary) from ``old_classes`` to ``num_classes`` outputs."""
+    for name in _class_layers(model, old_classes):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        new = (nn.Linear(old.in_features, num_classes) if isinstance(old, nn.Linear)
+               else nn.Conv2d(old.in_channels, num_classes, 1))
+        setattr(parent, child, new)
+
+
+def _torchvision_weights(arch: str, weights: str, flag: str) -> torchvision.models.WeightsEnum:
+    enum = torchvision.models.get_model_weights(arch)
+    name = weights.rpartition(".")[2]
+    if name not in enum.__members__:
+        raise KDError(f"{flag}: {arch} has no weights '{weights}'{did_you_mean(name, enum.__members__)} "
+                      f"(choose from {', '.join(enum.__members__)}, or give a local file)")
+    return enum[name]
+
+
+def _download(weights: torchvision.models.WeightsEnum, flag: str) -> dict:
+    """Fetch torchvision weights into torch's cache, failing fast with a clear message when offline."""
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=False)
+    except (URLError, OSError, TimeoutError) as exc:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise KDError(f"{flag}: could not download {weights} from {weights.url} ({exc}); offline? "
+                      f"put the file in {cache} or pass a local weights file") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def read_state_dict(path: Path, flag: str) -> dict[str, torch.Tensor]:
+    """A network's weights from a plain state_dict file or a kd/Lightning checkpoint (``model.*``)."""
+    if not path.is_file():
+        raise KDError(f"{flag}: file {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file or not a torch file at all
+        raise KDError(f"{flag}: cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = {k.removeprefix("model."): v for k, v in data["state_dict"].items() if k.startswith("model.")}
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise KDError(f"{flag}: {path} holds no state_dict of tensors")
+    return data
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int, source: str, flag: str) -> None:
+    """Load ``state`` into ``model``; classifier heads of another class count are left freshly initialised."""
+    own = model.state_dict()
+    heads = tuple(f"{name}." for name in _class_layers(model, num_classes))
+    keep = {k: v for k, v in state.items() if not (k.startswith(heads) and k in own and own[k].shape != v.shape)}
+    for key, value in keep.items():
+        if key in own and own[key].shape != value.shape:
+            raise KDError(f"{flag}: {source} does not fit this model: {key} has shape "
+                          f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+    missing, unexpected = model.load_state_dict(keep, strict=False)
+    missing = [k for k in missing if not k.startswith(heads)]
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise KDError(f"{flag}: {source} does not fit this model ({what}, "
+                      f"{len(missing)} missing and {len(unexpected)} unexpected keys in all)")
+
+
+def build_model(arch: str, num_classes: int, weights: str | None = None, flag: str = "--arch") -> nn.Module:
+    """A network with ``num_classes`` outputs; ``weights`` is a torchvision weights name or a file."""
+    check_model_name(arch)
+    builtin = arch in MODELS or ":" in arch
+    local = weights is not None and (Path(weights).expanduser().is_file() or builtin or "/" in weights
+                                     or weights.endswith((".pt", ".pth", ".ckpt", ".bin")))
+    if builtin:
+        model = MODELS.get(arch)(num_classes=num_classes)
+    elif weights is not None and not local:
+        enum = _torchvision_weights(arch, weights, flag)
+        model = torchvision.models.get_model(arch)
+        model.load_state_dict(_download(enum, flag))
+        _replace_heads(model, len(enum.meta["categories"]), num_classes)
+    else:
+        model = torchvision.models.get_model(arch, num_classes=num_classes)
+    if local:
+        path = Path(weights).expanduser()
+        load_weights(model, read_state_dict(path, flag), num_classes, str(path), flag)
+    return model
