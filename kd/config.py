@@ -88,7 +88,7 @@ class Config:
     seed: int = _flag(0, "random seed of models, augmentation and batch order", group="training")
     # Hardware
     accelerator: str = _flag("auto", "Lightning accelerator (auto, cpu, gpu, ...)", group="hardware")
-    devices: str = _flag("auto", "Lightning devices (auto, a count, or a list like 0,1)", group="hardware")
+    devices: str = _flag("1", "Lightning devices (a count, a list like 0,1, or auto)", group="hardware")
     precision: str = _flag("32-true", "Lightning precision", choices=PRECISIONS, group="hardware")
     # Output
     output_dir: str = _flag("runs", "where runs are written", group="output")
@@ -215,6 +215,8 @@ def read_flags_file(path: Path) -> list[Setting]:
         if not tokens:
             continue
         line_settings = parse_tokens(tokens, where)
+        if line_settings and line_settings[0].name in CLI_ONLY:
+            raise KDError(f"{where}: --{line_settings[0].name} can only be given on the command line")
         if len(line_settings) > 1:
             raise KDError(f"{where}: one flag per line, found {len(line_settings)}: {line.strip()}")
         settings += line_settings
@@ -224,9 +226,10 @@ def read_flags_file(path: Path) -> list[Setting]:
 def read_preset(path: Path) -> list[Setting]:
     """Settings from a YAML preset: a flat mapping of flag names (without --) to values."""
     try:
-        node = yaml.compose(path.read_text())
-    except OSError as exc:
-        raise KDError(f"cannot read preset {path}: {exc}") from exc
+        text = path.read_text()
+        node, data = yaml.compose(text), yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KDError(f"cannot read preset {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -235,15 +238,19 @@ def read_preset(path: Path) -> list[Setting]:
         return []
     if not isinstance(node, yaml.MappingNode):
         raise KDError(f"{path}:{node.start_mark.line + 1}: a preset must be a mapping of flag: value")
-    settings = []
-    for key_node, value_node in node.value:
+    settings: list[Setting] = []
+    for key_node, _ in node.value:
         where = f"{path}:{key_node.start_mark.line + 1}"
         name = str(key_node.value).removeprefix("--")
         if name not in FIELDS:
             raise _unknown_flag(name, where)
         if name == "config":
             raise KDError(f"{where}: a preset cannot name other presets; list them all with --config")
-        value = yaml.safe_load(yaml.serialize(value_node))
+        if any(s.name == name for s in settings):
+            raise KDError(f"{where}: {name} is set twice in this preset")
+        value = data[key_node.value]
+        if isinstance(value, list) and not _is_list(name):
+            raise KDError(f"{where}: --{name} takes one value, got a list {value}")
         settings.append(Setting(name, value if isinstance(value, list) else [value], where))
     return settings
 

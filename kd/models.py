@@ -117,8 +117,10 @@ def read_state_dict(path: Path, flag: str) -> dict[str, torch.Tensor]:
         raise KDError(f"{flag}: file {path} does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file or not a torch file at all
-        raise KDError(f"{flag}: cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a truncated file, not a torch file at all, or pickled objects
+        why = ("it holds pickled Python objects; save a state_dict instead"
+               if "Weights only load failed" in str(exc) else f"not a PyTorch file, or truncated ({type(exc).__name__})")
+        raise KDError(f"{flag}: cannot load {path}: {why}") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = {k.removeprefix("model."): v for k, v in data["state_dict"].items() if k.startswith("model.")}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -51,6 +51,7 @@ class KDModule(pl.LightningModule):
         num_classes = len(class_names)
         top5 = min(5, num_classes)
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.train_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
 
@@ -85,10 +86,12 @@ class KDModule(pl.LightningModule):
             loss = alpha * kd + (1 - alpha) * ce
             terms |= {f"kd/{name}": value for name, value in kd_terms.items()}
         self.train_top1(logits, y)
+        self.train_top5(logits, y)
         log = {"batch_size": len(y), "on_step": True, "on_epoch": True}
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, **log)
         self.log("train/top1", self.train_top1, **log)
+        self.log("train/top5", self.train_top5, **log)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

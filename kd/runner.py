@@ -163,7 +163,8 @@ class Experiment:
         print(f"\n== {stage}: {arch} → {log_dir}", flush=True)
         start = time.perf_counter()
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")  # --num_workers is the user's call
+            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
             trainer.fit(module, datamodule=self.data)
         seconds = time.perf_counter() - start
         best = max(history.epochs, key=lambda e: e["val/top1"])

@@ -10,6 +10,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from kd.errors import KDError
 from kd.registry import Registry
@@ -29,7 +30,9 @@ def build_loss(name: str, **settings: Any) -> Loss:
     if not callable(factory):
         raise KDError(f"--kd_loss: {name} is not a class or function")
     try:
-        params = inspect.signature(factory).parameters
+        # A class without its own __init__ would show nn.Module's (*args, **kwargs): it takes nothing.
+        inherited = isinstance(factory, type) and factory.__init__ in (object.__init__, nn.Module.__init__)
+        params = {} if inherited else inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny generated ImageFolder and a runner for experiment.py as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd.data import make_demo_dataset
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12-class demo ImageFolder (train/ and val/) of 16 px PNGs, a few images per class."""
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", train_per_class=6, val_per_class=3,
+                             image_size=16)
+
+
+# Flags that make any stage finish in seconds on a CPU; tests add the stages and paths they need.
+FAST = ["--flags_file", "none", "--image_size", "16", "--batch_size", "16", "--epochs", "1",
+        "--num_workers", "0", "--teacher_arch", "cnn_tiny", "--student_arch", "cnn_tiny", "--accelerator", "cpu"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python experiment.py ARGS`` in ``cwd`` and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(PROJECT / "experiment.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

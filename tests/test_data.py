@@ -1,0 +1,115 @@
+"""The data module: layout detection, class checks, the fixed split, transforms and the demo set."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd.data import ImageFolderDataModule, make_demo_dataset, scan_image_folder
+from kd.errors import KDError
+
+
+def _flatten(root: Path, dest: Path) -> Path:
+    """Copy the train/ class folders of ``root`` into ``dest`` as one folder of class folders."""
+    shutil.copytree(root / "train", dest)
+    return dest
+
+
+def test_train_val_layout_detects_classes(tiny_data):
+    layout = scan_image_folder(tiny_data)
+    assert len(layout.classes) == 12 and layout.classes == sorted(layout.classes)
+    assert len(layout.train) == 12 * 6 and len(layout.val) == 12 * 3
+    assert {label for _, label in layout.val} == set(range(12))
+
+
+def test_single_folder_is_split_stratified_and_fixed(tiny_data, tmp_path):
+    root = _flatten(tiny_data, tmp_path / "flat")
+    first = scan_image_folder(root, val_fraction=0.5)
+    again = scan_image_folder(root, val_fraction=0.5)
+    assert first.train == again.train and first.val == again.val
+    assert not {p for p, _ in first.train} & {p for p, _ in first.val}
+    assert len(first.train) + len(first.val) == 12 * 6
+    for label in range(12):  # every class on both sides, half of each held out
+        assert sum(lab == label for _, lab in first.val) == 3
+        assert sum(lab == label for _, lab in first.train) == 3
+
+
+def test_num_classes_must_agree(tiny_data):
+    assert len(scan_image_folder(tiny_data, num_classes=12).classes) == 12
+    with pytest.raises(KDError, match=r"--num_classes is 5 but .* holds 12 classes: blue_circle"):
+        scan_image_folder(tiny_data, num_classes=5)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing", "does not exist"),
+    ("no_classes", "no class folders"),
+    ("no_images", "no images"),
+    ("empty_class", "class folder .*blue_circle has no images"),
+    ("no_val", "has train/ but no val/"),
+    ("val_classes_differ", "differ from train/: missing \\['red_triangle'\\]"),
+])
+def test_bad_layouts_name_the_culprit(tiny_data, tmp_path, breakage, message):
+    root = tmp_path / "data"
+    if breakage != "missing":
+        shutil.copytree(tiny_data, root)
+    if breakage == "no_classes":
+        shutil.rmtree(root)
+        root.mkdir()
+        (root / "readme.txt").write_text("no class folders here")
+    elif breakage == "no_images":
+        for image in root.rglob("*.png"):
+            image.unlink()
+        shutil.rmtree(root / "val")
+        for folder in (root / "train").iterdir():
+            shutil.move(folder, root / folder.name)
+        shutil.rmtree(root / "train")
+    elif breakage == "empty_class":
+        for image in (root / "train" / "blue_circle").iterdir():
+            image.unlink()
+    elif breakage == "no_val":
+        shutil.rmtree(root / "val")
+    elif breakage == "val_classes_differ":
+        shutil.rmtree(root / "val" / "red_triangle")
+    with pytest.raises(KDError, match=message):
+        scan_image_folder(root)
+
+
+def test_unreadable_image_error_names_the_file(tiny_data, tmp_path):
+    root = shutil.copytree(tiny_data, tmp_path / "data")
+    bad = sorted((root / "train" / "blue_ring").iterdir())[0]
+    bad.write_bytes(b"not a png")
+    data = ImageFolderDataModule(root, image_size=16, batch_size=4, num_workers=0)
+    loader = data.train_dataloader()
+    index = [p for p, _ in data.layout.train].index(str(bad))
+    with pytest.raises(KDError, match=f"cannot read image {bad}"):
+        loader.dataset[index]
+
+
+def test_loaders_yield_normalised_batches_of_the_crop_size(tiny_data):
+    data = ImageFolderDataModule(tiny_data, image_size=12, batch_size=5, num_workers=0)
+    for loader in (data.train_dataloader(), data.val_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (5, 3, 12, 12) and x.dtype == torch.float32
+        assert y.dtype == torch.int64 and int(y.max()) < 12
+        assert -3 < float(x.mean()) < 3 and float(x.std()) > 0.1  # normalised, not raw 0..255
+
+
+def _digest(root: Path) -> str:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256(b"".join(p.relative_to(root).as_posix().encode() + p.read_bytes() for p in files)).hexdigest()
+
+
+def test_demo_dataset_is_deterministic_and_reused(tmp_path):
+    first = make_demo_dataset(tmp_path / "a", train_per_class=2, val_per_class=1, image_size=16)
+    second = make_demo_dataset(tmp_path / "b", train_per_class=2, val_per_class=1, image_size=16)
+    assert _digest(first) == _digest(second)
+    stamp = (first / "demo.json").stat().st_mtime_ns
+    assert make_demo_dataset(first, train_per_class=2, val_per_class=1, image_size=16) == first
+    assert (first / "demo.json").stat().st_mtime_ns == stamp
+    with pytest.raises(KDError, match="exists but is not this demo dataset"):
+        make_demo_dataset(first, train_per_class=3, val_per_class=1, image_size=16)
+    assert not list(tmp_path.glob(".*tmp*"))  # no half-built folder left behind

@@ -1,0 +1,155 @@
+"""experiment.py end to end: stages, outputs, summary, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST, run_cli
+from kd.cli import main
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+
+
+def _tags(log_dir: Path) -> set[str]:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_data, tmp_path_factory):
+    """One subprocess run of all three stages on the tiny dataset (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("runs")
+    result = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(out), "--experiment_name", "e2e",
+                      "--train_teacher", "--baseline", "--distill", "--teacher_arch", "cnn_small",
+                      "--epochs", "2"], cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "e2e", result
+
+
+def test_every_stage_writes_checkpoints_config_and_tensorboard_logs(full_run):
+    root, _ = full_run
+    for stage in ("teacher", "baseline", "distill"):
+        log_dir = root / stage / "version_0"
+        assert (log_dir / "config.yaml").is_file()
+        assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+        assert len(list((log_dir / "checkpoints").glob("best-epoch*.ckpt"))) == 1
+        tags = _tags(log_dir)
+        assert {"train/loss_step", "train/ce_epoch", "train/top1_epoch", "val/top1", "val/top5", "lr-SGD",
+                "hp/best_top1"} <= tags, tags
+    distill_tags = _tags(root / "distill" / "version_0")
+    assert {"train/kd/kl_softmax_step", "val/teacher_agreement", "val/teacher_kl"} <= distill_tags
+
+
+def test_student_checkpoint_holds_no_teacher_and_knows_its_classes(full_run, tiny_data):
+    root, _ = full_run
+    checkpoint = torch.load(root / "distill" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] and all(k.startswith("model.") or k.startswith("val_") or k.startswith("train_")
+                                            for k in checkpoint["state_dict"])
+    meta = checkpoint["hyper_parameters"]
+    assert meta["arch"] == "cnn_tiny"
+    assert meta["class_names"] == sorted(p.name for p in (tiny_data / "train").iterdir())
+
+
+def test_summary_table_compares_the_stages(full_run):
+    root, result = full_run
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("stage "))
+    assert "top-1 %" in lines[header] and "top-5 %" in lines[header] and "time" in lines[header]
+    rows = {line.split()[0]: line.split() for line in lines[header + 2:header + 5]}
+    assert set(rows) == {"teacher", "baseline", "distill"}
+    assert rows["teacher"][1] == "cnn_small" and rows["distill"][1] == "cnn_tiny"
+    assert rows["distill"][-1].endswith("distill/version_0")
+    gain = float(rows["distill"][2]) - float(rows["baseline"][2])
+    assert f"distillation gain over the baseline: {gain:+.2f} top-1 points" in result.stdout
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(full_run, tiny_data):
+    root, _ = full_run
+    before = _snapshot(root)
+    teacher = next((root / "teacher" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(root.parent), "--experiment_name",
+                 "e2e", "--distill", "--teacher_checkpoint", str(teacher), "--teacher_arch", "cnn_small"]) == 0
+    assert (root / "distill" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+    assert {k: v for k, v in _snapshot(root).items() if k in before} == before
+
+
+def _tiny_copy(tiny_data: Path, tmp_path: Path) -> Path:
+    return shutil.copytree(tiny_data, tmp_path / "data")
+
+
+def _two_classes(tiny_data: Path, tmp_path: Path) -> Path:
+    root = _tiny_copy(tiny_data, tmp_path)
+    for split in ("train", "val"):
+        for folder in list((root / split).iterdir())[2:]:
+            shutil.rmtree(folder)
+    return root
+
+
+# Each case: (how to break the input, extra flags, text the one-line error must contain).
+BAD_INPUTS = {
+    "missing data dir": (lambda d, t: t / "nowhere", [], "--data_dir: {tmp}/nowhere does not exist"),
+    "empty class folder": (lambda d, t: _empty_class(d, t), [], "class folder {tmp}/data/train/blue_ring has no"),
+    "class count mismatch": (lambda d, t: d, ["--num_classes", "3"], "--num_classes is 3 but"),
+    "unknown architecture": (lambda d, t: d, ["--student_arch", "resnet19"], "unknown model 'resnet19' (did you"),
+    "unknown loss": (lambda d, t: d, ["--distill", "--teacher_checkpoint", "{ckpt}", "--kd_loss", "kl_sofmax"], "unknown loss 'kl_sofmax' (did you mean kl_softmax"),
+    "bad flag": (lambda d, t: d, ["--epoch", "3"], "unknown flag --epoch (did you mean --epochs?)"),
+    "bad value": (lambda d, t: d, ["--alpha", "2"], "--alpha must be between 0 and 1, got 2.0"),
+    "missing teacher checkpoint": (lambda d, t: d, ["--distill", "--teacher_checkpoint", "{tmp}/no.ckpt"],
+                                   "--teacher_checkpoint: file {tmp}/no.ckpt does not exist"),
+    "teacher of another architecture": (lambda d, t: d, ["--distill", "--teacher_checkpoint", "{ckpt}",
+                                                         "--teacher_arch", "cnn_medium"], "holds a cnn_small but --teacher_arch is"),
+    "teacher of another class count": (lambda d, t: _two_classes(d, t), ["--distill", "--teacher_checkpoint",
+                                                                        "{ckpt}", "--teacher_arch", "cnn_small"],
+                                       "was trained on 12 classes"),
+    "no stage": (lambda d, t: d, ["--baseline", "false"], "nothing to run"),
+    "distill without a teacher": (lambda d, t: d, ["--distill"], "--distill needs a teacher"),
+}
+
+
+def _empty_class(tiny_data: Path, tmp_path: Path) -> Path:
+    root = _tiny_copy(tiny_data, tmp_path)
+    for image in (root / "train" / "blue_ring").iterdir():
+        image.unlink()
+    return root
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_error_and_touches_nothing(case, full_run, tiny_data, tmp_path, capsys):
+    root, _ = full_run
+    make_data, flags, message = BAD_INPUTS[case]
+    ckpt = next((root / "teacher" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    fill = {"tmp": str(tmp_path), "ckpt": str(ckpt)}
+    before = _snapshot(root.parent)
+    code = main([*FAST, "--data_dir", str(make_data(tiny_data, tmp_path)), "--output_dir", str(root.parent),
+                 "--experiment_name", "e2e", "--baseline", *[f.format(**fill) for f in flags]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert message.format(**fill) in err, err
+    assert _snapshot(root.parent) == before
+
+
+def test_unreadable_image_stops_with_its_path_from_a_worker_process(tiny_data, tmp_path):
+    root = _tiny_copy(tiny_data, tmp_path)
+    bad = root / "train" / "red_ring" / "0000.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    result = run_cli([*FAST, "--data_dir", str(root), "--output_dir", str(tmp_path / "runs"), "--baseline",
+                      "--num_workers", "1"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {bad}")
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_flag_in_flags_file_names_file_and_line(tmp_path):
+    (tmp_path / "commandline_args.txt").write_text("# defaults\n--baseline\n--epohcs 3\n")
+    result = run_cli([], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: commandline_args.txt:3: unknown flag --epohcs (did you mean --epochs?)"

@@ -1,0 +1,218 @@
+"""Tests of kd.losses: built-in losses against their paper formulas, build_loss and loss_terms."""
+
+import textwrap
+
+import pytest
+import torch
+
+from kd.errors import KDError
+from kd.losses import LOSSES, build_loss, loss_terms
+from kd.losses.logits import KLSoftmax, kl_softmax
+
+TEMPERATURES = [0.5, 1.0, 2.0, 4.0, 20.0]
+SHAPES = [(1, 2), (5, 7), (16, 100)]
+
+USER_LOSSES = '''
+import torch
+from torch import nn
+
+
+class Scaled(nn.Module):
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, student_logits, teacher_logits, labels):
+        return self.scale * ((student_logits - teacher_logits) ** 2).mean()
+
+
+class Everything:
+    def __init__(self, **settings):
+        self.settings = settings
+
+    def __call__(self, student_logits, teacher_logits, labels):
+        return {"gap": (student_logits - teacher_logits).abs().mean(), "size": student_logits.pow(2).mean()}
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        raise RuntimeError("no GPU here")
+
+
+class Inert:
+    pass
+
+
+NUMBER = 3
+'''
+
+
+def random_logits(seed, shape=(5, 7), dtype=torch.float64, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype) * scale
+
+
+def random_labels(seed, shape=(5, 7)):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(shape[1], (shape[0],), generator=generator)
+
+
+def softmax_by_hand(z, temperature=1.0):
+    scaled = z / temperature
+    e = torch.exp(scaled - scaled.max(dim=1, keepdim=True).values)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def hinton(student, teacher, temperature):
+    """Hinton et al. 2015: T² · mean over the batch of Σ_c p_t,c (log p_t,c − log p_s,c), p = softmax(z/T)."""
+    p_t, p_s = softmax_by_hand(teacher, temperature), softmax_by_hand(student, temperature)
+    return temperature**2 * (p_t * (torch.log(p_t) - torch.log(p_s))).sum(dim=1).mean()
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "my_losses.py"
+    path.write_text(textwrap.dedent(USER_LOSSES))
+    return path
+
+
+# ---------------------------------------------------------------- numerics
+
+KL_FORMS = {
+    "function": lambda s, t, y, temperature: kl_softmax(s, t, temperature),
+    "registered": lambda s, t, y, temperature: build_loss("kl_softmax", temperature=temperature)(s, t, y),
+}
+
+
+@pytest.mark.parametrize("form", KL_FORMS.values(), ids=KL_FORMS.keys())
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kl_softmax_matches_hinton(form, temperature, shape):
+    s, t = random_logits(1, shape), random_logits(2, shape)
+    value = form(s, t, random_labels(3, shape), temperature)
+    assert value.shape == ()
+    torch.testing.assert_close(value, hinton(s, t, temperature), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_kl_softmax_is_zero_for_the_same_distribution(temperature):
+    s = random_logits(4)
+    shifted = s + random_logits(5, (5, 1))  # a per-row constant leaves the softmax unchanged
+    for teacher in (s.clone(), shifted):
+        torch.testing.assert_close(kl_softmax(s, teacher, temperature), torch.tensor(0.0, dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
+    assert kl_softmax(s, random_logits(6), temperature) > 1e-6
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_kl_softmax_gradient_is_t_times_probability_gap(temperature):
+    """∂/∂s of T²·KL is T·(p_s − p_t)/batch (Hinton et al. 2015, section 2.1, times T²)."""
+    s = random_logits(7).requires_grad_(True)
+    t = random_logits(8).requires_grad_(True)
+    build_loss("kl_softmax", temperature=temperature)(s, t, random_labels(9)).backward()
+    expected = temperature * (softmax_by_hand(s.detach(), temperature) - softmax_by_hand(t.detach(), temperature))
+    torch.testing.assert_close(s.grad, expected / s.shape[0], rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mse_logits_is_mean_squared_gap(shape):
+    s, t = random_logits(10, shape), random_logits(11, shape)
+    squared = (s - t) * (s - t)
+    expected = squared.sum() / (shape[0] * shape[1])
+    torch.testing.assert_close(build_loss("mse_logits")(s, t, random_labels(12, shape)), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("teacher", ["none", "random"])
+def test_ce_is_mean_negative_log_probability_of_label(shape, teacher):
+    s, y = random_logits(13, shape), random_labels(14, shape)
+    t = None if teacher == "none" else random_logits(15, shape)
+    p = softmax_by_hand(s)
+    expected = -torch.log(p[torch.arange(shape[0]), y]).mean()
+    torch.testing.assert_close(build_loss("ce")(s, t, y), expected)
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_registered_loss_gives_finite_scalars_and_gradients(name):
+    s = random_logits(16, dtype=torch.float32).requires_grad_(True)
+    t, y = random_logits(17, dtype=torch.float32), random_labels(18)
+    terms = loss_terms(name, build_loss(name)(s, t, y))
+    assert terms
+    for value in terms.values():
+        assert value.shape == () and torch.isfinite(value)
+    sum(terms.values()).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- build_loss
+
+def test_build_loss_passes_accepted_settings():
+    loss = build_loss("kl_softmax", temperature=3.0, alpha=0.5, unused="x")
+    assert isinstance(loss, KLSoftmax) and loss.temperature == 3.0
+
+
+@pytest.mark.parametrize("name", ["mse_logits", "ce"])
+def test_build_loss_drops_settings_builtin_does_not_accept(name):
+    """The runner builds every loss as build_loss(name, temperature=T)."""
+    s, t, y = random_logits(19), random_logits(20), random_labels(21)
+    torch.testing.assert_close(build_loss(name, temperature=3.0)(s, t, y), build_loss(name)(s, t, y))
+
+
+def test_build_loss_user_file_gets_only_its_settings(user_file):
+    loss = build_loss(f"{user_file}:Scaled", scale=2.0, temperature=4.0)
+    s, t = random_logits(22), random_logits(23)
+    torch.testing.assert_close(loss(s, t, random_labels(24)), 2.0 * ((s - t) ** 2).mean())
+
+
+def test_build_loss_passes_everything_to_var_keyword(user_file):
+    loss = build_loss(f"{user_file}:Everything", temperature=4.0, alpha=0.5)
+    assert loss.settings == {"temperature": 4.0, "alpha": 0.5}
+    assert set(loss_terms("everything", loss(random_logits(25), random_logits(26), None))) == {"gap", "size"}
+
+
+def test_build_loss_from_importable_module():
+    loss = build_loss("kd.losses.logits:KLSoftmax", temperature=2.5)
+    assert isinstance(loss, KLSoftmax) and loss.temperature == 2.5
+
+
+@pytest.mark.parametrize("spec, parts", [
+    ("kl_sofmax", ["kl_softmax"]),
+    ("mse_logit", ["mse_logits"]),
+    ("completely_different", LOSSES.names()),
+    ("{file}:Broken", ["Broken", "RuntimeError", "no GPU here"]),
+    ("{file}:Inert", ["Inert", "not callable"]),
+    ("{file}:NUMBER", ["NUMBER", "not a class or function"]),
+    ("{file}:Scaler", ["Scaler", "did you mean Scaled"]),
+])
+def test_build_loss_errors(user_file, spec, parts):
+    with pytest.raises(KDError) as info:
+        build_loss(spec.format(file=user_file), temperature=4.0)
+    for part in parts:
+        assert part in str(info.value)
+
+
+# ---------------------------------------------------------------- loss_terms
+
+@pytest.mark.parametrize("output", [torch.tensor(1.5), torch.tensor([1.5]), torch.tensor([[1.5]])])
+def test_loss_terms_names_a_single_tensor(output):
+    terms = loss_terms("kd", output)
+    assert list(terms) == ["kd"] and terms["kd"].shape == () and terms["kd"].item() == 1.5
+
+
+def test_loss_terms_keeps_dict_keys():
+    terms = loss_terms("kd", {"soft": torch.tensor(1.0), "hard": torch.tensor([2.0])})
+    assert {k: v.item() for k, v in terms.items()} == {"soft": 1.0, "hard": 2.0}
+    assert all(v.shape == () for v in terms.values())
+
+
+@pytest.mark.parametrize("output, term", [
+    (torch.ones(2), "kd"),
+    (torch.ones(0), "kd"),
+    (3.0, "kd"),
+    ({"soft": torch.tensor(1.0), "hard": torch.ones(3)}, "hard"),
+    ({"soft": 1.0}, "soft"),
+])
+def test_loss_terms_rejects_non_scalars(output, term):
+    with pytest.raises(KDError, match=f"term '{term}'"):
+        loss_terms("kd", output)
