@@ -9,5 +9,5 @@ class KDError(Exception):
         # process 0.\nOriginal Traceback ...\nkd.errors.KDError: <message>"): keep just <message>.
         lines = message.strip().splitlines()
         if len(lines) > 1 and lines[0].startswith("Caught "):
-            message = lines[-1].partition(": ")[2] or lines[-1]
-        super().__init__(message)
+            lines = [lines[-1].partition(": ")[2] or lines[-1]]
+        super().__init__(" ".join(line.strip() for line in lines))

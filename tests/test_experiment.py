@@ -153,3 +153,22 @@ def test_bad_flag_in_flags_file_names_file_and_line(tmp_path):
     result = run_cli([], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: commandline_args.txt:3: unknown flag --epohcs (did you mean --epochs?)"
+
+
+def _readme_loss(tmp_path: Path) -> str:
+    """The custom-loss example from the README, written to a file, as a --kd_loss spec."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = readme.split("```python\n# my_losses.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_losses.py").write_text(code)
+    return f"{tmp_path / 'my_losses.py'}:SoftCE"
+
+
+@pytest.mark.parametrize("loss", ["kl_softmax", "mse_logits", "ce", "readme example"])
+def test_distill_with_each_loss_logs_its_terms(loss, full_run, tiny_data, tmp_path):
+    root, _ = full_run
+    teacher = next((root / "teacher" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    spec = _readme_loss(tmp_path) if loss == "readme example" else loss
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--distill",
+                 "--teacher_checkpoint", str(teacher), "--teacher_arch", "cnn_small", "--kd_loss", spec]) == 0
+    term = "soft_ce" if loss == "readme example" else loss
+    assert f"train/kd/{term}_step" in _tags(tmp_path / "kd" / "distill" / "version_0")

@@ -1,0 +1,96 @@
+"""The LightningModule: a frozen teacher, the combined loss, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from kd.losses import build_loss
+from kd.losses.logits import kl_softmax
+from kd.models import build_model
+from kd.module import KDModule
+
+CLASSES = [f"c{i}" for i in range(6)]
+
+
+def _loader(n: int = 32, batch_size: int = 8) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 16, 16, generator=generator)
+    y = torch.randint(len(CLASSES), (n,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+class LearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.values.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _fit(module: KDModule, epochs: int = 1, callbacks: list | None = None) -> None:
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [])
+    trainer.fit(module, train_dataloaders=_loader(), val_dataloaders=_loader(16))
+
+
+def _distiller(alpha: float = 0.7, **kwargs) -> KDModule:
+    torch.manual_seed(0)
+    teacher = build_model("cnn_small", len(CLASSES))
+    student = build_model("cnn_tiny", len(CLASSES))
+    return KDModule(student, "cnn_tiny", CLASSES, teacher=teacher, kd_loss=build_loss("kl_softmax", temperature=3.0),
+                    kd_loss_name="kl_softmax", alpha=alpha, **kwargs)
+
+
+def test_teacher_is_frozen_in_eval_mode_and_never_updated():
+    module = _distiller()
+    before = copy.deepcopy(module.teacher.state_dict())
+    student_before = copy.deepcopy(module.model.state_dict())
+    _fit(module, epochs=2)
+    after = module.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics alike
+    assert not any(torch.equal(student_before[k], v) for k, v in module.model.state_dict().items()
+                   if k.endswith("weight"))
+    module.train()
+    assert not module.teacher.training and module.model.training
+    assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
+
+
+def test_training_loss_is_alpha_weighted_sum_of_distillation_and_cross_entropy():
+    module = _distiller(alpha=0.7)
+    x, y = next(iter(_loader()))
+    module.log = module.log_dict = lambda *a, **k: None  # the step outside a Trainer: no logging
+    loss = module.training_step((x, y), 0)
+    student, teacher = module.model(x), module.teacher(x)
+    expected = 0.7 * kl_softmax(student, teacher, 3.0) + 0.3 * F.cross_entropy(student, y)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in module.model.parameters())
+
+
+@pytest.mark.parametrize("scheduler, warmup", [("cosine", 0.0), ("cosine", 1.0), ("step", 0.0), ("none", 0.5)])
+def test_learning_rate_schedules(scheduler, warmup):
+    module = KDModule(build_model("cnn_tiny", len(CLASSES)), "cnn_tiny", CLASSES, lr=0.1, scheduler=scheduler,
+                      warmup_epochs=warmup)
+    rates = LearningRates()
+    _fit(module, epochs=4, callbacks=[rates])
+    lr, total = rates.values, 16  # 4 epochs of 4 batches
+    warm = int(warmup * total / 4)
+    assert len(lr) == total
+    if warm:
+        assert lr[0] < lr[warm - 1] < 0.1 and math.isclose(lr[warm], 0.1)
+    after = lr[warm:]
+    if scheduler == "cosine":
+        assert math.isclose(after[0], 0.1) and all(a > b for a, b in zip(after, after[1:]))
+        assert after[-1] < 0.01
+    elif scheduler == "step":
+        assert lr[:8] == [0.1] * 8 and all(math.isclose(v, 0.01) for v in lr[8:12])
+        assert all(math.isclose(v, 0.001) for v in lr[12:])
+    else:
+        assert all(math.isclose(v, 0.1) for v in after)
