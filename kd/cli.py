@@ -19,9 +19,12 @@ def main(argv: list[str] | None = None) -> int:
         if resolved.config.print_config:
             print(resolved.table())
             return 0
-        from kd.runner import run_experiment  # imported here so --help and config errors answer at once
+        from kd.runner import compare_runs, run_experiment  # imported here: --help and config errors answer at once
 
-        run_experiment(resolved.config)
+        if resolved.config.report:
+            compare_runs(resolved.config)
+        else:
+            run_experiment(resolved.config)
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

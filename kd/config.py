@@ -7,11 +7,13 @@ line. Every value remembers where it came from, for ``--print_config`` and for e
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
+from collections.abc import Callable
 
 import yaml
 
@@ -36,6 +38,10 @@ def _positive(x: float) -> bool:
     return x > 0
 
 
+def _seed_range(x: int) -> bool:
+    return 0 <= x < 2**32
+
+
 @dataclass
 class Config:
     """Every setting of a run; field names are the flag names without ``--``."""
@@ -44,28 +50,29 @@ class Config:
     train_teacher: bool = _flag(False, "train the teacher", group="stages")
     baseline: bool = _flag(False, "train the student on labels alone", group="stages")
     distill: bool = _flag(False, "train the student with distillation from the teacher", group="stages")
-    teacher_checkpoint: Optional[str] = _flag(
+    teacher_checkpoint: str | None = _flag(
         None, "teacher checkpoint to distill from (default: the teacher trained in this run)", group="stages")
     # Data
     data_dir: str = _flag("demo", "ImageFolder root (train/ and val/ inside, or class folders); "
                           "'demo' generates the built-in demo dataset", group="data")
     val_fraction: float = _flag(0.2, "share of each class held out for validation when data_dir has no val/",
                                 check=lambda x: 0 < x < 1, must="be between 0 and 1", group="data")
-    num_classes: Optional[int] = _flag(None, "expected number of classes (checked against the data)",
+    num_classes: int | None = _flag(None, "expected number of classes (checked against the data)",
                                        check=_positive, must="be positive", group="data")
     image_size: int = _flag(224, "side of the square crop fed to the networks",
                             check=lambda x: x >= 8, must="be at least 8", group="data")
     min_crop_scale: float = _flag(0.08, "smallest area share of a training crop (RandomResizedCrop scale)",
                                   check=lambda x: 0 < x <= 1, must="be in (0, 1]", group="data")
+    hflip: bool = _flag(True, "random horizontal flips in training (turn off for digits and text)", group="data")
     batch_size: int = _flag(64, "images per batch", check=_positive, must="be positive", group="data")
     num_workers: int = _flag(2, "DataLoader worker processes (0 loads in the main process)",
                              check=lambda x: x >= 0, must="be 0 or more", group="data")
     # Models
     teacher_arch: str = _flag("resnet50", "teacher network: a built-in or torchvision model name", group="models")
     student_arch: str = _flag("resnet18", "student network: a built-in or torchvision model name", group="models")
-    teacher_weights: Optional[str] = _flag(
+    teacher_weights: str | None = _flag(
         None, "initial teacher weights: a torchvision weights name (e.g. DEFAULT) or a local file", group="models")
-    student_weights: Optional[str] = _flag(
+    student_weights: str | None = _flag(
         None, "initial student weights: a torchvision weights name or a local file", group="models")
     # Distillation
     kd_loss: str = _flag("kl_softmax", "distillation loss: a registered name or module:Class", group="distillation")
@@ -85,22 +92,31 @@ class Config:
                            group="training")
     warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up", check=lambda x: x >= 0,
                                  must="be 0 or more", group="training")
-    seed: int = _flag(0, "random seed of models, augmentation and batch order", group="training")
+    seed: int = _flag(0, "random seed of models, augmentation and batch order", check=_seed_range,
+                      must="be between 0 and 2**32 - 1", group="training")
+    seeds: list[int] = _flag([], "repeat the stages for each of these seeds (overrides --seed) and report "
+                             "mean ± std", check=_seed_range, must="be between 0 and 2**32 - 1", group="training")
+    repeat_teacher: bool = _flag(False, "with --seeds, train a teacher per seed (default: once, first seed)",
+                                 group="training")
     # Hardware
     accelerator: str = _flag("auto", "Lightning accelerator (auto, cpu, gpu, ...)", group="hardware")
     devices: str = _flag("1", "Lightning devices (a count, a list like 0,1, or auto)", group="hardware")
     precision: str = _flag("32-true", "Lightning precision", choices=PRECISIONS, group="hardware")
     # Output
     output_dir: str = _flag("runs", "where runs are written", group="output")
-    experiment_name: str = _flag("kd", "runs go to output_dir/experiment_name/<stage>/version_N", group="output")
+    experiment_name: str = _flag("kd", "runs go to output_dir/experiment_name/<stage>/version_N",
+                                 check=lambda x: bool(x) and not Path(x).is_absolute() and ".." not in Path(x).parts,
+                                 must="be a non-empty relative name without ..", group="output")
     # Configuration itself
     config: list[str] = _flag([], "YAML presets applied after the flags file, in the order named", group="config")
+    report: list[str] = _flag([], "compare the finished runs under these folders in one table and plot, "
+                              "without training", group="config")
     print_config: bool = _flag(False, "print the resolved configuration with each value's source and exit",
                                group="config")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that define a run (not how it was configured), for saving beside its logs."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("config", "print_config")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("config", "print_config", "report")}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -151,9 +167,12 @@ def _convert_one(name: str, raw: Any, where: str) -> Any:
     try:
         if kind is int and isinstance(raw, float):
             raise ValueError
-        return kind(raw)
+        value = kind(raw)
     except (TypeError, ValueError):
         raise fail from None
+    if kind is float and not math.isfinite(value):
+        raise KDError(f"{where}: --{name} must be a finite number, got {raw!r}")
+    return value
 
 
 def _convert(setting: Setting) -> Any:
@@ -199,6 +218,19 @@ def parse_tokens(tokens: list[str], where: str) -> list[Setting]:
     return settings
 
 
+def _strip_comment(line: str) -> str:
+    """``line`` up to a ``#`` that starts a word outside quotes (``--experiment_name run#2`` keeps its #)."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
 def read_flags_file(path: Path) -> list[Setting]:
     """Settings from a flags file: one flag per line, ``#`` comments and blank lines allowed."""
     try:
@@ -209,7 +241,7 @@ def read_flags_file(path: Path) -> list[Setting]:
     for number, line in enumerate(text.splitlines(), start=1):
         where = f"{path}:{number}"
         try:
-            tokens = shlex.split(line, comments=True)
+            tokens = shlex.split(_strip_comment(line))
         except ValueError as exc:
             raise KDError(f"{where}: cannot parse line ({exc}): {line.strip()}") from None
         if not tokens:

@@ -29,7 +29,6 @@ Sample = tuple[str, int]
 class ImageFolderLayout:
     """What was found under a data directory: class names and (path, label) samples per split."""
 
-    root: Path
     classes: list[str]
     train: list[Sample]
     val: list[Sample]
@@ -56,16 +55,16 @@ def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], li
     return found, samples
 
 
-def _split(samples: list[Sample], num_classes: int, val_fraction: float) -> tuple[list[Sample], list[Sample]]:
+def _split(samples: list[Sample], classes: list[str], val_fraction: float) -> tuple[list[Sample], list[Sample]]:
     """A stratified train/val split with a fixed seed: every class keeps images on both sides."""
     rng = np.random.default_rng(SPLIT_SEED)
     train, val = [], []
-    for label in range(num_classes):
+    for label, name in enumerate(classes):
         own = [s for s in samples if s[1] == label]
         order = rng.permutation(len(own))
         n_val = min(max(1, round(len(own) * val_fraction)), len(own) - 1)
         if n_val < 1:
-            raise KDError(f"--val_fraction: class {label} has {len(own)} image(s), too few to split")
+            raise KDError(f"--val_fraction: class {name} has {len(own)} image, too few to split into train and val")
         val += [own[i] for i in sorted(order[:n_val])]
         train += [own[i] for i in sorted(order[n_val:])]
     return train, val
@@ -84,17 +83,21 @@ def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2,
         _, val = _scan(root / "val", classes)
     else:
         classes, samples = _scan(root)
-        train, val = _split(samples, len(classes), val_fraction)
+        train, val = _split(samples, classes, val_fraction)
     if num_classes is not None and num_classes != len(classes):
         raise KDError(f"--num_classes is {num_classes} but {root} holds {len(classes)} classes: "
                       f"{', '.join(classes)}")
-    return ImageFolderLayout(root, classes, train, val)
+    return ImageFolderLayout(classes, train, val)
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, with an error that names the file when it cannot be read."""
+    """Open an image as 8-bit RGB, with an error that names the file when it cannot be read."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I"):  # 16- or 32-bit greyscale: PIL's convert would clip it to white
+                pixels = np.asarray(image, dtype=np.float64)
+                scale = 255 / 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 1.0
+                image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8))
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
         raise KDError(f"cannot read image {path}: {exc}") from None
@@ -115,12 +118,12 @@ class ImageListDataset(Dataset):
         return self.transform(load_rgb(path)), label
 
 
-def train_transform(image_size: int, min_crop_scale: float = 0.08) -> v2.Transform:
-    """Random resized crop and horizontal flip, then ImageNet normalisation."""
+def train_transform(image_size: int, min_crop_scale: float = 0.08, hflip: bool = True) -> v2.Transform:
+    """Random resized crop and (optionally) horizontal flip, then ImageNet normalisation."""
     return v2.Compose([
         v2.ToImage(),
         v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
+        v2.RandomHorizontalFlip(0.5 if hflip else 0.0),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
@@ -142,26 +145,29 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def __init__(self, data_dir: str | Path, image_size: int = 224, batch_size: int = 64,
                  num_workers: int = 2, val_fraction: float = 0.2, num_classes: int | None = None,
-                 min_crop_scale: float = 0.08) -> None:
+                 min_crop_scale: float = 0.08, hflip: bool = True) -> None:
         super().__init__()
         self.layout = scan_image_folder(data_dir, val_fraction, num_classes)
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.min_crop_scale = min_crop_scale
+        self.min_crop_scale, self.hflip = min_crop_scale, hflip
 
     @property
     def classes(self) -> list[str]:
         return self.layout.classes
 
-    def _loader(self, samples: list[Sample], transform: v2.Transform, shuffle: bool) -> DataLoader:
-        return DataLoader(ImageListDataset(samples, transform), batch_size=self.batch_size, shuffle=shuffle,
+    def _loader(self, samples: list[Sample], transform: v2.Transform, train: bool) -> DataLoader:
+        # A last training batch of one image would break BatchNorm: drop it (it is reshuffled next epoch).
+        return DataLoader(ImageListDataset(samples, transform), batch_size=self.batch_size, shuffle=train,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=False)
+                          pin_memory=torch.cuda.is_available(),
+                          drop_last=train and len(samples) % self.batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.layout.train, train_transform(self.image_size, self.min_crop_scale), True)
+        transform = train_transform(self.image_size, self.min_crop_scale, self.hflip)
+        return self._loader(self.layout.train, transform, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.layout.val, val_transform(self.image_size), False)
+        return self._loader(self.layout.val, val_transform(self.image_size), train=False)
 
 
 # The demo dataset: shapes in colours. Classes that share a shape or a near hue look alike, so a

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.error import URLError
 
@@ -38,7 +39,7 @@ class SimpleCNN(nn.Module):
 
 @MODELS.register()
 def cnn_tiny(num_classes: int) -> nn.Module:
-    """Two blocks (8, 16 channels), ~1.5k parameters: a student that trains in seconds on a CPU."""
+    """Two blocks (8, 16 channels), ~1.6k parameters: a student that trains in seconds on a CPU."""
     return SimpleCNN((8, 16), num_classes)
 
 
@@ -57,11 +58,6 @@ def cnn_medium(num_classes: int) -> nn.Module:
 def torchvision_models() -> list[str]:
     """Names of torchvision's image classification models."""
     return torchvision.models.list_models(module=torchvision.models)
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    """Every model name kd can build (built-in, then torchvision) matching a shell-style pattern."""
-    return MODELS.names(pattern) + [n for n in torchvision_models() if fnmatch.fnmatch(n, pattern)]
 
 
 def check_model_name(name: str) -> None:
@@ -97,12 +93,13 @@ def _torchvision_weights(arch: str, weights: str, flag: str) -> torchvision.mode
     return enum[name]
 
 
-def _download(weights: torchvision.models.WeightsEnum, flag: str) -> dict:
-    """Fetch torchvision weights into torch's cache, failing fast with a clear message when offline."""
+@contextlib.contextmanager
+def _downloading(weights: torchvision.models.WeightsEnum, flag: str) -> Iterator[None]:
+    """Let torchvision fetch ``weights`` into torch's cache, failing fast and clearly when offline."""
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return weights.get_state_dict(progress=True, check_hash=False)
+        yield
     except (URLError, OSError, TimeoutError) as exc:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise KDError(f"{flag}: could not download {weights} from {weights.url} ({exc}); offline? "
@@ -111,27 +108,37 @@ def _download(weights: torchvision.models.WeightsEnum, flag: str) -> dict:
         socket.setdefaulttimeout(old_timeout)
 
 
-def read_state_dict(path: Path, flag: str) -> dict[str, torch.Tensor]:
-    """A network's weights from a plain state_dict file or a kd/Lightning checkpoint (``model.*``)."""
+def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights (``model.*`` of a kd checkpoint, or a plain state_dict) and the hyper-parameters saved with them."""
+    if path.is_dir():
+        raise KDError(f"{flag}: {path} is a folder, not a weights file")
     if not path.is_file():
         raise KDError(f"{flag}: file {path} does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated file, not a torch file at all, or pickled objects
-        why = ("it holds pickled Python objects; save a state_dict instead"
-               if "Weights only load failed" in str(exc) else f"not a PyTorch file, or truncated ({type(exc).__name__})")
+        pickled = "Weights only load failed" in str(exc)
+        why = ("it holds pickled Python objects; save a state_dict instead" if pickled
+               else f"not a PyTorch file, or truncated ({type(exc).__name__})")
         raise KDError(f"{flag}: cannot load {path}: {why}") from None
+    meta = {}
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        meta = data.get("hyper_parameters") if isinstance(data.get("hyper_parameters"), dict) else {}
         data = {k.removeprefix("model."): v for k, v in data["state_dict"].items() if k.startswith("model.")}
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise KDError(f"{flag}: {path} holds no state_dict of tensors")
-    return data
+    return data, meta
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int, source: str, flag: str) -> None:
-    """Load ``state`` into ``model``; classifier heads of another class count are left freshly initialised."""
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int, source: str, flag: str,
+                 new_head: bool = True) -> None:
+    """Load ``state`` into ``model``, refusing weights that do not fit.
+
+    With ``new_head``, classifier heads trained for another class count are skipped and stay freshly
+    initialised (fine-tuning); without it (a teacher) every weight must fit.
+    """
     own = model.state_dict()
-    heads = tuple(f"{name}." for name in _class_layers(model, num_classes))
+    heads = tuple(f"{name}." for name in _class_layers(model, num_classes)) if new_head else ()
     keep = {k: v for k, v in state.items() if not (k.startswith(heads) and k in own and own[k].shape != v.shape)}
     for key, value in keep.items():
         if key in own and own[key].shape != value.shape:
@@ -145,22 +152,54 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], num_classes: 
                       f"{len(missing)} missing and {len(unexpected)} unexpected keys in all)")
 
 
+def _user_model(arch: str, num_classes: int) -> nn.Module:
+    """A network from the registry or a user's ``module:Name``, refusing anything that is not a Module."""
+    try:
+        model = MODELS.get(arch)(num_classes=num_classes)
+    except KDError:
+        raise
+    except Exception as exc:  # the user's constructor failed: name it and say why
+        raise KDError(f"{arch}: building it failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise KDError(f"{arch}: built a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+# torchvision models that return auxiliary outputs in training mode unless told not to.
+AUX_LOGITS = {"googlenet", "inception_v3"}
+
+
 def build_model(arch: str, num_classes: int, weights: str | None = None, flag: str = "--arch") -> nn.Module:
     """A network with ``num_classes`` outputs; ``weights`` is a torchvision weights name or a file."""
     check_model_name(arch)
     builtin = arch in MODELS or ":" in arch
     local = weights is not None and (Path(weights).expanduser().is_file() or builtin or "/" in weights
                                      or weights.endswith((".pt", ".pth", ".ckpt", ".bin")))
+    options = {"aux_logits": False} if arch in AUX_LOGITS else {}
     if builtin:
-        model = MODELS.get(arch)(num_classes=num_classes)
+        model = _user_model(arch, num_classes)
     elif weights is not None and not local:
         enum = _torchvision_weights(arch, weights, flag)
-        model = torchvision.models.get_model(arch)
-        model.load_state_dict(_download(enum, flag))
+        with _downloading(enum, flag):
+            model = torchvision.models.get_model(arch, weights=enum, **options)
         _replace_heads(model, len(enum.meta["categories"]), num_classes)
     else:
-        model = torchvision.models.get_model(arch, num_classes=num_classes)
+        model = torchvision.models.get_model(arch, num_classes=num_classes, **options)
     if local:
         path = Path(weights).expanduser()
-        load_weights(model, read_state_dict(path, flag), num_classes, str(path), flag)
+        load_weights(model, read_checkpoint(path, flag)[0], num_classes, str(path), flag)
     return model
+
+
+def check_forward(model: nn.Module, arch: str, image_size: int, num_classes: int, flag: str) -> None:
+    """Run ``model`` once in training mode on two random images: it must return (2, num_classes) logits."""
+    model.train()
+    try:
+        output = model(torch.randn(2, 3, image_size, image_size))
+    except Exception as exc:  # a fixed input size (ViT), too small an image for its pooling, a user bug
+        message = (str(exc).splitlines() or [""])[0]
+        raise KDError(f"{flag} {arch} does not run on {image_size} px images: "
+                      f"{type(exc).__name__}: {message}") from None
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, num_classes):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise KDError(f"{flag} {arch} returns {shape}, not logits of shape (batch, {num_classes})")

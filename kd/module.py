@@ -111,7 +111,9 @@ class KDModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = OPTIMIZERS[hp.optimizer](self.model.parameters(), hp.lr, hp.momentum, hp.weight_decay)
+        loss_params = self.kd_loss.parameters() if isinstance(self.kd_loss, nn.Module) else []
+        trained = [*self.model.parameters(), *loss_params]
+        optimizer = OPTIMIZERS[hp.optimizer](trained, hp.lr, hp.momentum, hp.weight_decay)
         total = self.trainer.estimated_stepping_batches
         warmup = min(int(hp.warmup_epochs * total / max(1, self.trainer.max_epochs)), total - 1)
         schedule = SCHEDULERS[hp.scheduler](optimizer, total - warmup)
@@ -125,9 +127,3 @@ class KDModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume with the teacher this module already holds, since checkpoints leave it out."""
-        if self.teacher is not None:
-            checkpoint["state_dict"].update(
-                {TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})

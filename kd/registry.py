@@ -12,7 +12,8 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable
 
 from kd.errors import KDError
 

@@ -113,11 +113,22 @@ def test_bare_boolean_in_flags_file_and_preset(cwd):
     assert (config.distill, config.baseline, config.train_teacher) == (True, False, True)
 
 
+@pytest.mark.parametrize("line, expected", [
+    ("--experiment_name run#2", "run#2"),
+    ("--experiment_name run # a comment", "run"),
+    ("--experiment_name 'a #b'  # comment", "a #b"),
+    ("# --experiment_name commented", "kd"),
+])
+def test_hash_starts_a_comment_only_at_the_start_of_a_word(cwd, line, expected):
+    write(cwd, {"commandline_args.txt": line + "\n"})
+    assert resolve([]).config.experiment_name == expected
+
+
 @pytest.mark.parametrize("argv, name, expected", [
     (["--epochs=5"], "epochs", 5),
     (["--epochs", "5"], "epochs", 5),
     (["--lr=1e-3"], "lr", 1e-3),
-    (["--seed", "-3"], "seed", -3),
+    (["--seed", "4294967295"], "seed", 2**32 - 1),
     (["--num_classes", "12"], "num_classes", 12),
     (["--num_classes", "none"], "num_classes", None),
     (["--devices", "0,1"], "devices", "0,1"),
@@ -187,7 +198,8 @@ ERRORS = {
     "missing preset in flags file": ({"commandline_args.txt": "--config nope.yaml\n"}, [],
                                      ["commandline_args.txt:1", "nope.yaml", "not found"]),
     "yaml list for scalar": ({"p.yaml": "lr: 0.1\nepochs: [1, 2]\n"}, ["--config", "p.yaml"], ["p.yaml:2", "--epochs"]),
-    "yaml one-item list for scalar": ({"p.yaml": "epochs: [5]\n"}, ["--config", "p.yaml"], ["p.yaml:1", "--epochs", "list"]),
+    "yaml one-item list for scalar": ({"p.yaml": "epochs: [5]\n"}, ["--config", "p.yaml"],
+                                      ["p.yaml:1", "--epochs", "list"]),
     "duplicate key in preset": ({"p.yaml": "epochs: 3\nlr: 0.1\nepochs: 4\n"}, ["--config", "p.yaml"],
                                 ["p.yaml:3", "epochs", "twice"]),
     "yaml bool for int": ({"p.yaml": "epochs: true\n"}, ["--config", "p.yaml"], ["p.yaml:1", "--epochs", "True"]),
@@ -195,6 +207,12 @@ ERRORS = {
     "yaml mapping value": ({"p.yaml": "lr: {a: 1}\n"}, ["--config", "p.yaml"], ["p.yaml:1", "--lr"]),
     "yaml null for required": ({"p.yaml": "data_dir: null\n"}, ["--config", "p.yaml"], ["p.yaml:1", "--data_dir"]),
     "yaml out of range": ({"p.yaml": "alpha: 2\n"}, ["--config", "p.yaml"], ["p.yaml:1", "--alpha", "2"]),
+    "negative seed": ({}, ["--seed", "-3"], ["command line", "--seed", "-3"]),
+    "infinite float": ({"commandline_args.txt": "--lr inf\n"}, [], ["commandline_args.txt:1", "--lr", "finite"]),
+    "nan float": ({}, ["--temperature", "nan"], ["command line", "--temperature", "finite"]),
+    "empty experiment name": ({}, ["--experiment_name", ""], ["--experiment_name", "non-empty relative"]),
+    "experiment name leaving output_dir": ({}, ["--experiment_name", "a/../../x"], ["--experiment_name", ".."]),
+    "absolute experiment name": ({}, ["--experiment_name", "/tmp/x"], ["--experiment_name", "relative"]),
     "missing flags file": ({}, ["--flags_file", "missing.txt"], ["--flags_file", "missing.txt"]),
     "flags_file without value": ({}, ["--flags_file"], ["--flags_file"]),
 }

@@ -6,10 +6,12 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from kd.data import ImageFolderDataModule, make_demo_dataset, scan_image_folder
+from kd.data import ImageFolderDataModule, load_rgb, make_demo_dataset, scan_image_folder
 from kd.errors import KDError
 
 
@@ -113,3 +115,19 @@ def test_demo_dataset_is_deterministic_and_reused(tmp_path):
     with pytest.raises(KDError, match="exists but is not this demo dataset"):
         make_demo_dataset(first, train_per_class=3, val_per_class=1, image_size=16)
     assert not list(tmp_path.glob(".*tmp*"))  # no half-built folder left behind
+
+
+def test_sixteen_bit_greyscale_keeps_its_levels(tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")
+    assert set(np.asarray(load_rgb(str(path))).ravel()) == {127}  # mid grey, not clipped to white
+
+
+@pytest.mark.parametrize("n_train, batches", [(73, 4), (74, 5)])
+def test_a_last_training_batch_of_one_image_is_dropped(tiny_data, n_train, batches):
+    data = ImageFolderDataModule(tiny_data, image_size=12, batch_size=18, num_workers=0)
+    data.layout.train = (data.layout.train * 2)[:n_train]
+    assert len(data.train_dataloader()) == batches  # 73 = 4×18 + 1: the lone image would break BatchNorm
+    assert len(data.val_dataloader()) == 2

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import FAST, run_cli
 from kd.cli import main
+from kd.models import build_model
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -40,7 +41,7 @@ def test_every_stage_writes_checkpoints_config_and_tensorboard_logs(full_run):
         log_dir = root / stage / "version_0"
         assert (log_dir / "config.yaml").is_file()
         assert (log_dir / "checkpoints" / "last.ckpt").is_file()
-        assert len(list((log_dir / "checkpoints").glob("best-epoch*.ckpt"))) == 1
+        assert sorted(p.name for p in (log_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
         tags = _tags(log_dir)
         assert {"train/loss_step", "train/ce_epoch", "train/top1_epoch", "val/top1", "val/top5", "lr-SGD",
                 "hp/best_top1"} <= tags, tags
@@ -63,18 +64,29 @@ def test_summary_table_compares_the_stages(full_run):
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("stage "))
     assert "top-1 %" in lines[header] and "top-5 %" in lines[header] and "time" in lines[header]
-    rows = {line.split()[0]: line.split() for line in lines[header + 2:header + 5]}
+    rows = {line.split()[0]: line.replace("distill (kl_softmax)", "distill").split()
+            for line in lines[header + 2:header + 5]}
     assert set(rows) == {"teacher", "baseline", "distill"}
     assert rows["teacher"][1] == "cnn_small" and rows["distill"][1] == "cnn_tiny"
     assert rows["distill"][-1].endswith("distill/version_0")
-    gain = float(rows["distill"][2]) - float(rows["baseline"][2])
-    assert f"distillation gain over the baseline: {gain:+.2f} top-1 points" in result.stdout
+    gain = float(rows["distill"][3]) - float(rows["baseline"][3])
+    assert f"distill (kl_softmax) gain over the baseline: {gain:+.2f} top-1 points\n" in result.stdout
+    assert f"report: {root}/report/version_0/report.md" in result.stdout
+
+
+def test_run_writes_a_report_with_table_and_plot(full_run):
+    root, _ = full_run
+    report = (root / "report" / "version_0" / "report.md").read_text()
+    for label in ("| teacher | cnn_small |", "| baseline | cnn_tiny |", "| distill (kl_softmax) | cnn_tiny |"):
+        assert label in report
+    assert "![validation top-1 per epoch](report.png)" in report
+    assert (root / "report" / "version_0" / "report.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(full_run, tiny_data):
     root, _ = full_run
     before = _snapshot(root)
-    teacher = next((root / "teacher" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    teacher = root / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
     assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(root.parent), "--experiment_name",
                  "e2e", "--distill", "--teacher_checkpoint", str(teacher), "--teacher_arch", "cnn_small"]) == 0
     assert (root / "distill" / "version_1" / "checkpoints" / "last.ckpt").is_file()
@@ -99,19 +111,48 @@ BAD_INPUTS = {
     "empty class folder": (lambda d, t: _empty_class(d, t), [], "class folder {tmp}/data/train/blue_ring has no"),
     "class count mismatch": (lambda d, t: d, ["--num_classes", "3"], "--num_classes is 3 but"),
     "unknown architecture": (lambda d, t: d, ["--student_arch", "resnet19"], "unknown model 'resnet19' (did you"),
-    "unknown loss": (lambda d, t: d, ["--distill", "--teacher_checkpoint", "{ckpt}", "--kd_loss", "kl_sofmax"], "unknown loss 'kl_sofmax' (did you mean kl_softmax"),
+    "unknown loss": (lambda d, t: d, ["--distill", "--teacher_checkpoint", "{ckpt}", "--kd_loss", "kl_sofmax"],
+                     "unknown loss 'kl_sofmax' (did you mean kl_softmax"),
     "bad flag": (lambda d, t: d, ["--epoch", "3"], "unknown flag --epoch (did you mean --epochs?)"),
     "bad value": (lambda d, t: d, ["--alpha", "2"], "--alpha must be between 0 and 1, got 2.0"),
     "missing teacher checkpoint": (lambda d, t: d, ["--distill", "--teacher_checkpoint", "{tmp}/no.ckpt"],
                                    "--teacher_checkpoint: file {tmp}/no.ckpt does not exist"),
     "teacher of another architecture": (lambda d, t: d, ["--distill", "--teacher_checkpoint", "{ckpt}",
-                                                         "--teacher_arch", "cnn_medium"], "holds a cnn_small but --teacher_arch is"),
+                                                         "--teacher_arch", "cnn_medium"],
+                                        "holds a cnn_small but --teacher_arch is"),
     "teacher of another class count": (lambda d, t: _two_classes(d, t), ["--distill", "--teacher_checkpoint",
                                                                         "{ckpt}", "--teacher_arch", "cnn_small"],
                                        "was trained on 12 classes"),
+    "teacher state_dict of another class count": (lambda d, t: _five_class_state(d, t),
+                                                  ["--distill", "--teacher_checkpoint", "{tmp}/five.pt",
+                                                   "--teacher_arch", "cnn_small"],
+                                                  "five.pt does not fit this model: fc.weight has shape (5, 64)"),
+    "network that cannot take the image size": (lambda d, t: d, ["--student_arch", "vit_b_16"],
+                                                "--student_arch vit_b_16 does not run on 16 px images"),
+    "loss that ignores the student": (lambda d, t: _user_loss(d, t), ["--distill", "--teacher_checkpoint", "{ckpt}",
+                                                                      "--kd_loss", "{tmp}/losses.py:Constant"],
+                                      "its value does not depend on the student's logits"),
+    "loss returning nothing": (lambda d, t: _user_loss(d, t), ["--distill", "--teacher_checkpoint", "{ckpt}",
+                                                               "--kd_loss", "{tmp}/losses.py:Nothing"],
+                               "returned an empty dict"),
+    "several devices": (lambda d, t: d, ["--devices", "2"], "--devices 2: training on several devices"),
+    "gpu on a machine without one": (lambda d, t: d, ["--accelerator", "gpu"], "--accelerator gpu --devices 1"),
     "no stage": (lambda d, t: d, ["--baseline", "false"], "nothing to run"),
     "distill without a teacher": (lambda d, t: d, ["--distill"], "--distill needs a teacher"),
 }
+
+
+def _five_class_state(tiny_data: Path, tmp_path: Path) -> Path:
+    torch.save(build_model("cnn_small", 5).state_dict(), tmp_path / "five.pt")
+    return tiny_data
+
+
+def _user_loss(tiny_data: Path, tmp_path: Path) -> Path:
+    (tmp_path / "losses.py").write_text(
+        "import torch\n"
+        "def Constant(student_logits, teacher_logits, labels):\n    return torch.tensor(1.0)\n"
+        "def Nothing(student_logits, teacher_logits, labels):\n    return {}\n")
+    return tiny_data
 
 
 def _empty_class(tiny_data: Path, tmp_path: Path) -> Path:
@@ -125,7 +166,7 @@ def _empty_class(tiny_data: Path, tmp_path: Path) -> Path:
 def test_bad_input_is_one_line_error_and_touches_nothing(case, full_run, tiny_data, tmp_path, capsys):
     root, _ = full_run
     make_data, flags, message = BAD_INPUTS[case]
-    ckpt = next((root / "teacher" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    ckpt = root / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
     fill = {"tmp": str(tmp_path), "ckpt": str(ckpt)}
     before = _snapshot(root.parent)
     code = main([*FAST, "--data_dir", str(make_data(tiny_data, tmp_path)), "--output_dir", str(root.parent),
@@ -166,9 +207,17 @@ def _readme_loss(tmp_path: Path) -> str:
 @pytest.mark.parametrize("loss", ["kl_softmax", "mse_logits", "ce", "readme example"])
 def test_distill_with_each_loss_logs_its_terms(loss, full_run, tiny_data, tmp_path):
     root, _ = full_run
-    teacher = next((root / "teacher" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    teacher = root / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
     spec = _readme_loss(tmp_path) if loss == "readme example" else loss
     assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--distill",
                  "--teacher_checkpoint", str(teacher), "--teacher_arch", "cnn_small", "--kd_loss", spec]) == 0
     term = "soft_ce" if loss == "readme example" else loss
     assert f"train/kd/{term}_step" in _tags(tmp_path / "kd" / "distill" / "version_0")
+
+
+def test_output_dir_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    target = tmp_path / "runs"
+    target.write_text("not a folder")
+    assert main([*FAST, "--data_dir", "demo", "--output_dir", str(target), "--baseline"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --output_dir: cannot create {target}/kd")
+    assert target.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [target]

@@ -1,5 +1,6 @@
 """Tests of kd.models: building built-in and torchvision networks, name checks and loading weights files."""
 
+import re
 import socket
 import time
 import urllib.request
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from kd.errors import KDError
-from kd.models import MODELS, build_model, check_model_name, list_models
+from kd.models import MODELS, build_model, check_forward, check_model_name, load_weights
 
 TORCHVISION = ["resnet18", "mobilenet_v3_small"]
 NUM_CLASSES = 7
@@ -105,13 +106,49 @@ def test_check_model_name_suggests_close_names(name, suggestion):
     assert suggestion in build_error(name, NUM_CLASSES)
 
 
-def test_list_models():
-    assert list_models("cnn_*") == MODELS.names("cnn_*") == ["cnn_medium", "cnn_small", "cnn_tiny"]
-    resnets = list_models("resnet*")
-    assert "resnet18" in resnets and all(name.startswith("resnet") for name in resnets)
-    everything = list_models()
-    assert everything[:len(MODELS.names())] == MODELS.names() and set(TORCHVISION) <= set(everything)
-    assert list_models("no_such_model*") == []
+@pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
+def test_models_with_auxiliary_heads_return_plain_logits_in_training(arch):
+    model = build_model(arch, NUM_CLASSES)
+    check_forward(model, arch, 80, NUM_CLASSES, "--student_arch")  # raises unless (2, 7) logits come back
+
+
+def test_forward_check_names_models_that_cannot_take_the_image_size():
+    with pytest.raises(KDError, match=r"--student_arch vit_b_16 does not run on 16 px images: .*"):
+        check_forward(build_model("vit_b_16", NUM_CLASSES), "vit_b_16", 16, NUM_CLASSES, "--student_arch")
+
+
+USER_MODELS = """
+from torch import nn
+
+def broken(num_classes):
+    raise RuntimeError("bad net")
+
+def not_a_module(num_classes):
+    return 42
+
+def wrong_width(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes + 1))
+"""
+
+
+@pytest.mark.parametrize("name, message", [
+    ("broken", "building it failed: RuntimeError: bad net"),
+    ("not_a_module", "built a int, not a torch.nn.Module"),
+    ("wrong_width", "returns (2, 8), not logits of shape (batch, 7)"),
+])
+def test_user_models_that_do_not_work_are_one_line_errors(tmp_path, name, message):
+    (tmp_path / "nets.py").write_text(USER_MODELS)
+    arch = f"{tmp_path / 'nets.py'}:{name}"
+    with pytest.raises(KDError, match=re.escape(message)):
+        check_forward(build_model(arch, NUM_CLASSES), arch, 16, NUM_CLASSES, "--student_arch")
+
+
+def test_teacher_weights_must_fit_including_the_head(tmp_path):
+    path = tmp_path / "five.pt"
+    torch.save(build_model("cnn_small", 5).state_dict(), path)
+    with pytest.raises(KDError, match=r"five.pt does not fit this model: fc.weight has shape \(5, 64\)"):
+        load_weights(build_model("cnn_small", NUM_CLASSES), torch.load(path), NUM_CLASSES, str(path), "--x",
+                     new_head=False)
 
 
 # ---------------------------------------------------------------- local weights files
@@ -184,7 +221,7 @@ def tiny_state(change):
     (lambda: built("cnn_medium", num_classes=3).state_dict(), ["does not fit"]),
     (lambda: tiny_state("missing key"), ["missing features.0.weight"]),
     (lambda: tiny_state("unexpected key"), ["unexpected extra.weight"]),
-    (lambda: {"state_dict": {"teacher.fc.weight": torch.zeros(1)}}, ["missing"]),
+    (lambda: {"state_dict": {"teacher.fc.weight": torch.zeros(1)}}, ["no state_dict"]),
     (lambda: [torch.zeros(1)], ["no state_dict"]),
     (lambda: {"fc.weight": torch.zeros(1), "note": "text"}, ["no state_dict"]),
     (lambda: b"this is not a torch file\n", ["cannot load"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from kd.losses import build_loss
 from kd.losses.logits import kl_softmax
 from kd.models import build_model
-from kd.module import KDModule
+from kd.config import Config
+from kd.module import OPTIMIZERS, SCHEDULERS, KDModule
 
 CLASSES = [f"c{i}" for i in range(6)]
 
@@ -94,3 +96,8 @@ def test_learning_rate_schedules(scheduler, warmup):
         assert all(math.isclose(v, 0.001) for v in lr[12:])
     else:
         assert all(math.isclose(v, 0.1) for v in after)
+
+
+def test_config_offers_exactly_the_optimizers_and_schedules_the_module_has():
+    fields = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)}
+    assert set(fields["optimizer"]) == set(OPTIMIZERS) and set(fields["scheduler"]) == set(SCHEDULERS)

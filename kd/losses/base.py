@@ -1,13 +1,15 @@
 """The loss registry and how a loss is built from its name and the run's settings.
 
-A loss is an ``nn.Module`` (or any callable) called as ``loss(student_logits, teacher_logits,
-labels)`` that returns a scalar tensor or a dict of named scalar terms, each logged on its own.
+A loss is an ``nn.Module`` (a class built with the settings it names) or a plain function, called as
+``loss(student_logits, teacher_logits, labels)``; it returns a scalar tensor or a dict of named scalar
+terms, each logged on its own. A loss's own parameters are trained with the student.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,6 +29,8 @@ def build_loss(name: str, **settings: Any) -> Loss:
     loss declares exactly the hyper-parameters it uses, e.g. ``temperature``.
     """
     factory = LOSSES.get(name)
+    if inspect.isfunction(factory):  # a plain function is the loss itself
+        return factory
     if not callable(factory):
         raise KDError(f"--kd_loss: {name} is not a class or function")
     try:
@@ -46,8 +50,21 @@ def build_loss(name: str, **settings: Any) -> Loss:
     return loss
 
 
+def check_loss(loss: Loss, name: str, num_classes: int) -> None:
+    """Call ``loss`` once on random logits: it must return scalar terms with a gradient to the student."""
+    student = torch.randn(2, num_classes, requires_grad=True)
+    try:
+        output = loss(student, torch.randn(2, num_classes), torch.tensor([0, num_classes - 1]))
+    except Exception as exc:  # a user's loss failed: name it and say why
+        raise KDError(f"--kd_loss {name}: calling it on logits failed: {type(exc).__name__}: {exc}") from None
+    if not sum(loss_terms(name, output).values()).requires_grad:
+        raise KDError(f"--kd_loss {name}: its value does not depend on the student's logits (no gradient)")
+
+
 def loss_terms(name: str, output: Any) -> dict[str, torch.Tensor]:
     """A loss's output as named scalar terms: a tensor becomes ``{name: tensor}``."""
+    if isinstance(output, dict) and not output:
+        raise KDError(f"--kd_loss {name}: returned an empty dict; return a scalar or named scalar terms")
     terms = output if isinstance(output, dict) else {name: output}
     for key, value in terms.items():
         if not isinstance(value, torch.Tensor) or value.numel() != 1:

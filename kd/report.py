@@ -1,0 +1,138 @@
+"""Comparison tables and plots of finished stages: the end-of-run summary, report.md and report.png.
+
+Stages are grouped by experiment and label (teacher, baseline, distill (loss)); a group with several
+seeds shows mean ± standard deviation, and the gain of a distilled student over its baseline is
+paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the gain.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kd.results import StageResult  # noqa: E402
+
+Group = tuple[str, str]  # (experiment, label)
+
+
+def _mean_std(values: list[float], digits: int = 2) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], markdown: bool = False) -> str:
+    """A plain-text (aligned) or Markdown table."""
+    if markdown:
+        lines = [header, tuple("---" for _ in header), *rows]
+        return "\n".join("| " + " | ".join(row) + " |" for row in lines)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def group_results(results: list[StageResult]) -> dict[Group, list[StageResult]]:
+    """Results grouped by (experiment, label), in first-seen order."""
+    groups: dict[Group, list[StageResult]] = defaultdict(list)
+    for result in results:
+        groups[(result.experiment, result.label)].append(result)
+    return dict(groups)
+
+
+def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, list[float]]:
+    """Top-1 gain in points of each distill group over the baseline of its experiment, seed by seed.
+
+    Where the two share no seed, the gain is the difference of their means.
+    """
+    out = {}
+    for (experiment, label), runs in groups.items():
+        baseline = groups.get((experiment, "baseline"))
+        if not label.startswith("distill") or not baseline:
+            continue
+        base_by_seed = {r.seed: r.best_top1 for r in baseline}
+        paired = [r.best_top1 - base_by_seed[r.seed] for r in runs if r.seed in base_by_seed]
+        out[(experiment, label)] = paired or [statistics.fmean(r.best_top1 for r in runs)
+                                             - statistics.fmean(base_by_seed.values())]
+    return out
+
+
+def stage_table(results: list[StageResult], markdown: bool = False) -> str:
+    """One row per trained stage, with where its logs and checkpoints are."""
+    header = ("stage", "model", "seed", "top-1 %", "top-5 %", "best epoch", "time", "logs and checkpoints")
+    rows = [(r.label, r.arch, str(r.seed), f"{r.best_top1:.2f}", f"{r.best_top5:.2f}", str(r.best_epoch),
+             f"{r.seconds:.1f}s", str(r.log_dir)) for r in results]
+    return _table(header, rows, markdown)
+
+
+def comparison_table(results: list[StageResult], markdown: bool = False) -> str:
+    """One row per group: mean ± std over seeds of top-1, top-5, time, and the distillation gain."""
+    groups = group_results(results)
+    gain = gains(groups)
+    many = len({experiment for experiment, _ in groups}) > 1
+    header = ("run", "model", "params", "seeds", "top-1 %", "top-5 %", "gain (top-1 points)", "time (s)")
+    rows = []
+    for (experiment, label), runs in groups.items():
+        rows.append((f"{experiment}/{label}" if many else label, runs[0].arch, f"{runs[0].params:,}",
+                     " ".join(str(r.seed) for r in runs), _mean_std([r.best_top1 for r in runs]),
+                     _mean_std([r.best_top5 for r in runs]),
+                     _mean_std(gain[(experiment, label)]) if (experiment, label) in gain else "",
+                     _mean_std([r.seconds for r in runs], 1)))
+    return _table(header, rows, markdown)
+
+
+def plot(results: list[StageResult], path: Path) -> None:
+    """Validation top-1 per epoch of every student group (mean ± std band), teachers' best as lines."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    groups = group_results(results)
+    many = len({experiment for experiment, _ in groups}) > 1
+    for (experiment, label), runs in groups.items():
+        name = f"{experiment}/{label}" if many else label
+        if label == "teacher":
+            best = statistics.fmean(r.best_top1 for r in runs)
+            axes.axhline(best, linestyle="--", color="gray", label=f"{name} best ({runs[0].arch}): {best:.1f}")
+            continue
+        length = min(len(r.val_top1) for r in runs)
+        epochs = range(length)  # 0-based, as in checkpoint names and Lightning's logs
+        curves = [r.val_top1[:length] for r in runs]
+        mean = [statistics.fmean(values) for values in zip(*curves)]
+        (line,) = axes.plot(epochs, mean, label=f"{name} ({runs[0].arch}, {len(runs)} seed(s))")
+        if len(runs) > 1:
+            spread = [statistics.stdev(values) for values in zip(*curves)]
+            axes.fill_between(epochs, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
+                              color=line.get_color(), alpha=0.2)
+    axes.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Validation accuracy with and without distillation")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def write_report(results: list[StageResult], folder: Path) -> Path:
+    """Write report.md (tables) and report.png (curves) into ``folder``; returns report.md's path."""
+    folder.mkdir(parents=True, exist_ok=False)
+    plot(results, folder / "report.png")
+    text = "\n".join([
+        "# kd report", "",
+        "Best validation top-1 and top-5 of each stage (mean ± standard deviation over seeds). The gain is the",
+        "distilled student's top-1 minus its baseline's, paired seed by seed.", "",
+        comparison_table(results, markdown=True), "",
+        "![validation top-1 per epoch](report.png)", "",
+        "## Stages", "",
+        stage_table(results, markdown=True), "",
+    ])
+    tmp = folder / ".report.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, folder / "report.md")
+    return folder / "report.md"

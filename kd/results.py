@@ -1,0 +1,68 @@
+"""What a finished stage produced, saved as result.json in its log folder and read back by reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kd.errors import KDError
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class StageResult:
+    """One trained stage: its best validation epoch, its curve, its cost and where its files are."""
+
+    experiment: str
+    stage: str  # teacher, baseline or distill
+    arch: str
+    seed: int
+    params: int
+    best_top1: float  # percent
+    best_top5: float  # percent
+    best_epoch: int
+    seconds: float
+    log_dir: Path
+    best_checkpoint: Path
+    kd_loss: str = ""  # the distillation loss, for distill stages
+    val_top1: list[float] = field(default_factory=list)  # percent, one per epoch
+
+    @property
+    def label(self) -> str:
+        """The stage as shown in tables and legends, e.g. ``distill (kl_softmax)``."""
+        return f"{self.stage} ({self.kd_loss})" if self.kd_loss else self.stage
+
+    def save(self) -> None:
+        """Write result.json into the stage's log folder (atomically: a kill leaves no partial file)."""
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        tmp = self.log_dir / f".{RESULT_FILE}.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.log_dir / RESULT_FILE)
+
+    @classmethod
+    def load(cls, path: Path) -> StageResult:
+        """Read a result.json written by :meth:`save`."""
+        try:
+            data = json.loads(path.read_text())
+            data["log_dir"], data["best_checkpoint"] = Path(data["log_dir"]), Path(data["best_checkpoint"])
+            return cls(**data)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise KDError(f"--report: {path} is not a kd result file ({type(exc).__name__}: {exc})") from None
+
+
+def find_results(paths: list[str]) -> list[StageResult]:
+    """Every finished stage under the given folders (a run, an experiment, or one stage's logs)."""
+    results = []
+    for name in paths:
+        root = Path(name).expanduser()
+        if not root.is_dir():
+            raise KDError(f"--report: {root} is not a folder")
+        found = sorted(root.rglob(RESULT_FILE))
+        if not found:
+            raise KDError(f"--report: no finished stage ({RESULT_FILE}) under {root}")
+        results += [StageResult.load(path) for path in found]
+    return results
