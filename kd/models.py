@@ -191,15 +191,24 @@ def build_model(arch: str, num_classes: int, weights: str | None = None, flag: s
     return model
 
 
-def check_forward(model: nn.Module, arch: str, image_size: int, num_classes: int, flag: str) -> None:
-    """Run ``model`` once in training mode on two random images: it must return (2, num_classes) logits."""
-    model.train()
+def check_forward(model: nn.Module, arch: str, image_size: int, num_classes: int, flag: str,
+                  training: bool = True) -> None:
+    """Run ``model`` once on two random images: it must return (2, num_classes) logits.
+
+    ``training`` runs it in training mode (as a student), which updates BatchNorm statistics: use it
+    on throwaway copies only; a teacher is checked in eval mode, which leaves it untouched.
+    """
+    was_training = model.training
+    model.train(training)
     try:
-        output = model(torch.randn(2, 3, image_size, image_size))
+        with torch.no_grad():
+            output = model(torch.randn(2, 3, image_size, image_size))
     except Exception as exc:  # a fixed input size (ViT), too small an image for its pooling, a user bug
         message = (str(exc).splitlines() or [""])[0]
         raise KDError(f"{flag} {arch} does not run on {image_size} px images: "
                       f"{type(exc).__name__}: {message}") from None
+    finally:
+        model.train(was_training)
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, num_classes):
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise KDError(f"{flag} {arch} returns {shape}, not logits of shape (batch, {num_classes})")

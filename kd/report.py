@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kd.results import StageResult  # noqa: E402
 
@@ -98,18 +99,20 @@ def plot(results: list[StageResult], path: Path) -> None:
         name = f"{experiment}/{label}" if many else label
         if label == "teacher":
             best = statistics.fmean(r.best_top1 for r in runs)
-            axes.axhline(best, linestyle="--", color="gray", label=f"{name} best ({runs[0].arch}): {best:.1f}")
+            axes.axhline(best, linestyle="--", color="gray", label=f"{name} best: {best:.1f} ({runs[0].arch})")
             continue
         length = min(len(r.val_top1) for r in runs)
         epochs = range(length)  # 0-based, as in checkpoint names and Lightning's logs
         curves = [r.val_top1[:length] for r in runs]
         mean = [statistics.fmean(values) for values in zip(*curves)]
-        (line,) = axes.plot(epochs, mean, label=f"{name} ({runs[0].arch}, {len(runs)} seed(s))")
+        seeds = f"mean of {len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
+        (line,) = axes.plot(epochs, mean, label=f"{name}: {runs[0].arch}, {seeds}")
         if len(runs) > 1:
             spread = [statistics.stdev(values) for values in zip(*curves)]
             axes.fill_between(epochs, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
                               color=line.get_color(), alpha=0.2)
     axes.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Validation accuracy with and without distillation")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()

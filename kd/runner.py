@@ -56,7 +56,7 @@ def load_teacher(path: str | Path, arch: str, class_names: list[str], image_size
                       f"but the data has {len(class_names)} ({', '.join(class_names)})")
     teacher = build_model(arch, len(class_names), flag=flag)
     load_weights(teacher, state, len(class_names), str(path), flag, new_head=False)
-    check_forward(teacher, arch, image_size, len(class_names), flag)
+    check_forward(teacher, arch, image_size, len(class_names), flag, training=False)
     return teacher
 
 

@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import FAST, run_cli
 from kd.cli import main
 from kd.models import build_model
+from kd.runner import load_teacher
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -221,3 +222,13 @@ def test_output_dir_that_is_a_file_is_refused_before_anything_is_written(tmp_pat
     assert main([*FAST, "--data_dir", "demo", "--output_dir", str(target), "--baseline"]) == 2
     assert capsys.readouterr().err.startswith(f"error: --output_dir: cannot create {target}/kd")
     assert target.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_loaded_teacher_holds_exactly_the_checkpoint_weights(full_run, tiny_data):
+    root, _ = full_run
+    path = root / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
+    saved = {k.removeprefix("model."): v for k, v in torch.load(path, weights_only=True)["state_dict"].items()
+             if k.startswith("model.")}
+    teacher = load_teacher(path, "cnn_small", sorted(p.name for p in (tiny_data / "train").iterdir()), 16)
+    assert teacher.state_dict().keys() == saved.keys()
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in saved.items())  # BN statistics included
