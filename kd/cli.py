@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 
 from kd.config import help_text, resolve
-from kd.errors import KDError
+from kd.errors import Interrupted, KDError
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's kill) stops a run like Ctrl+C: checkpoint, then exit with a resume hint."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``python experiment.py [flags]``; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _stop)
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
@@ -19,16 +27,23 @@ def main(argv: list[str] | None = None) -> int:
         if resolved.config.print_config:
             print(resolved.table())
             return 0
-        from kd.runner import compare_runs, run_experiment  # imported here: --help and config errors answer at once
+        from kd.deploy import evaluate_checkpoint  # imported here: --help and config errors answer at once
+        from kd.runner import compare_runs, run_experiment
 
         if resolved.config.report:
             compare_runs(resolved.config)
+        elif resolved.config.evaluate:
+            evaluate_checkpoint(resolved.config)
         else:
             run_experiment(resolved.config)
+    except Interrupted as exc:
+        resume = shlex.join(["python", "experiment.py", *argv, *([] if "--resume" in argv else ["--resume"])])
+        print(f"interrupted: {exc}; continue with: {resume}", file=sys.stderr)
+        return 130
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before or between stages: nothing half-done to save
         print("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -22,6 +22,9 @@ from kd.registry import did_you_mean
 
 FLAGS_FILE = "commandline_args.txt"
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The checkout kd runs from (experiment.py beside the kd package), or None for an installed kd, whose
+# parent folder is site-packages: a flags file or preset another package left there is not kd's.
+CHECKOUT_DIR = PROJECT_DIR if (PROJECT_DIR / "experiment.py").is_file() else None
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
 
 
@@ -63,6 +66,8 @@ class Config:
                             check=lambda x: x >= 8, must="be at least 8", group="data")
     min_crop_scale: float = _flag(0.08, "smallest area share of a training crop (RandomResizedCrop scale)",
                                   check=lambda x: 0 < x <= 1, must="be in (0, 1]", group="data")
+    skip_bad_images: bool = _flag(False, "decode every image up front and train without the unreadable ones "
+                                  "(listed in skipped_images.txt beside the logs)", group="data")
     hflip: bool = _flag(True, "random horizontal flips in training (turn off for digits and text)", group="data")
     batch_size: int = _flag(64, "images per batch", check=_positive, must="be positive", group="data")
     num_workers: int = _flag(2, "DataLoader worker processes (0 loads in the main process)",
@@ -92,6 +97,8 @@ class Config:
                            group="training")
     warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up", check=lambda x: x >= 0,
                                  must="be 0 or more", group="training")
+    resume: bool = _flag(False, "continue this experiment: reuse finished stages, resume unfinished ones from "
+                         "their last checkpoint", group="training")
     seed: int = _flag(0, "random seed of models, augmentation and batch order", check=_seed_range,
                       must="be between 0 and 2**32 - 1", group="training")
     seeds: list[int] = _flag([], "repeat the stages for each of these seeds (overrides --seed) and report "
@@ -100,7 +107,10 @@ class Config:
                                  group="training")
     # Hardware
     accelerator: str = _flag("auto", "Lightning accelerator (auto, cpu, gpu, ...)", group="hardware")
-    devices: str = _flag("1", "Lightning devices (a count, a list like 0,1, or auto)", group="hardware")
+    devices: str = _flag("1", "Lightning devices per node (a count, a list like 0,1, or auto)", group="hardware")
+    num_nodes: int = _flag(1, "machines taking part (Lightning num_nodes)", check=_positive, must="be positive",
+                           group="hardware")
+    strategy: str = _flag("auto", "Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...", group="hardware")
     precision: str = _flag("32-true", "Lightning precision", choices=PRECISIONS, group="hardware")
     # Output
     output_dir: str = _flag("runs", "where runs are written", group="output")
@@ -109,6 +119,11 @@ class Config:
                                  must="be a non-empty relative name without ..", group="output")
     # Configuration itself
     config: list[str] = _flag([], "YAML presets applied after the flags file, in the order named", group="config")
+    evaluate: str | None = _flag(None, "evaluate this checkpoint on the validation data (top-1, top-5, per class, "
+                                 "confusion matrix), without training", group="deployment")
+    export: str | None = _flag(None, "write each trained student (or the --evaluate checkpoint) beside its "
+                               "checkpoint for deployment, checked against PyTorch", choices=("onnx", "torchscript"),
+                               group="deployment")
     report: list[str] = _flag([], "compare the finished runs under these folders in one table and plot, "
                               "without training", group="config")
     print_config: bool = _flag(False, "print the resolved configuration with each value's source and exit",
@@ -116,7 +131,8 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that define a run (not how it was configured), for saving beside its logs."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("config", "print_config", "report")}
+        how = ("config", "print_config", "report", "resume", "evaluate")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in how}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -145,11 +161,20 @@ def _is_list(name: str) -> bool:
     return get_origin(TYPES[name]) is list
 
 
+def _repr(value: Any, limit: int = 80) -> str:
+    """A value as shown in an error: repr'd, and cut short (a 5,000-digit number cannot even be repr'd)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "<a number too long to show>"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _convert_one(name: str, raw: Any, where: str) -> Any:
     """Turn one raw value (a string from a flags file, or a YAML scalar) into the flag's type."""
     kind = _scalar_type(name)
-    fail = KDError(f"{where}: --{name} expects {kind.__name__ if kind is not str else 'a string'}, got {raw!r}")
-    if isinstance(raw, (list, dict)) or (kind is not bool and isinstance(raw, bool)):
+    fail = KDError(f"{where}: --{name} expects {kind.__name__ if kind is not str else 'a string'}, got {_repr(raw)}")
+    if isinstance(raw, (list, dict, bytes)) or (kind is not bool and isinstance(raw, bool)):
         raise fail
     if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
         if type(None) in get_args(TYPES[name]):
@@ -161,17 +186,17 @@ def _convert_one(name: str, raw: Any, where: str) -> Any:
             return raw
         if str(raw).lower() in _TRUE | _FALSE:
             return str(raw).lower() in _TRUE
-        raise KDError(f"{where}: --{name} expects true or false, got {raw!r}")
+        raise KDError(f"{where}: --{name} expects true or false, got {_repr(raw)}")
     if kind is str:
         return str(raw)
     try:
         if kind is int and isinstance(raw, float):
             raise ValueError
         value = kind(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise fail from None
     if kind is float and not math.isfinite(value):
-        raise KDError(f"{where}: --{name} must be a finite number, got {raw!r}")
+        raise KDError(f"{where}: --{name} must be a finite number, got {_repr(raw)}")
     return value
 
 
@@ -191,15 +216,16 @@ def _convert(setting: Setting) -> Any:
         items = [] if value is None else [value]
     for item in items:
         if meta["choices"] and item not in meta["choices"]:
-            raise KDError(f"{where}: --{name} must be one of {', '.join(meta['choices'])}, got {item!r}"
+            raise KDError(f"{where}: --{name} must be one of {', '.join(meta['choices'])}, got {_repr(item)}"
                           f"{did_you_mean(str(item), meta['choices'])}")
         if meta["check"] and not meta["check"](item):
-            raise KDError(f"{where}: --{name} must {meta['must']}, got {item!r}")
+            raise KDError(f"{where}: --{name} must {meta['must']}, got {_repr(item)}")
     return value
 
 
 def _unknown_flag(name: str, where: str) -> KDError:
-    return KDError(f"{where}: unknown flag --{name}{did_you_mean(name, [*FIELDS, *CLI_ONLY], '--')}")
+    shown = name if name.isprintable() else _repr(name)
+    return KDError(f"{where}: unknown flag --{shown}{did_you_mean(name, [*FIELDS, *CLI_ONLY], '--')}")
 
 
 def parse_tokens(tokens: list[str], where: str) -> list[Setting]:
@@ -266,6 +292,8 @@ def read_preset(path: Path) -> list[Setting]:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise KDError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except (ValueError, TypeError, LookupError, AttributeError, RecursionError) as exc:  # PyYAML on odd tags
+        raise KDError(f"{path}: not a usable YAML preset ({type(exc).__name__}: {_repr(str(exc))})") from None
     if node is None:
         return []
     if not isinstance(node, yaml.MappingNode):
@@ -278,22 +306,27 @@ def read_preset(path: Path) -> list[Setting]:
             raise _unknown_flag(name, where)
         if name == "config":
             raise KDError(f"{where}: a preset cannot name other presets; list them all with --config")
+        if not isinstance(data, dict) or key_node.value not in data:
+            raise KDError(f"{where}: a preset must map plain flag names to values")
         if any(s.name == name for s in settings):
             raise KDError(f"{where}: {name} is set twice in this preset")
         value = data[key_node.value]
         if isinstance(value, list) and not _is_list(name):
-            raise KDError(f"{where}: --{name} takes one value, got a list {value}")
+            raise KDError(f"{where}: --{name} takes one value, got a list {_repr(value)}")
         settings.append(Setting(name, value if isinstance(value, list) else [value], where))
     return settings
 
 
 def _find(path: str, bases: list[Path], what: str, where: str) -> Path:
     """Resolve a relative file name against the current directory, then ``bases``."""
-    candidate = Path(path).expanduser()
-    for base in [Path.cwd(), *bases]:
-        if (base / candidate).is_file():
-            return base / candidate
-    raise KDError(f"{where}: {what} {path} not found")
+    try:
+        candidate = Path(path).expanduser()
+        for base in [Path.cwd(), *bases]:
+            if (base / candidate).is_file():
+                return base / candidate
+    except (RuntimeError, OSError) as exc:  # ~nosuchuser, a name too long for the file system
+        raise KDError(f"{where}: {what} {_repr(path)}: {exc}") from None
+    raise KDError(f"{where}: {what} {_repr(path)} not found")
 
 
 @dataclass
@@ -317,10 +350,12 @@ def _show(value: Any) -> str:
 
 
 def default_flags_file() -> Path | None:
-    """commandline_args.txt in the working directory, else the one beside experiment.py."""
+    """commandline_args.txt in the working directory, else the one beside experiment.py in a checkout."""
     if Path(FLAGS_FILE).is_file():
         return Path(FLAGS_FILE)
-    return PROJECT_DIR / FLAGS_FILE if (PROJECT_DIR / FLAGS_FILE).is_file() else None
+    if CHECKOUT_DIR and (CHECKOUT_DIR / FLAGS_FILE).is_file():
+        return CHECKOUT_DIR / FLAGS_FILE
+    return None
 
 
 def resolve(argv: list[str]) -> Resolved:
@@ -337,7 +372,8 @@ def resolve(argv: list[str]) -> Resolved:
     from_file = read_flags_file(flags_file) if flags_file else []
 
     presets: list[tuple[str, Path]] = []
-    for settings, bases in ((from_file, [flags_file.parent] if flags_file else []), (cli, [PROJECT_DIR])):
+    preset_bases = [CHECKOUT_DIR] if CHECKOUT_DIR else []
+    for settings, bases in ((from_file, [flags_file.parent] if flags_file else []), (cli, preset_bases)):
         for setting in settings:
             if setting.name == "config":
                 for name in _convert(setting):

@@ -6,6 +6,8 @@ import colorsys
 import json
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +15,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
+from tqdm import tqdm
 
-from kd.errors import KDError
+from kd.errors import KDError, warn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,6 +48,11 @@ def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], li
         raise KDError(f"--data_dir: the class folders of {folder} differ from train/: "
                       f"missing {missing or 'none'}, extra {extra or 'none'}")
     samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    others = [p for name in found for p in sorted((folder / name).rglob("*"))
+              if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(IMG_EXTENSIONS)]
+    if others:
+        warn(f"--data_dir: ignoring {len(others)} file(s) under {folder} that are not images by their "
+             f"extension, e.g. {others[0]}")
     counts = np.bincount([label for _, label in samples], minlength=len(found))
     empty = [found[i] for i in np.flatnonzero(counts == 0)]
     if len(samples) == 0:
@@ -90,6 +98,21 @@ def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2,
     return ImageFolderLayout(classes, train, val)
 
 
+def find_bad_images(samples: list[Sample], decode: bool) -> list[tuple[str, str]]:
+    """(path, reason) of every image that cannot be read: header only, or fully decoded with a progress bar."""
+    bad = []
+    for path, _ in tqdm(samples, desc="checking images", unit="img", disable=not decode, file=sys.stderr):
+        try:
+            if decode:
+                load_rgb(path)
+            else:
+                with Image.open(path):
+                    pass
+        except (KDError, OSError, SyntaxError, ValueError) as exc:
+            bad.append((path, str(exc).removeprefix(f"cannot read image {path}: ")))
+    return bad
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image as 8-bit RGB, with an error that names the file when it cannot be read."""
     try:
@@ -103,19 +126,52 @@ def load_rgb(path: str) -> Image.Image:
         raise KDError(f"cannot read image {path}: {exc}") from None
 
 
-class ImageListDataset(Dataset):
-    """(image, label) pairs from a list of (path, label) samples."""
+def draw_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (in every process, unlike ``hash``)."""
+    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
-    def __init__(self, samples: list[Sample], transform: v2.Transform) -> None:
-        self.samples = samples
-        self.transform = transform
+
+class ImageListDataset(Dataset):
+    """(image, label) pairs from a list of (path, label) samples.
+
+    Indexed by ``(index, epoch)`` (see :class:`EpochSampler`), the random transform of a sample is a
+    pure function of (seed, epoch, index): an interrupted run resumes with the very same crops.
+    """
+
+    def __init__(self, samples: list[Sample], transform: v2.Transform, seed: int = 0) -> None:
+        self.samples, self.transform, self.seed = samples, transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
         path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
+        image = load_rgb(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+
+class EpochSampler(Sampler):
+    """Shuffles with a permutation drawn from (seed, epoch) and yields ``(index, epoch)`` pairs.
+
+    The order of an epoch does not depend on how many epochs ran before in this process, so a run
+    resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(draw_seed(self.seed, self.epoch)))
+        return iter([(int(i), self.epoch) for i in order])
 
 
 def train_transform(image_size: int, min_crop_scale: float = 0.08, hflip: bool = True) -> v2.Transform:
@@ -145,11 +201,31 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def __init__(self, data_dir: str | Path, image_size: int = 224, batch_size: int = 64,
                  num_workers: int = 2, val_fraction: float = 0.2, num_classes: int | None = None,
-                 min_crop_scale: float = 0.08, hflip: bool = True) -> None:
+                 min_crop_scale: float = 0.08, hflip: bool = True, seed: int = 0,
+                 skip_bad_images: bool = False) -> None:
         super().__init__()
         self.layout = scan_image_folder(data_dir, val_fraction, num_classes)
+        self.skipped = find_bad_images(self.layout.train + self.layout.val, decode=skip_bad_images)
+        if self.skipped and not skip_bad_images:
+            path, reason = self.skipped[0]
+            raise KDError(f"--data_dir: cannot read image {path} ({reason}); remove it, or pass --skip_bad_images "
+                          "to check every image and train on the rest")
+        if self.skipped:
+            bad = {path for path, _ in self.skipped}
+            self.layout.train = [s for s in self.layout.train if s[0] not in bad]
+            self.layout.val = [s for s in self.layout.val if s[0] not in bad]
+            warn(f"--skip_bad_images: skipping {len(bad)} unreadable image(s), e.g. {self.skipped[0][0]}")
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.min_crop_scale, self.hflip = min_crop_scale, hflip
+        self.min_crop_scale, self.hflip, self.seed = min_crop_scale, hflip, seed
+        self.sampler = EpochSampler(0, seed)  # replaced by each train_dataloader()
+
+    def set_seed(self, seed: int) -> None:
+        """Draw batch orders and augmentations from ``seed`` (one DataModule serves every seed of a run)."""
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move the training order and augmentations to ``epoch`` (DDP wraps the sampler, so say it here)."""
+        self.sampler.set_epoch(epoch)
 
     @property
     def classes(self) -> list[str]:
@@ -157,13 +233,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _loader(self, samples: list[Sample], transform: v2.Transform, train: bool) -> DataLoader:
         # A last training batch of one image would break BatchNorm: drop it (it is reshuffled next epoch).
-        return DataLoader(ImageListDataset(samples, transform), batch_size=self.batch_size, shuffle=train,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(),
+        return DataLoader(ImageListDataset(samples, transform, self.seed), batch_size=self.batch_size,
+                          sampler=self.sampler if train else None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
                           drop_last=train and len(samples) % self.batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
         transform = train_transform(self.image_size, self.min_crop_scale, self.hflip)
+        self.sampler = EpochSampler(len(self.layout.train), self.seed)
         return self._loader(self.layout.train, transform, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -228,5 +305,10 @@ def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class
                 _draw_demo_image(shape, DEMO_HUES[colour], image_size, rng).save(folder / f"{i:04d}.png")
     (tmp / "demo.json").write_text(json.dumps(params))
     root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process (a DDP rank) finished the same dataset first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (marker.is_file() and json.loads(marker.read_text()) == params):
+            raise
     return root

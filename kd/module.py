@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd.errors import KDError
 from kd.losses import Loss, loss_terms
 from kd.losses.logits import kl_softmax
 
@@ -27,6 +28,10 @@ SCHEDULERS = {
     "none": lambda opt, steps: lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0),
 }
 TEACHER_PREFIX = "teacher."
+
+
+class NonFiniteLoss(KDError):
+    """The training loss became NaN or infinite; the message names the step and the term."""
 
 
 class KDModule(pl.LightningModule):
@@ -85,9 +90,14 @@ class KDModule(pl.LightningModule):
             alpha = self.hparams.alpha
             loss = alpha * kd + (1 - alpha) * ce
             terms |= {f"kd/{name}": value for name, value in kd_terms.items()}
+        if not torch.isfinite(loss):
+            term = next((name for name, value in terms.items() if not torch.isfinite(value)), "the total")
+            raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.global_step} (epoch "
+                                f"{self.current_epoch}), first in {term}; usual causes: too high --lr, "
+                                "--precision 16-mixed overflowing, or a loss dividing by zero")
         self.train_top1(logits, y)
         self.train_top5(logits, y)
-        log = {"batch_size": len(y), "on_step": True, "on_epoch": True}
+        log = {"batch_size": len(y), "on_step": True, "on_epoch": True, "sync_dist": True}
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, **log)
         self.log("train/top1", self.train_top1, **log)
@@ -99,7 +109,7 @@ class KDModule(pl.LightningModule):
         logits = self.model(x)
         self.val_top1(logits, y)
         self.val_top5(logits, y)
-        log = {"batch_size": len(y), "on_epoch": True}
+        log = {"batch_size": len(y), "on_epoch": True, "sync_dist": True}  # averaged over every rank's share
         self.log("val/loss", F.cross_entropy(logits, y), **log)
         self.log("val/top1", self.val_top1, prog_bar=True, **log)
         self.log("val/top5", self.val_top5, **log)

@@ -30,7 +30,7 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], markdown: bool = False) -> str:
+def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]], markdown: bool = False) -> str:
     """A plain-text (aligned) or Markdown table."""
     if markdown:
         lines = [header, tuple("---" for _ in header), *rows]
@@ -71,7 +71,7 @@ def stage_table(results: list[StageResult], markdown: bool = False) -> str:
     header = ("stage", "model", "seed", "top-1 %", "top-5 %", "best epoch", "time", "logs and checkpoints")
     rows = [(r.label, r.arch, str(r.seed), f"{r.best_top1:.2f}", f"{r.best_top5:.2f}", str(r.best_epoch),
              f"{r.seconds:.1f}s", str(r.log_dir)) for r in results]
-    return _table(header, rows, markdown)
+    return text_table(header, rows, markdown)
 
 
 def comparison_table(results: list[StageResult], markdown: bool = False) -> str:
@@ -87,7 +87,7 @@ def comparison_table(results: list[StageResult], markdown: bool = False) -> str:
                      _mean_std([r.best_top5 for r in runs]),
                      _mean_std(gain[(experiment, label)]) if (experiment, label) in gain else "",
                      _mean_std([r.seconds for r in runs], 1)))
-    return _table(header, rows, markdown)
+    return text_table(header, rows, markdown)
 
 
 def plot(results: list[StageResult], path: Path) -> None:

@@ -6,6 +6,7 @@ folder) is checked before the first stage starts, so a bad flag never costs a tr
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import warnings
@@ -14,42 +15,72 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import yaml
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from kd.config import Config, save_config
-from kd.data import ImageFolderDataModule, make_demo_dataset
-from kd.errors import KDError
+from kd.data import ImageFolderDataModule, draw_seed, make_demo_dataset
+from kd.errors import Interrupted, KDError
 from kd.losses import build_loss, check_loss
 from kd.models import build_model, check_forward, load_weights, read_checkpoint
-from kd.module import KDModule
+from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, gains, group_results, stage_table, write_report
-from kd.results import StageResult, find_results
+from kd.results import RESULT_FILE, StageResult, find_results
 
 STAGES = ("teacher", "baseline", "distill")
 
 
 class History(pl.Callback):
-    """Collects each epoch's validation metrics (sanity checks excluded)."""
+    """Each epoch's validation metrics and the training time so far; saved in checkpoints for --resume."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
+        self.seconds = 0.0
+        self._segment = (time.perf_counter(), 0.0)  # (when this process started, seconds before it)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._segment = (time.perf_counter(), self.seconds)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             self.epochs.append({"epoch": trainer.current_epoch, **metrics})
+            started, before = self._segment
+            self.seconds = before + time.perf_counter() - started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs, self.seconds = list(state_dict["epochs"]), float(state_dict["seconds"])
 
 
-def load_teacher(path: str | Path, arch: str, class_names: list[str], image_size: int) -> nn.Module:
-    """A teacher network from a kd checkpoint (or a plain state_dict), refusing one that does not fit."""
+class EpochSeeding(pl.Callback):
+    """Makes each epoch's randomness a function of (seed, epoch): batch order, crops, dropout.
+
+    An epoch then runs the same whether the run went straight through or was resumed before it.
+    """
+
+    def __init__(self, data: ImageFolderDataModule, seed: int) -> None:
+        self.data, self.seed = data, seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.data.set_epoch(trainer.current_epoch)
+        pl.seed_everything(draw_seed(self.seed, trainer.current_epoch) % 2**32, verbose=False)
+
+
+def load_network(path: str | Path, arch: str, class_names: list[str], image_size: int,
+                 flag: str = "--teacher_checkpoint") -> nn.Module:
+    """A trained network from a kd checkpoint (or a plain state_dict), refusing one that does not fit."""
     path = Path(path).expanduser()
-    flag = "--teacher_checkpoint"
     state, meta = read_checkpoint(path, flag)
     if meta.get("arch", arch) != arch:
-        raise KDError(f"{flag}: {path} holds a {meta['arch']} but --teacher_arch is {arch}")
+        raise KDError(f"{flag}: {path} holds a {meta['arch']}, not the {arch} asked for (--teacher_arch)")
     saved_classes = list(meta.get("class_names", class_names))
     if saved_classes != list(class_names):
         raise KDError(f"{flag}: {path} was trained on {len(saved_classes)} classes ({', '.join(saved_classes)}) "
@@ -58,6 +89,24 @@ def load_teacher(path: str | Path, arch: str, class_names: list[str], image_size
     load_weights(teacher, state, len(class_names), str(path), flag, new_head=False)
     check_forward(teacher, arch, image_size, len(class_names), flag, training=False)
     return teacher
+
+
+def prepare_data(c: Config) -> ImageFolderDataModule:
+    """The DataModule of ``--data_dir`` (generating the demo dataset first when it is ``demo``)."""
+    data_dir = Path(c.output_dir) / "demo_data" if c.data_dir == "demo" else c.data_dir
+    if c.data_dir == "demo":
+        make_demo_dataset(data_dir)
+    return ImageFolderDataModule(data_dir, c.image_size, c.batch_size, c.num_workers, c.val_fraction,
+                                 c.num_classes, c.min_crop_scale, c.hflip, c.seed, c.skip_bad_images)
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes summaries, configurations and reports (global rank 0).
+
+    Under DDP every rank runs this script; Lightning's rank comes from RANK/LOCAL_RANK/SLURM_PROCID,
+    and NODE_RANK tells a second machine's first process from the first machine's.
+    """
+    return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 def _devices(devices: str) -> Any:
@@ -81,18 +130,14 @@ class Experiment:
             raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
         if c.distill and not (c.train_teacher or c.teacher_checkpoint):
             raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
-        if self._trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False).num_devices > 1:
-            raise KDError(f"--devices {c.devices}: training on several devices is not supported yet; use --devices 1")
+        # Checks the hardware flags now; the process count sizes the logging interval.
+        self.world_size = self._trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
         self.root = Path(c.output_dir) / c.experiment_name
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise KDError(f"--output_dir: cannot create {self.root}: {exc.strerror}") from None
-        data_dir = Path(c.output_dir) / "demo_data" if c.data_dir == "demo" else c.data_dir
-        if c.data_dir == "demo":
-            make_demo_dataset(data_dir)
-        self.data = ImageFolderDataModule(data_dir, c.image_size, c.batch_size, c.num_workers, c.val_fraction,
-                                          c.num_classes, c.min_crop_scale, c.hflip)
+        self.data = prepare_data(c)
         classes = self.data.classes
         # Build and run each network once now, so a bad name, weights file or input size fails before training.
         if c.train_teacher:
@@ -105,18 +150,18 @@ class Experiment:
         self.kd_loss = build_loss(c.kd_loss, temperature=c.temperature) if c.distill else None
         if self.kd_loss is not None:
             check_loss(self.kd_loss, c.kd_loss, len(classes))
-        self.teacher = (load_teacher(c.teacher_checkpoint, c.teacher_arch, classes, c.image_size)
+        self.teacher = (load_network(c.teacher_checkpoint, c.teacher_arch, classes, c.image_size)
                         if c.distill and c.teacher_checkpoint else None)
 
     def _trainer(self, **options: Any) -> pl.Trainer:
         """A Trainer on the configured hardware; Lightning's refusals become one-line errors."""
         c = self.config
         try:
-            return pl.Trainer(accelerator=c.accelerator, devices=_devices(c.devices), precision=c.precision,
-                              enable_model_summary=False, **options)
+            return pl.Trainer(accelerator=c.accelerator, devices=_devices(c.devices), num_nodes=c.num_nodes,
+                              strategy=c.strategy, precision=c.precision, enable_model_summary=False, **options)
         except (MisconfigurationException, ValueError, RuntimeError) as exc:
-            raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --precision {c.precision}: "
-                          f"{str(exc).splitlines()[0]}") from None
+            raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --num_nodes {c.num_nodes} "
+                          f"--strategy {c.strategy} --precision {c.precision}: {str(exc).splitlines()[0]}") from None
 
     def _build(self, arch: str, weights: str | None, flag: str, seed: int) -> nn.Module:
         """A freshly seeded network, so its initial weights depend on the seed alone."""
@@ -131,51 +176,131 @@ class Experiment:
         c, results = self.config, []
         for index, seed in enumerate(c.seeds or [c.seed]):
             if "teacher" in self.stages and (index == 0 or c.repeat_teacher):
-                model = self._build(c.teacher_arch, c.teacher_weights, "--teacher_weights", seed)
-                results.append(self._fit("teacher", c.teacher_arch, model, seed))
-                self.teacher = load_teacher(results[-1].best_checkpoint, c.teacher_arch, self.data.classes,
+                results.append(self._stage("teacher", seed))
+                self.teacher = load_network(results[-1].best_checkpoint, c.teacher_arch, self.data.classes,
                                             c.image_size)
-            for stage in [s for s in self.stages if s != "teacher"]:
-                model = self._build(c.student_arch, c.student_weights, "--student_weights", seed)
-                results.append(self._fit(stage, c.student_arch, model, seed,
-                                         self.teacher if stage == "distill" else None))
+            results += [self._stage(stage, seed) for stage in self.stages if stage != "teacher"]
         return results
 
-    def _fit(self, stage: str, arch: str, model: nn.Module, seed: int,
-             teacher: nn.Module | None = None) -> StageResult:
-        c = replace(self.config, seed=seed)
-        pl.seed_everything(seed, workers=True, verbose=False)
+    def _stage(self, stage: str, seed: int) -> StageResult:
+        """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new."""
+        config = replace(self.config, seed=seed)
+        earlier = self._earlier(stage, config) if config.resume else None
+        if isinstance(earlier, StageResult):
+            if is_main_process():
+                print(f"\n== {stage}, seed {seed}: finished earlier in {earlier.log_dir}", flush=True)
+            return earlier
+        c = self.config
+        arch, weights = (c.teacher_arch, c.teacher_weights) if stage == "teacher" else (c.student_arch,
+                                                                                      c.student_weights)
+        model = self._build(arch, weights, f"--{stage if stage == 'teacher' else 'student'}_weights", seed)
+        return self._fit(stage, arch, model, config, self.teacher if stage == "distill" else None, earlier)
+
+    def _earlier(self, stage: str, config: Config) -> StageResult | Path | None:
+        """For --resume: the latest run of this stage and seed, finished (its result) or not (its folder)."""
+        folders = sorted((p for p in (self.root / stage).glob("version_*") if (p / "config.yaml").is_file()),
+                         key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
+        for folder in folders:
+            saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+            if saved.get("seed") != config.seed:
+                continue
+            changed = [k for k, v in config.to_dict().items() if k in saved and saved[k] != v]
+            if changed:
+                name = changed[0]
+                raise KDError(f"--resume: {folder} was run with --{name} {saved[name]}, not {getattr(config, name)}; "
+                              "resume with the flags it was started with, or start a new run without --resume")
+            return StageResult.load(folder / RESULT_FILE) if (folder / RESULT_FILE).is_file() else folder
+        return None
+
+    def _fit(self, stage: str, arch: str, model: nn.Module, c: Config, teacher: nn.Module | None,
+             resume_from: Path | None) -> StageResult:
+        pl.seed_everything(c.seed, workers=True, verbose=False)
+        self.data.set_seed(c.seed)
         params = sum(p.numel() for p in model.parameters())
         module = KDModule(model, arch, self.data.classes, image_size=c.image_size, teacher=teacher,
                           kd_loss=self.kd_loss if teacher is not None else None, kd_loss_name=self.kd_loss_name,
                           alpha=c.alpha, lr=c.lr, optimizer=c.optimizer, momentum=c.momentum,
                           weight_decay=c.weight_decay, scheduler=c.scheduler, warmup_epochs=c.warmup_epochs)
-        logger = TensorBoardLogger(self.root, name=stage, default_hp_metric=False)
-        log_dir = Path(logger.log_dir)
-        log_dir.mkdir(parents=True, exist_ok=False)
-        save_config(c, log_dir / "config.yaml")
+        version = int(resume_from.name.removeprefix("version_")) if resume_from else None
+        logger = TensorBoardLogger(self.root, name=stage, version=version, default_hp_metric=False)
+        log_dir = Path(logger.log_dir)  # other ranks write nothing; Lightning broadcasts rank 0's checkpoint folder
+        last = log_dir / "checkpoints" / "last.ckpt"
+        if is_main_process() and not resume_from:
+            log_dir.mkdir(parents=True, exist_ok=False)
+            save_config(c, log_dir / "config.yaml")
+            if self.data.skipped:
+                (log_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in self.data.skipped))
         history = History()
         checkpoint = ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="best", monitor="val/top1",
                                      mode="max", save_last=True)
-        steps_per_epoch = max(1, len(self.data.layout.train) // c.batch_size)
+        steps_per_epoch = max(1, len(self.data.layout.train) // (c.batch_size * self.world_size))
         trainer = self._trainer(max_epochs=c.epochs, logger=logger, log_every_n_steps=min(50, steps_per_epoch),
-                                callbacks=[checkpoint, history, LearningRateMonitor("step")])
-        print(f"\n== {stage}: {arch}, seed {seed} → {log_dir}", flush=True)
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")  # --num_workers is the user's call
-            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
-            trainer.fit(module, datamodule=self.data)
-        seconds = time.perf_counter() - start
+                                plugins=[AtomicCheckpointIO()],
+                                callbacks=[checkpoint, history, EpochSeeding(self.data, c.seed),
+                                           InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
+                                           LearningRateMonitor("step")])
+        ckpt_path = last if resume_from and last.is_file() else None
+        if is_main_process():
+            how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resume_from else ""
+            print(f"\n== {stage}: {arch}, seed {c.seed} → {log_dir} {how}".rstrip(), flush=True)
+        where = f"{stage} (seed {c.seed})"
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*does not have many workers.*")  # --num_workers: the user's call
+                warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
+                warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # --resume continues in place
+                trainer.fit(module, datamodule=self.data, ckpt_path=ckpt_path)
+        except SystemExit:  # Lightning's graceful stop after Ctrl+C or SIGTERM
+            if not trainer.interrupted:
+                raise
+            raise Interrupted(f"{where} was interrupted in epoch {trainer.current_epoch}; its checkpoints are in "
+                              f"{log_dir / 'checkpoints'}") from None
+        except NonFiniteLoss as exc:
+            raise KDError(f"{where}: {exc}; the last good checkpoints are kept in {log_dir / 'checkpoints'}") from None
+        except KDError as exc:
+            raise KDError(f"{where}: {exc}") from None
+        except OSError as exc:  # a full disk or a folder that became read-only
+            raise KDError(f"{where}: cannot write {exc.filename or log_dir}: {exc.strerror or exc}; nothing "
+                          "half-written is left (checkpoints are written aside, then renamed)") from None
         best = max(history.epochs, key=lambda e: e["val/top1"])
         logger.log_hyperparams(_flat_hparams(c) | {"stage": stage},
                                {"hp/best_top1": best["val/top1"], "hp/best_top5": best["val/top5"]})
-        result = StageResult(c.experiment_name, stage, arch, seed, params, 100 * best["val/top1"],
-                             100 * best["val/top5"], int(best["epoch"]), seconds, log_dir,
+        log_dir = Path(checkpoint.dirpath).parent  # rank 0's folder on every rank (Lightning broadcasts it)
+        result = StageResult(c.experiment_name, stage, arch, c.seed, params, 100 * best["val/top1"],
+                             100 * best["val/top5"], int(best["epoch"]), history.seconds, log_dir,
                              Path(checkpoint.best_model_path), self.kd_loss_name if stage == "distill" else "",
                              [100 * e["val/top1"] for e in history.epochs])
-        result.save()
+        if is_main_process():
+            result.save()
         return result
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint beside its final name, then renames: a kill leaves the old file or the new one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Saves ``interrupted.ckpt`` on Ctrl+C or SIGTERM (not on errors, whose state may be broken).
+
+    --resume restarts from ``last.ckpt`` (the end of the last whole epoch), which replays exactly;
+    this one keeps the work of the interrupted epoch for whoever wants it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            trainer.save_checkpoint(self.path)
 
 
 def format_summary(results: list[StageResult], report: Path | None = None) -> str:
@@ -203,11 +328,17 @@ def next_version(folder: Path) -> Path:
 
 def run_experiment(config: Config) -> list[StageResult]:
     """Check ``config``, run its stages, write a report when there is something to compare, print a summary."""
-    results = Experiment(config).run()
-    report = None
-    if len(results) > 1:
-        report = write_report(results, next_version(Path(config.output_dir) / config.experiment_name / "report"))
-    print("\n" + format_summary(results, report), flush=True)
+    experiment = Experiment(config)
+    results = experiment.run()
+    if is_main_process():
+        report = None
+        if len(results) > 1:
+            report = write_report(results, next_version(Path(config.output_dir) / config.experiment_name / "report"))
+        print("\n" + format_summary(results, report), flush=True)
+        if config.export:
+            from kd.deploy import deploy_students  # deploy imports this module
+
+            print(deploy_students(results, experiment.teacher, config, experiment.data.classes), flush=True)
     return results
 
 

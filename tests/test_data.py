@@ -84,11 +84,28 @@ def test_unreadable_image_error_names_the_file(tiny_data, tmp_path):
     root = shutil.copytree(tiny_data, tmp_path / "data")
     bad = sorted((root / "train" / "blue_ring").iterdir())[0]
     bad.write_bytes(b"not a png")
-    data = ImageFolderDataModule(root, image_size=16, batch_size=4, num_workers=0)
-    loader = data.train_dataloader()
-    index = [p for p, _ in data.layout.train].index(str(bad))
+    with pytest.raises(KDError, match=f"--data_dir: cannot read image {bad} .*--skip_bad_images"):
+        ImageFolderDataModule(root, image_size=16, batch_size=4, num_workers=0)
     with pytest.raises(KDError, match=f"cannot read image {bad}"):
-        loader.dataset[index]
+        load_rgb(str(bad))
+    data = ImageFolderDataModule(root, image_size=16, batch_size=4, num_workers=0, skip_bad_images=True)
+    assert [p for p, _ in data.skipped] == [str(bad)] and str(bad) not in {p for p, _ in data.layout.train}
+
+
+def test_an_epoch_is_a_pure_function_of_seed_and_epoch(tiny_data):
+    def batches(seed, epochs):
+        data = ImageFolderDataModule(tiny_data, image_size=12, batch_size=8, num_workers=0, seed=seed)
+        loader = data.train_dataloader()
+        out = []
+        for epoch in epochs:
+            data.set_epoch(epoch)
+            out.append(torch.cat([x for x, _ in loader]))
+        return out
+
+    straight = batches(0, [0, 1, 2])
+    assert torch.equal(batches(0, [2])[0], straight[2])  # epoch 2 alone, as after a resume
+    assert not torch.equal(straight[1], straight[2])  # epochs differ
+    assert not torch.equal(batches(1, [2])[0], straight[2])  # seeds differ
 
 
 def test_loaders_yield_normalised_batches_of_the_crop_size(tiny_data):

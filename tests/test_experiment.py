@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import FAST, run_cli
 from kd.cli import main
 from kd.models import build_model
-from kd.runner import load_teacher
+from kd.runner import load_network
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -120,7 +121,7 @@ BAD_INPUTS = {
                                    "--teacher_checkpoint: file {tmp}/no.ckpt does not exist"),
     "teacher of another architecture": (lambda d, t: d, ["--distill", "--teacher_checkpoint", "{ckpt}",
                                                          "--teacher_arch", "cnn_medium"],
-                                        "holds a cnn_small but --teacher_arch is"),
+                                        "holds a cnn_small, not the cnn_medium asked for (--teacher_arch)"),
     "teacher of another class count": (lambda d, t: _two_classes(d, t), ["--distill", "--teacher_checkpoint",
                                                                         "{ckpt}", "--teacher_arch", "cnn_small"],
                                        "was trained on 12 classes"),
@@ -136,7 +137,7 @@ BAD_INPUTS = {
     "loss returning nothing": (lambda d, t: _user_loss(d, t), ["--distill", "--teacher_checkpoint", "{ckpt}",
                                                                "--kd_loss", "{tmp}/losses.py:Nothing"],
                                "returned an empty dict"),
-    "several devices": (lambda d, t: d, ["--devices", "2"], "--devices 2: training on several devices"),
+    "unknown strategy": (lambda d, t: d, ["--strategy", "dpp"], "--strategy dpp"),
     "gpu on a machine without one": (lambda d, t: d, ["--accelerator", "gpu"], "--accelerator gpu --devices 1"),
     "no stage": (lambda d, t: d, ["--baseline", "false"], "nothing to run"),
     "distill without a teacher": (lambda d, t: d, ["--distill"], "--distill needs a teacher"),
@@ -179,15 +180,51 @@ def test_bad_input_is_one_line_error_and_touches_nothing(case, full_run, tiny_da
     assert _snapshot(root.parent) == before
 
 
-def test_unreadable_image_stops_with_its_path_from_a_worker_process(tiny_data, tmp_path):
+def _broken_images(tiny_data: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of the data with one file that is no image and one PNG cut in half (its header intact)."""
     root = _tiny_copy(tiny_data, tmp_path)
-    bad = root / "train" / "red_ring" / "0000.png"
-    bad.write_bytes(b"\x89PNG truncated")
+    garbage, truncated = root / "train" / "red_ring" / "0000.png", root / "val" / "blue_square" / "0001.png"
+    garbage.write_bytes(b"\x89PNG not really")
+    truncated.write_bytes(truncated.read_bytes()[: len(truncated.read_bytes()) // 2])
+    return root, garbage, truncated
+
+
+def test_unreadable_image_stops_the_run_before_training(tiny_data, tmp_path):
+    root, garbage, _ = _broken_images(tiny_data, tmp_path)
+    result = run_cli([*FAST, "--data_dir", str(root), "--output_dir", str(tmp_path / "runs"), "--baseline"],
+                     cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --data_dir: cannot read image {garbage}")
+    assert not (tmp_path / "runs" / "kd" / "baseline").exists()
+
+
+def test_truncated_image_is_named_when_a_worker_process_meets_it(tiny_data, tmp_path):
+    root, garbage, truncated = _broken_images(tiny_data, tmp_path)
+    garbage.unlink()
     result = run_cli([*FAST, "--data_dir", str(root), "--output_dir", str(tmp_path / "runs"), "--baseline",
                       "--num_workers", "1"], cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {bad}")
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: baseline (seed 0): cannot read image {truncated}")
+
+
+def test_skip_bad_images_trains_on_the_rest_and_lists_them(tiny_data, tmp_path):
+    root, garbage, truncated = _broken_images(tiny_data, tmp_path)
+    result = run_cli([*FAST, "--data_dir", str(root), "--output_dir", str(tmp_path / "runs"), "--baseline",
+                      "--skip_bad_images"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning: --skip_bad_images: skipping 2 unreadable image(s)" in result.stderr
+    listed = (tmp_path / "runs" / "kd" / "baseline" / "version_0" / "skipped_images.txt").read_text()
+    assert sorted(line.split("\t")[0] for line in listed.splitlines()) == sorted([str(garbage), str(truncated)])
+
+
+def test_non_image_files_are_named_in_a_warning(tiny_data, tmp_path):
+    root = _tiny_copy(tiny_data, tmp_path)
+    (root / "train" / "blue_ring" / "notes.txt").write_text("not an image")
+    result = run_cli([*FAST, "--data_dir", str(root), "--output_dir", str(tmp_path / "runs"), "--baseline"],
+                     cwd=tmp_path)
+    assert result.returncode == 0
+    assert f"warning: --data_dir: ignoring 1 file(s) under {root / 'train'} that are not images" in result.stderr
 
 
 def test_bad_flag_in_flags_file_names_file_and_line(tmp_path):
@@ -229,6 +266,32 @@ def test_loaded_teacher_holds_exactly_the_checkpoint_weights(full_run, tiny_data
     path = root / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
     saved = {k.removeprefix("model."): v for k, v in torch.load(path, weights_only=True)["state_dict"].items()
              if k.startswith("model.")}
-    teacher = load_teacher(path, "cnn_small", sorted(p.name for p in (tiny_data / "train").iterdir()), 16)
+    teacher = load_network(path, "cnn_small", sorted(p.name for p in (tiny_data / "train").iterdir()), 16)
     assert teacher.state_dict().keys() == saved.keys()
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in saved.items())  # BN statistics included
+
+
+def test_evaluate_prints_and_logs_accuracy_per_class_and_confusion(full_run, tiny_data, tmp_path, capsys):
+    root, _ = full_run
+    best = root / "distill" / "version_0" / "checkpoints" / "best.ckpt"
+    reported = json.loads((root / "distill" / "version_0" / "result.json").read_text())
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--evaluate", str(best)]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {reported['best_top1']:.2f}" in out  # the same images and weights as the stage's best epoch
+    assert "blue_circle" in out and "true \\ predicted" in out
+    events = EventAccumulator(str(tmp_path / "kd" / "evaluate" / "version_0"))
+    events.Reload()
+    assert "eval/confusion_matrix" in events.Tags()["images"] and "eval/top1" in events.Tags()["scalars"]
+
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".torchscript.pt")])
+def test_export_writes_students_beside_their_checkpoints_and_compares_costs(fmt, suffix, full_run, tiny_data,
+                                                                           tmp_path, capsys):
+    root, _ = full_run
+    teacher = root / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--distill", "--teacher_arch",
+                 "cnn_small", "--teacher_checkpoint", str(teacher), "--export", fmt]) == 0
+    out = capsys.readouterr().out
+    exported = tmp_path / "kd" / "distill" / "version_0" / "checkpoints" / f"best{suffix}"
+    assert exported.is_file() and f"exported {exported} (outputs within" in out
+    assert "teacher" in out.split("exported")[-1] and "student" in out.split("exported")[-1]

@@ -1,0 +1,66 @@
+"""After training: ``--evaluate`` a checkpoint, ``--export`` students, and show what distillation bought."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+
+from kd.config import Config
+from kd.evaluate import confusion_figure, evaluate, format_evaluation
+from kd.export import export_model, format_profiles, profile_model
+from kd.models import read_checkpoint
+from kd.results import StageResult
+from kd.runner import load_network, prepare_data
+
+EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+
+
+def _device(config: Config) -> str:
+    return "cuda" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "cpu"
+
+
+def export_network(model: nn.Module, checkpoint: Path, config: Config) -> str:
+    """Write ``model`` beside its checkpoint in the --export format; one line saying where and how close."""
+    path = checkpoint.with_suffix(EXTENSIONS[config.export])
+    difference = export_model(model.cpu(), config.export, path, config.image_size)
+    return f"exported {path} (outputs within {difference:.1e} of PyTorch's)"
+
+
+def evaluate_checkpoint(config: Config) -> Path:
+    """``--evaluate CHECKPOINT``: accuracy, per-class accuracy and confusion matrix on the validation data."""
+    path = Path(config.evaluate).expanduser()
+    _, meta = read_checkpoint(path, "--evaluate")
+    arch = meta.get("arch", config.student_arch)
+    data = prepare_data(config)
+    model = load_network(path, arch, data.classes, config.image_size, "--evaluate")
+    result = evaluate(model, data.val_dataloader(), data.classes, _device(config))
+    logger = TensorBoardLogger(Path(config.output_dir) / config.experiment_name, name="evaluate",
+                               default_hp_metric=False)
+    logger.log_metrics({"eval/top1": result.top1, "eval/top5": result.top5}, step=0)
+    logger.log_metrics({f"eval/class/{name}": acc for name, acc in zip(result.class_names, result.per_class)}, 0)
+    logger.experiment.add_figure("eval/confusion_matrix", confusion_figure(result), global_step=0)
+    logger.finalize("success")
+    print(f"{path} ({arch}) on the validation images of {config.data_dir}:\n{format_evaluation(result)}\n"
+          f"logged to {logger.log_dir}")
+    if config.export:
+        print(export_network(model, path, config))
+    return Path(logger.log_dir)
+
+
+def deploy_students(results: list[StageResult], teacher: nn.Module | None, config: Config,
+                    classes: list[str]) -> str:
+    """Export each trained student's best checkpoint and compare the teacher's and students' cost."""
+    lines, profiles = [], {}
+    if teacher is not None:
+        profiles["teacher"] = profile_model(teacher.cpu(), config.image_size)
+    for result in results:
+        if result.stage == "teacher":
+            continue
+        model = load_network(result.best_checkpoint, result.arch, classes, config.image_size, "--export")
+        profiles.setdefault("student", profile_model(model, config.image_size))
+        lines.append(export_network(model, result.best_checkpoint, config))
+    return "\n".join([*lines, format_profiles(profiles)])
+

@@ -1,0 +1,36 @@
+"""Two processes on the CPU (DDP over gloo): one set of outputs, metrics over the whole validation set."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import FAST, run_cli
+from kd.data import ImageFolderDataModule
+from kd.runner import load_network
+
+
+def test_ddp_run_writes_once_and_syncs_validation_metrics(tiny_data, tmp_path):
+    result = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--devices", "2",
+                      "--strategy", "ddp", "--batch_size", "6", "--train_teacher", "--baseline", "--distill",
+                      "--teacher_arch", "cnn_small"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("distill (kl_softmax) gain over the baseline") == 1  # one summary, from rank 0
+    root = tmp_path / "kd"
+    assert sorted(p.name for p in root.iterdir()) == ["baseline", "distill", "report", "teacher"]
+    for stage in ("teacher", "baseline", "distill", "report"):
+        assert [p.name for p in (root / stage).iterdir()] == ["version_0"]  # not one per rank
+    assert len(list(root.rglob("config.yaml"))) == 3 and len(list(root.rglob("result.json"))) == 3
+    writers = {p.name.split(".")[-2] for p in root.rglob("events.out.tfevents.*")}  # ...tfevents.TIME.HOST.PID.N
+    assert len(writers) == 1  # TensorBoard files come from one process
+
+    # The reported top-1 must be the whole validation set's (36 images, 18 per rank), not rank 0's half.
+    data = ImageFolderDataModule(tiny_data, image_size=16, batch_size=36, num_workers=0)
+    for stage, arch in (("teacher", "cnn_small"), ("distill", "cnn_tiny")):
+        reported = json.loads((root / stage / "version_0" / "result.json").read_text())["best_top1"]
+        model = load_network(root / stage / "version_0" / "checkpoints" / "best.ckpt", arch, data.classes, 16).eval()
+        x, y = next(iter(data.val_dataloader()))
+        with torch.no_grad():
+            accuracy = 100 * (model(x).argmax(1) == y).float().mean().item()
+        assert abs(reported - accuracy) < 1e-4, (stage, reported, accuracy)
