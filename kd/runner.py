@@ -33,6 +33,8 @@ from kd.report import comparison_table, gains, group_results, stage_table, write
 from kd.results import RESULT_FILE, StageResult, find_results
 
 STAGES = ("teacher", "baseline", "distill")
+# Flags that say which stages a run holds, not how one trains: --resume may add or drop stages.
+RUN_LEVEL_FLAGS = {"train_teacher", "baseline", "distill", "seeds", "repeat_teacher", "export", "num_workers"}
 
 
 class History(pl.Callback):
@@ -204,7 +206,8 @@ class Experiment:
             saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
             if saved.get("seed") != config.seed:
                 continue
-            changed = [k for k, v in config.to_dict().items() if k in saved and saved[k] != v]
+            changed = [k for k, v in config.to_dict().items()
+                       if k in saved and saved[k] != v and k not in RUN_LEVEL_FLAGS]
             if changed:
                 name = changed[0]
                 raise KDError(f"--resume: {folder} was run with --{name} {saved[name]}, not {getattr(config, name)}; "
@@ -265,7 +268,7 @@ class Experiment:
         best = max(history.epochs, key=lambda e: e["val/top1"])
         logger.log_hyperparams(_flat_hparams(c) | {"stage": stage},
                                {"hp/best_top1": best["val/top1"], "hp/best_top5": best["val/top5"]})
-        log_dir = Path(checkpoint.dirpath).parent  # rank 0's folder on every rank (Lightning broadcasts it)
+        log_dir = self.root / stage / Path(checkpoint.dirpath).parent.name  # rank 0's version on every rank
         result = StageResult(c.experiment_name, stage, arch, c.seed, params, 100 * best["val/top1"],
                              100 * best["val/top5"], int(best["epoch"]), history.seconds, log_dir,
                              Path(checkpoint.best_model_path), self.kd_loss_name if stage == "distill" else "",

@@ -26,8 +26,8 @@ FAST = ["--flags_file", "none", "--image_size", "16", "--batch_size", "16", "--e
         "--num_workers", "0", "--teacher_arch", "cnn_tiny", "--student_arch", "cnn_tiny", "--accelerator", "cpu"]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python experiment.py ARGS`` in ``cwd`` and capture its output."""
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, **options) -> subprocess.CompletedProcess:
+    """Run ``python experiment.py ARGS`` in ``cwd`` and capture its output (``options`` go to subprocess.run)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(PROJECT / "experiment.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, **options)
