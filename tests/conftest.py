@@ -8,10 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kd.data import make_demo_dataset
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests timing or running larger models: the 2 CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

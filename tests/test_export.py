@@ -15,13 +15,7 @@ FORMATS = ["onnx", "torchscript"]
 SIDE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPUs are shared: one intra-op thread avoids oversubscription; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_like(arch: str) -> nn.Module:
