@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 from kd.config import help_text, resolve
 from kd.errors import Interrupted, KDError
@@ -13,6 +14,13 @@ from kd.errors import Interrupted, KDError
 def _stop(signum: int, frame: object) -> None:
     """SIGTERM (a scheduler's kill) stops a run like Ctrl+C: checkpoint, then exit with a resume hint."""
     raise KeyboardInterrupt
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same program and flags, plus --resume."""
+    program = sys.argv[0]
+    launcher = ["python", program] if program.endswith(".py") else [Path(program).name]
+    return shlex.join([*launcher, *argv, "--resume"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,13 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_experiment(resolved.config)
     except Interrupted as exc:
-        resume = shlex.join(["python", "experiment.py", *argv, *([] if "--resume" in argv else ["--resume"])])
-        print(f"interrupted: {exc}; continue with: {resume}", file=sys.stderr)
+        print(f"interrupted: {exc}; continue with: {_resume_command(argv)}", file=sys.stderr)
         return 130
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before or between stages: nothing half-done to save
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before or between stages: finished stages are safe on disk
+        print(f"interrupted; continue with: {_resume_command(argv)}", file=sys.stderr)
         return 130
     return 0

@@ -6,6 +6,7 @@ import colorsys
 import json
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
@@ -235,8 +237,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _loader(self, samples: list[Sample], transform: v2.Transform, train: bool) -> DataLoader:
         # A last training batch of one image would break BatchNorm: drop it (it is reshuffled next epoch).
-        return DataLoader(ImageListDataset(samples, transform, self.seed), batch_size=self.batch_size,
-                          sampler=self.sampler if train else None, num_workers=self.num_workers,
+        dataset = ImageListDataset(samples, transform, self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size,
+                          sampler=self.sampler if train else self._val_sampler(dataset), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
                           drop_last=train and len(samples) % self.batch_size == 1)
 
@@ -247,6 +250,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.layout.val, val_transform(self.image_size), train=False)
+
+    def _val_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under DDP, each rank validates its own share with no image repeated (Lightning's default pads)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        return UnrepeatedDistributedSampler(dataset, shuffle=False) if torch.distributed.get_world_size() > 1 else None
 
 
 # The demo dataset: shapes in colours. Classes that share a shape or a near hue look alike, so a
@@ -294,7 +303,7 @@ def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class
         return root
     if root.exists():
         raise KDError(f"--data_dir demo: {root} exists but is not this demo dataset; move it away")
-    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
+    tmp = root.with_name(f".{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique per process
     shutil.rmtree(tmp, ignore_errors=True)
     classes = [f"{colour}_{shape}" for colour in DEMO_HUES for shape in DEMO_SHAPES]
     for split, count, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):

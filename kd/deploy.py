@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,10 +23,12 @@ def _device(config: Config) -> str:
     return "cuda" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "cpu"
 
 
-def export_network(model: nn.Module, checkpoint: Path, config: Config) -> str:
-    """Write ``model`` beside its checkpoint in the --export format; one line saying where and how close."""
-    path = checkpoint.with_suffix(EXTENSIONS[config.export])
-    difference = export_model(model.cpu(), config.export, path, config.image_size)
+def export_network(model: nn.Module, checkpoint: Path, fmt: str, image_size: int) -> str:
+    """Write ``model`` beside its checkpoint in format ``fmt``; one line saying where and how close."""
+    path = checkpoint.with_suffix(EXTENSIONS[fmt])
+    if path.exists():  # a stage that --resume reused was exported the first time round
+        return f"already exported: {path}"
+    difference = export_model(model.cpu(), fmt, path, image_size)
     return f"exported {path} (outputs within {difference:.1e} of PyTorch's)"
 
 
@@ -33,7 +36,9 @@ def evaluate_checkpoint(config: Config) -> Path:
     """``--evaluate CHECKPOINT``: accuracy, per-class accuracy and confusion matrix on the validation data."""
     path = Path(config.evaluate).expanduser()
     _, meta = read_checkpoint(path, "--evaluate")
+    # A kd checkpoint names its network and image size; a bare state_dict takes --student_arch/--image_size.
     arch = meta.get("arch", config.student_arch)
+    config = replace(config, image_size=int(meta.get("image_size", config.image_size)))
     data = prepare_data(config)
     model = load_network(path, arch, data.classes, config.image_size, "--evaluate")
     result = evaluate(model, data.val_dataloader(), data.classes, _device(config))
@@ -43,10 +48,10 @@ def evaluate_checkpoint(config: Config) -> Path:
     logger.log_metrics({f"eval/class/{name}": acc for name, acc in zip(result.class_names, result.per_class)}, 0)
     logger.experiment.add_figure("eval/confusion_matrix", confusion_figure(result), global_step=0)
     logger.finalize("success")
-    print(f"{path} ({arch}) on the validation images of {config.data_dir}:\n{format_evaluation(result)}\n"
-          f"logged to {logger.log_dir}")
+    print(f"{path} ({arch}, {config.image_size} px) on the validation images of {config.data_dir}:\n"
+          f"{format_evaluation(result)}\nlogged to {logger.log_dir}")
     if config.export:
-        print(export_network(model, path, config))
+        print(export_network(model, path, config.export, config.image_size))
     return Path(logger.log_dir)
 
 
@@ -61,6 +66,6 @@ def deploy_students(results: list[StageResult], teacher: nn.Module | None, confi
             continue
         model = load_network(result.best_checkpoint, result.arch, classes, config.image_size, "--export")
         profiles.setdefault("student", profile_model(model, config.image_size))
-        lines.append(export_network(model, result.best_checkpoint, config))
+        lines.append(export_network(model, result.best_checkpoint, config.export, config.image_size))
     return "\n".join([*lines, format_profiles(profiles)])
 

@@ -33,8 +33,17 @@ from kd.report import comparison_table, gains, group_results, stage_table, write
 from kd.results import RESULT_FILE, StageResult, find_results
 
 STAGES = ("teacher", "baseline", "distill")
-# Flags that say which stages a run holds, not how one trains: --resume may add or drop stages.
-RUN_LEVEL_FLAGS = {"train_teacher", "baseline", "distill", "seeds", "repeat_teacher", "export", "num_workers"}
+# The flags that make a stage what it is: --resume reuses or continues an earlier run of a stage only
+# where all of them (and the seed) are the same.
+_TRAINING = {"seed", "data_dir", "val_fraction", "image_size", "min_crop_scale", "hflip", "skip_bad_images",
+             "batch_size", "epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_epochs",
+             "precision"}
+STAGE_FLAGS = {
+    "teacher": _TRAINING | {"teacher_arch", "teacher_weights"},
+    "baseline": _TRAINING | {"student_arch", "student_weights"},
+    "distill": _TRAINING | {"student_arch", "student_weights", "teacher_arch", "teacher_checkpoint", "kd_loss",
+                            "temperature", "alpha"},
+}
 
 
 class History(pl.Callback):
@@ -152,7 +161,8 @@ class Experiment:
         self.kd_loss = build_loss(c.kd_loss, temperature=c.temperature) if c.distill else None
         if self.kd_loss is not None:
             check_loss(self.kd_loss, c.kd_loss, len(classes))
-        self.teacher = (load_network(c.teacher_checkpoint, c.teacher_arch, classes, c.image_size)
+        self.teacher_path = Path(c.teacher_checkpoint).expanduser().resolve() if c.teacher_checkpoint else None
+        self.teacher = (load_network(self.teacher_path, c.teacher_arch, classes, c.image_size)
                         if c.distill and c.teacher_checkpoint else None)
 
     def _trainer(self, **options: Any) -> pl.Trainer:
@@ -179,14 +189,16 @@ class Experiment:
         for index, seed in enumerate(c.seeds or [c.seed]):
             if "teacher" in self.stages and (index == 0 or c.repeat_teacher):
                 results.append(self._stage("teacher", seed))
-                self.teacher = load_network(results[-1].best_checkpoint, c.teacher_arch, self.data.classes,
-                                            c.image_size)
+                self.teacher_path = results[-1].best_checkpoint.resolve()
+                self.teacher = load_network(self.teacher_path, c.teacher_arch, self.data.classes, c.image_size)
             results += [self._stage(stage, seed) for stage in self.stages if stage != "teacher"]
         return results
 
     def _stage(self, stage: str, seed: int) -> StageResult:
         """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new."""
         config = replace(self.config, seed=seed)
+        if stage == "distill":  # record the very teacher used, so --resume never mixes teachers up
+            config = replace(config, train_teacher=False, teacher_checkpoint=str(self.teacher_path))
         earlier = self._earlier(stage, config) if config.resume else None
         if isinstance(earlier, StageResult):
             if is_main_process():
@@ -199,20 +211,21 @@ class Experiment:
         return self._fit(stage, arch, model, config, self.teacher if stage == "distill" else None, earlier)
 
     def _earlier(self, stage: str, config: Config) -> StageResult | Path | None:
-        """For --resume: the latest run of this stage and seed, finished (its result) or not (its folder)."""
+        """For --resume: the latest run of this stage with the same seed and the same stage flags.
+
+        Its result if it finished, its folder if it can continue from ``last.ckpt``; None starts anew.
+        """
         folders = sorted((p for p in (self.root / stage).glob("version_*") if (p / "config.yaml").is_file()),
                          key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
+        wanted = {k: v for k, v in config.to_dict().items() if k in STAGE_FLAGS[stage]}
         for folder in folders:
             saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            if saved.get("seed") != config.seed:
+            if any(saved.get(k) != v for k, v in wanted.items()):
                 continue
-            changed = [k for k, v in config.to_dict().items()
-                       if k in saved and saved[k] != v and k not in RUN_LEVEL_FLAGS]
-            if changed:
-                name = changed[0]
-                raise KDError(f"--resume: {folder} was run with --{name} {saved[name]}, not {getattr(config, name)}; "
-                              "resume with the flags it was started with, or start a new run without --resume")
-            return StageResult.load(folder / RESULT_FILE) if (folder / RESULT_FILE).is_file() else folder
+            if (folder / RESULT_FILE).is_file():
+                return StageResult.load(folder / RESULT_FILE)
+            if (folder / "checkpoints" / "last.ckpt").is_file():
+                return folder
         return None
 
     def _fit(self, stage: str, arch: str, model: nn.Module, c: Config, teacher: nn.Module | None,
@@ -235,11 +248,12 @@ class Experiment:
                 (log_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in self.data.skipped))
         history = History()
         checkpoint = ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="best", monitor="val/top1",
-                                     mode="max", save_last=True)
+                                     mode="max")
+        every_epoch = ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="last")  # replaced each epoch
         steps_per_epoch = max(1, len(self.data.layout.train) // (c.batch_size * self.world_size))
         trainer = self._trainer(max_epochs=c.epochs, logger=logger, log_every_n_steps=min(50, steps_per_epoch),
                                 plugins=[AtomicCheckpointIO()],
-                                callbacks=[checkpoint, history, EpochSeeding(self.data, c.seed),
+                                callbacks=[checkpoint, every_epoch, history, EpochSeeding(self.data, c.seed),
                                            InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
                                            LearningRateMonitor("step")])
         ckpt_path = last if resume_from and last.is_file() else None

@@ -179,9 +179,6 @@ CASES = {
     "loss that becomes NaN": Case(_files(losses__py=LOSSES), [*TEACHER, "--kd_loss", "{tmp}/losses.py:Explode"],
                                   "distill (seed 0): the loss became nan at step 0 (epoch 0), first in kd/Explode",
                                   writes=True),
-    "--resume with other flags": Case(
-        flags=["--resume", "--lr", "0.2"],
-        message="--resume: {earlier}/kd/baseline/version_0 was run with --lr 0.05, not 0.2"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 
@@ -12,7 +13,9 @@ from kd.runner import load_network
 
 
 def test_ddp_run_writes_once_and_syncs_validation_metrics(tiny_data, tmp_path):
-    result = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--devices", "2",
+    data_dir = shutil.copytree(tiny_data, tmp_path / "data")
+    (data_dir / "val" / "red_ring" / "0000.png").unlink()  # 35 images: two ranks cannot split them evenly
+    result = run_cli([*FAST, "--data_dir", str(data_dir), "--output_dir", str(tmp_path), "--devices", "2",
                       "--strategy", "ddp", "--batch_size", "6", "--train_teacher", "--baseline", "--distill",
                       "--teacher_arch", "cnn_small"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -25,8 +28,8 @@ def test_ddp_run_writes_once_and_syncs_validation_metrics(tiny_data, tmp_path):
     writers = {p.name.split(".")[-2] for p in root.rglob("events.out.tfevents.*")}  # ...tfevents.TIME.HOST.PID.N
     assert len(writers) == 1  # TensorBoard files come from one process
 
-    # The reported top-1 must be the whole validation set's (36 images, 18 per rank), not rank 0's half.
-    data = ImageFolderDataModule(tiny_data, image_size=16, batch_size=36, num_workers=0)
+    # The reported top-1 must be the whole validation set's (35 images, none counted twice), not rank 0's share.
+    data = ImageFolderDataModule(data_dir, image_size=16, batch_size=35, num_workers=0)
     for stage, arch in (("teacher", "cnn_small"), ("distill", "cnn_tiny")):
         reported = json.loads((root / stage / "version_0" / "result.json").read_text())["best_top1"]
         model = load_network(root / stage / "version_0" / "checkpoints" / "best.ckpt", arch, data.classes, 16).eval()

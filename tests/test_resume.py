@@ -93,23 +93,59 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_data, tmp_path
     assert process.returncode == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted: baseline (seed 0) was interrupted in epoch ")
-    assert last.endswith("--resume") and "continue with: python experiment.py" in last
+    assert last.endswith("--resume") and f"continue with: python {PROJECT / 'experiment.py'} " in last
     assert (stage / "checkpoints" / "interrupted.ckpt").is_file()
     assert main([*flags, "--resume"]) == 0
     assert len(json.loads((stage / "result.json").read_text())["val_top1"]) == 4
 
 
-def test_resume_reuses_finished_stages_and_refuses_changed_flags(tiny_data, tmp_path, capsys):
-    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--baseline"]
+def _versions(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_resume_reuses_matching_stages_and_starts_the_others_anew(tiny_data, tmp_path, capsys):
+    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--baseline",
+             "--distill", "--teacher_arch", "cnn_small"]
     assert main(flags) == 0
-    teacher = tmp_path / "kd" / "teacher" / "version_0"
-    stamp = (teacher / "result.json").stat().st_mtime_ns
+    root = tmp_path / "kd"
+    stamp = (root / "teacher" / "version_0" / "result.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main([*flags, "--resume"]) == 0
-    assert "teacher, seed 0: finished earlier in" in capsys.readouterr().out
-    assert (teacher / "result.json").stat().st_mtime_ns == stamp and not (teacher.parent / "version_1").exists()
-    assert main([*flags, "--resume", "--lr", "0.2"]) == 2
-    assert "--resume: " in capsys.readouterr().err
+    assert capsys.readouterr().out.count("finished earlier in") == 3
+    assert (root / "teacher" / "version_0" / "result.json").stat().st_mtime_ns == stamp
+    assert all(_versions(root / s) == ["version_0"] for s in ("teacher", "baseline", "distill"))
+    # Another loss: teacher and baseline are reused, the distill stage is new.
+    assert main([*flags, "--resume", "--kd_loss", "mse_logits"]) == 0
+    assert _versions(root / "teacher") == ["version_0"] and _versions(root / "distill") == ["version_0", "version_1"]
+    # Another learning rate: nothing matches, so every stage starts anew; nothing earlier is touched.
+    assert main([*flags, "--resume", "--lr", "0.2"]) == 0
+    assert all(_versions(root / s)[-1] in ("version_1", "version_2") for s in ("teacher", "baseline", "distill"))
+    assert (root / "teacher" / "version_0" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_resume_never_reuses_a_student_distilled_from_another_teacher(tiny_data, tmp_path):
+    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--distill"]
+    assert main([*flags, "--seeds", "1", "2"]) == 0  # one teacher (seed 1), students for seeds 1 and 2
+    assert main([*flags, "--seeds", "2", "1", "--resume"]) == 0  # a new teacher (seed 2): new students
+    root = tmp_path / "kd"
+    assert _versions(root / "teacher") == ["version_0", "version_1"]
+    assert _versions(root / "distill") == ["version_0", "version_1", "version_2", "version_3"]
+
+
+def test_unfinished_distill_stage_continues_from_its_last_checkpoint(tiny_data, tmp_path):
+    teacher = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher"]
+    assert main(teacher) == 0
+    best = tmp_path / "kd" / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
+    distill = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--distill",
+               "--teacher_checkpoint", str(best), "--epochs", "2"]
+    assert main(distill) == 0
+    stage = tmp_path / "kd" / "distill" / "version_0"
+    finished = json.loads((stage / "result.json").read_text())
+    (stage / "result.json").unlink()  # as if killed after the last epoch's checkpoint
+    assert torch.load(stage / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the last epoch
+    assert main([*distill, "--resume"]) == 0  # loads last.ckpt, teacher included, with nothing left to train
+    assert json.loads((stage / "result.json").read_text())["val_top1"] == finished["val_top1"]
+    assert not (stage.parent / "version_1").exists()
 
 
 def test_same_seed_gives_the_same_metrics_twice(tiny_data, tmp_path):
