@@ -22,6 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from kd.config import Config
 from kd.errors import KDError, warn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -256,6 +257,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return None
         return UnrepeatedDistributedSampler(dataset, shuffle=False) if torch.distributed.get_world_size() > 1 else None
+
+
+def prepare_data(c: Config) -> ImageFolderDataModule:
+    """The DataModule of ``--data_dir`` (generating the demo dataset first when it is ``demo``)."""
+    data_dir = Path(c.output_dir) / "demo_data" if c.data_dir == "demo" else c.data_dir
+    if c.data_dir == "demo":
+        make_demo_dataset(data_dir)
+    return ImageFolderDataModule(data_dir, c.image_size, c.batch_size, c.num_workers, c.val_fraction,
+                                 c.num_classes, c.min_crop_scale, c.hflip, c.seed, c.skip_bad_images)
+
 
 
 # The demo dataset: shapes in colours. Classes that share a shape or a near hue look alike, so a

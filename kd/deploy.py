@@ -12,9 +12,9 @@ from torch import nn
 from kd.config import Config
 from kd.evaluate import confusion_figure, evaluate, format_evaluation
 from kd.export import export_model, format_profiles, profile_model
-from kd.models import read_checkpoint
+from kd.data import prepare_data
+from kd.models import load_network, read_checkpoint
 from kd.results import StageResult
-from kd.runner import load_network, prepare_data
 
 EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 

@@ -215,3 +215,20 @@ def check_forward(model: nn.Module, arch: str, image_size: int, num_classes: int
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, num_classes):
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise KDError(f"{flag} {arch} returns {shape}, not logits of shape (batch, {num_classes})")
+
+
+def load_network(path: str | Path, arch: str, class_names: list[str], image_size: int,
+                 flag: str = "--teacher_checkpoint") -> nn.Module:
+    """A trained network from a kd checkpoint (or a plain state_dict), refusing one that does not fit."""
+    path = Path(path).expanduser()
+    state, meta = read_checkpoint(path, flag)
+    if meta.get("arch", arch) != arch:
+        raise KDError(f"{flag}: {path} holds a {meta['arch']}, not the {arch} asked for (--teacher_arch)")
+    saved_classes = list(meta.get("class_names", class_names))
+    if saved_classes != list(class_names):
+        raise KDError(f"{flag}: {path} was trained on {len(saved_classes)} classes ({', '.join(saved_classes)}) "
+                      f"but the data has {len(class_names)} ({', '.join(class_names)})")
+    model = build_model(arch, len(class_names), flag=flag)
+    load_weights(model, state, len(class_names), str(path), flag, new_head=False)
+    check_forward(model, arch, image_size, len(class_names), flag, training=False)
+    return model

@@ -24,10 +24,11 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from kd.config import Config, save_config
-from kd.data import ImageFolderDataModule, draw_seed, make_demo_dataset
+from kd.data import ImageFolderDataModule, draw_seed, prepare_data
 from kd.errors import Interrupted, KDError
 from kd.losses import build_loss, check_loss
-from kd.models import build_model, check_forward, load_weights, read_checkpoint
+from kd.deploy import deploy_students
+from kd.models import build_model, check_forward, load_network
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
@@ -83,32 +84,6 @@ class EpochSeeding(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.data.set_epoch(trainer.current_epoch)
         pl.seed_everything(draw_seed(self.seed, trainer.current_epoch) % 2**32, verbose=False)
-
-
-def load_network(path: str | Path, arch: str, class_names: list[str], image_size: int,
-                 flag: str = "--teacher_checkpoint") -> nn.Module:
-    """A trained network from a kd checkpoint (or a plain state_dict), refusing one that does not fit."""
-    path = Path(path).expanduser()
-    state, meta = read_checkpoint(path, flag)
-    if meta.get("arch", arch) != arch:
-        raise KDError(f"{flag}: {path} holds a {meta['arch']}, not the {arch} asked for (--teacher_arch)")
-    saved_classes = list(meta.get("class_names", class_names))
-    if saved_classes != list(class_names):
-        raise KDError(f"{flag}: {path} was trained on {len(saved_classes)} classes ({', '.join(saved_classes)}) "
-                      f"but the data has {len(class_names)} ({', '.join(class_names)})")
-    teacher = build_model(arch, len(class_names), flag=flag)
-    load_weights(teacher, state, len(class_names), str(path), flag, new_head=False)
-    check_forward(teacher, arch, image_size, len(class_names), flag, training=False)
-    return teacher
-
-
-def prepare_data(c: Config) -> ImageFolderDataModule:
-    """The DataModule of ``--data_dir`` (generating the demo dataset first when it is ``demo``)."""
-    data_dir = Path(c.output_dir) / "demo_data" if c.data_dir == "demo" else c.data_dir
-    if c.data_dir == "demo":
-        make_demo_dataset(data_dir)
-    return ImageFolderDataModule(data_dir, c.image_size, c.batch_size, c.num_workers, c.val_fraction,
-                                 c.num_classes, c.min_crop_scale, c.hflip, c.seed, c.skip_bad_images)
 
 
 def is_main_process() -> bool:
@@ -343,6 +318,10 @@ def next_version(folder: Path) -> Path:
     return folder / f"version_{max(taken, default=-1) + 1}"
 
 
+def _report_folder(config: Config) -> Path:
+    return next_version(Path(config.output_dir) / config.experiment_name / "report")
+
+
 def run_experiment(config: Config) -> list[StageResult]:
     """Check ``config``, run its stages, write a report when there is something to compare, print a summary."""
     experiment = Experiment(config)
@@ -350,11 +329,9 @@ def run_experiment(config: Config) -> list[StageResult]:
     if is_main_process():
         report = None
         if len(results) > 1:
-            report = write_report(results, next_version(Path(config.output_dir) / config.experiment_name / "report"))
+            report = write_report(results, _report_folder(config))
         print("\n" + format_summary(results, report), flush=True)
         if config.export:
-            from kd.deploy import deploy_students  # deploy imports this module
-
             print(deploy_students(results, experiment.teacher, config, experiment.data.classes), flush=True)
     return results
 
@@ -362,6 +339,6 @@ def run_experiment(config: Config) -> list[StageResult]:
 def compare_runs(config: Config) -> Path:
     """``--report DIR ...``: one table and one plot of every finished stage under the folders, no training."""
     results = find_results(config.report)
-    report = write_report(results, next_version(Path(config.output_dir) / config.experiment_name / "report"))
+    report = write_report(results, _report_folder(config))
     print(comparison_table(results) + f"\nreport: {report} (and report.png beside it)", flush=True)
     return report

@@ -9,7 +9,7 @@ import torch
 
 from conftest import FAST, run_cli
 from kd.data import ImageFolderDataModule
-from kd.runner import load_network
+from kd.models import load_network
 
 
 def test_ddp_run_writes_once_and_syncs_validation_metrics(tiny_data, tmp_path):

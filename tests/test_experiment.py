@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import FAST, run_cli
 from kd.cli import main
-from kd.runner import load_network
+from kd.models import load_network
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
