@@ -1,8 +1,15 @@
 """The loss registry and how a loss is built from its name and the run's settings.
 
 A loss is an ``nn.Module`` (a class built with the settings it names) or a plain function, called as
-``loss(student_logits, teacher_logits, labels)``; it returns a scalar tensor or a dict of named scalar
-terms, each logged on its own. A loss's own parameters are trained with the student.
+``loss(student_logits, teacher_logits, labels, **extras)``; it returns a scalar tensor or a dict of
+named scalar terms, each logged on its own. A loss's own parameters are trained with the student.
+
+A loss receives only the settings and extras its signature names, so a three-argument loss keeps
+working. Settings: ``temperature``, ``num_classes``, ``num_samples`` (training images),
+``student_shapes`` / ``teacher_shapes`` (per-sample shape of each hooked feature, by layer name) and
+its own hyper-parameters (``--loss_options``). Extras: ``student_features`` / ``teacher_features``
+(hooked outputs by layer name, paired in order), ``indices`` (dataset indices of the batch) and
+``epoch`` (0-based).
 """
 
 from __future__ import annotations
@@ -18,8 +25,54 @@ from kd.errors import KDError
 from kd.registry import Registry
 
 LOSSES: Registry = Registry("loss")
+EXTRAS = ("student_features", "teacher_features", "indices", "epoch")
+RUN_SETTINGS = frozenset({"num_classes", "num_samples", "student_shapes", "teacher_shapes"})  # from the run itself
 LossOutput = torch.Tensor | dict[str, torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossOutput]
+
+
+class DistillationLoss(nn.Module):
+    """Base of kd's losses: the paper's defaults a run starts from, and what the loss needs.
+
+    ``weight`` is the paper's weight of this term and ``ce_weight`` the weight it gives the label
+    cross-entropy beside it; ``features`` asks for hooked features; ``connect`` passes the student's
+    features through a learned connector to the teacher's shape first (for losses comparing them
+    element by element).
+    """
+
+    weight: float = 1.0
+    ce_weight: float = 1.0
+    features: bool = False
+    connect: bool = False
+
+
+def loss_property(loss: Loss, name: str) -> Any:
+    """A loss's ``weight``/``ce_weight``/``features``/``connect``, with the base class's default for plain ones."""
+    return getattr(loss, name, getattr(DistillationLoss, name))
+
+
+def wanted_extras(loss: Loss) -> tuple[str, ...]:
+    """The extras (features, indices, epoch) that ``loss``'s call signature names."""
+    try:
+        params = inspect.signature(loss.forward if isinstance(loss, nn.Module) else loss).parameters
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return EXTRAS
+    return tuple(name for name in EXTRAS if name in params)
+
+
+def accepted_settings(factory: Any) -> set[str] | None:
+    """The settings a loss factory's constructor names (None: it takes ``**kwargs``, so anything)."""
+    try:
+        # A class without its own __init__ would show nn.Module's (*args, **kwargs): it takes nothing.
+        inherited = isinstance(factory, type) and factory.__init__ in (object.__init__, nn.Module.__init__)
+        params = {} if inherited or inspect.isfunction(factory) else inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
 
 
 def build_loss(name: str, **settings: Any) -> Loss:
@@ -33,14 +86,9 @@ def build_loss(name: str, **settings: Any) -> Loss:
         return factory
     if not callable(factory):
         raise KDError(f"--kd_loss: {name} is not a class or function")
-    try:
-        # A class without its own __init__ would show nn.Module's (*args, **kwargs): it takes nothing.
-        inherited = isinstance(factory, type) and factory.__init__ in (object.__init__, nn.Module.__init__)
-        params = {} if inherited else inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        settings = {k: v for k, v in settings.items() if k in params}
+    accepted = accepted_settings(factory)
+    if accepted is not None:
+        settings = {k: v for k, v in settings.items() if k in accepted}
     try:
         loss = factory(**settings)
     except Exception as exc:  # a user's constructor failed: name the loss and the reason
