@@ -1,0 +1,241 @@
+"""The decoded-image cache: sizes, pixels, reuse, keys, interrupted builds, pickling, unwritable roots."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
+from torch.utils.data import DataLoader
+
+import kd.image_cache as image_cache
+from kd.data import load_rgb
+from kd.errors import KDError
+from kd.image_cache import ImageCache, image_cache_key
+
+SHORT = 24
+# (width, height, format): landscape, portrait, square, smaller than SHORT (upscaled), a JPEG big enough to draft
+SIZES = [(64, 48, "PNG"), (40, 90, "PNG"), (30, 30, "JPEG"), (16, 20, "PNG"), (200, 100, "JPEG"), (57, 31, "JPEG")]
+
+
+def _make_images(folder: Path, sizes=SIZES) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (width, height, fmt) in enumerate(sizes):
+        rng = np.random.default_rng(i)
+        coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3))  # smooth enough for JPEG
+        pixels = np.kron(coarse, np.ones((8, 8, 1)))[:height, :width].astype(np.uint8)
+        path = folder / f"{i}.{'png' if fmt == 'PNG' else 'jpg'}"
+        Image.fromarray(pixels).save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[str]:
+    return _make_images(tmp_path / "images")
+
+
+def _reference(path: str, short_side: int = SHORT) -> np.ndarray:
+    """The image decoded in full and resized with PIL's antialiased bilinear filter."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        return np.asarray(image.resize(image_cache.resized_size(*image.size, short_side), Image.Resampling.BILINEAR))
+
+
+def test_shapes_keep_the_aspect_ratio(images, tmp_path):
+    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    assert len(cache) == len(images)
+    for i, (width, height, _) in enumerate(SIZES):
+        image = cache[i]
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        h, w = image.shape[1:]
+        assert min(h, w) == SHORT
+        assert abs(max(h, w) - max(width, height) * SHORT / min(width, height)) <= 1
+        assert (h >= w) == (height >= width)
+        assert cache.shape(i) == tuple(image.shape)
+    assert cache.nbytes == sum(cache[i].numel() for i in range(len(cache)))
+    assert cache.folder == tmp_path / "cache" / image_cache_key(images, SHORT)
+    assert torch.equal(cache[-1], cache[len(cache) - 1])
+    with pytest.raises(IndexError):
+        cache[len(cache)]
+
+
+def test_pixels_match_a_pil_resize(images, tmp_path):
+    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    for i, (path, (_, _, fmt)) in enumerate(zip(images, SIZES)):
+        ours, ref = cache[i].permute(1, 2, 0).numpy().astype(int), _reference(path).astype(int)
+        assert ours.shape == ref.shape
+        if fmt == "PNG":  # decoded in full: the very same pixels
+            assert np.array_equal(ours, ref), path
+        else:  # a large JPEG is decoded at reduced scale by libjpeg first: close (on blocky noise), not equal
+            assert np.abs(ours - ref).mean() < 4, path
+
+
+def test_large_jpegs_decode_at_reduced_scale(tmp_path, monkeypatch):
+    paths = _make_images(tmp_path / "images", [(400, 200, "JPEG"), (100, 60, "JPEG"), (400, 200, "PNG")])
+    drafted = []
+    draft = JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = draft(self, mode, size)
+        drafted.append((Path(self.filename).name, self.size))
+        return result
+
+    monkeypatch.setattr(JpegImageFile, "draft", spy)
+    cache = ImageCache.build(paths, SHORT, tmp_path / "cache")
+    # 400x200 to 48x24: decoded at 1/4 scale, still twice the target; 100x60 to 40x24: no room, full size
+    assert sorted(drafted) == [("0.jpg", (100, 50)), ("1.jpg", (100, 60))]
+    assert cache.shape(0) == cache.shape(2) == (3, SHORT, 48)
+    assert np.abs(cache[0].permute(1, 2, 0).numpy().astype(int) - _reference(paths[0])).mean() < 4
+
+
+def test_second_build_reuses_the_cache(images, tmp_path, monkeypatch):
+    first = ImageCache.build(images, SHORT, tmp_path / "cache")
+    pixels = first.folder / "pixels.u8"
+    stamp = pixels.stat().st_mtime_ns
+
+    def refuse(*args):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(image_cache, "decode_resized", refuse)
+    second = ImageCache.build(images, SHORT, tmp_path / "cache")
+    assert second.folder == first.folder and pixels.stat().st_mtime_ns == stamp
+    assert all(torch.equal(first[i], second[i]) for i in range(len(first)))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.folder.name]
+
+
+def test_two_builds_give_identical_bytes(images, tmp_path):
+    a = ImageCache.build(images, SHORT, tmp_path / "a")
+    b = ImageCache.build(images, SHORT, tmp_path / "b")
+    for name in ("pixels.u8", "index.npy", "meta.json"):
+        assert (a.folder / name).read_bytes() == (b.folder / name).read_bytes()
+
+
+def test_key_follows_files_and_short_side(images):
+    key = image_cache_key(images, SHORT)
+    assert key == image_cache_key(list(images), SHORT)
+    assert key != image_cache_key(images, SHORT + 1)
+    assert key != image_cache_key(images[::-1], SHORT)
+    assert key != image_cache_key(images[:-1], SHORT)
+    stat = os.stat(images[0])
+    os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched
+    touched = image_cache_key(images, SHORT)
+    assert touched != key
+    Image.new("RGB", (64, 48), "red").save(images[0])  # new content
+    os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # even with the same mtime
+    assert image_cache_key(images, SHORT) not in (key, touched)
+
+
+def test_changed_file_builds_a_new_cache(images, tmp_path):
+    first = ImageCache.build(images, SHORT, tmp_path / "cache")
+    Image.new("RGB", (64, 48), "red").save(images[0])
+    os.utime(images[0], ns=(0, os.stat(images[0]).st_mtime_ns + 1_000_000_000))
+    second = ImageCache.build(images, SHORT, tmp_path / "cache")
+    assert second.folder != first.folder
+    assert torch.all(second[0][0] == 255) and torch.all(second[0][1:] == 0)
+    assert torch.equal(second[1], first[1])
+
+
+@pytest.mark.parametrize("error", [KDError, KeyboardInterrupt])
+def test_interrupted_build_leaves_nothing_complete(images, tmp_path, monkeypatch, error):
+    decode = image_cache.decode_resized
+
+    def fail_on_third(path, short_side):
+        if path == images[2]:
+            raise error(f"cannot read image {path}: broken")
+        return decode(path, short_side)
+
+    monkeypatch.setattr(image_cache, "decode_resized", fail_on_third)
+    root = tmp_path / "cache"
+    with pytest.raises(error, match=f"cannot read image {images[2]}"):
+        ImageCache.build(images, SHORT, root)
+    assert list(root.iterdir()) == []  # no cache folder, no temporary folder
+    monkeypatch.setattr(image_cache, "decode_resized", decode)
+    assert len(ImageCache.build(images, SHORT, root)) == len(images)
+
+
+def test_16_bit_images_decode_as_in_training(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)).save(path)
+    cache = ImageCache.build([str(path)], SHORT, tmp_path / "cache")
+    image = load_rgb(str(path))
+    expected = np.asarray(image.resize(image_cache.resized_size(*image.size, SHORT), Image.Resampling.BILINEAR))
+    assert np.array_equal(cache[0].permute(1, 2, 0).numpy(), expected)
+    assert cache[0].max() > 200  # not clipped to white, not crushed to black
+
+
+def test_unreadable_image_names_the_file(images, tmp_path):
+    Path(images[1]).write_bytes(b"not an image")
+    with pytest.raises(KDError, match=f"cannot read image {images[1]}"):
+        ImageCache.build(images, SHORT, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_damaged_cache_is_rebuilt(images, tmp_path):
+    first = ImageCache.build(images, SHORT, tmp_path / "cache")
+    expected = [first[i] for i in range(len(first))]
+    with open(first.folder / "pixels.u8", "r+b") as f:
+        f.truncate(10)
+    second = ImageCache.build(images, SHORT, tmp_path / "cache")
+    assert all(torch.equal(a, second[i]) for i, a in enumerate(expected))
+
+
+def test_pickled_cache_reads_the_same_pixels(images, tmp_path):
+    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    before = cache[1]  # maps the file in this process
+    data = pickle.dumps(cache)
+    assert len(data) < 2000  # the mapping and the index are not pickled
+    clone = pickle.loads(data)
+    assert len(clone) == len(cache)
+    assert all(torch.equal(clone[i], cache[i]) for i in range(len(cache)))
+    assert torch.equal(before, clone[1])
+    image = clone[0]
+    image.zero_()  # a private copy: writable, and the cache is unchanged
+    assert torch.equal(clone[0], cache[0]) and not torch.equal(clone[0], image)
+
+
+def test_dataloader_workers_read_the_cache(images, tmp_path):
+    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    expected = [cache[i] for i in range(len(cache))]  # mapped in the parent before the workers fork
+    loader = DataLoader(cache, batch_size=None, num_workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(loader, expected, strict=True))
+
+
+def test_empty_list(tmp_path):
+    cache = ImageCache.build([], SHORT, tmp_path / "cache")
+    assert len(cache) == 0 and cache.nbytes == 0
+    assert len(pickle.loads(pickle.dumps(cache))) == 0
+
+
+def test_unwritable_root_names_it(images, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    root = blocker / "cache"
+    with pytest.raises(KDError, match=f"^--image_cache: cannot write {root}: ") as info:
+        ImageCache.build(images, SHORT, root)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_root_names_it(images, tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        with pytest.raises(KDError, match=f"^--image_cache: cannot write {root}: "):
+            ImageCache.build(images, SHORT, root)
+    finally:
+        root.chmod(0o700)
+
+
+def test_complete_cache_opens_in_a_read_only_root(images, tmp_path, monkeypatch):
+    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError("read-only")))
+    again = ImageCache.build(images, SHORT, tmp_path / "cache")
+    assert torch.equal(again[2], cache[2])
