@@ -80,11 +80,39 @@ class Config:
     student_weights: str | None = _flag(
         None, "initial student weights: a torchvision weights name or a local file", group="models")
     # Distillation
-    kd_loss: str = _flag("kl_softmax", "distillation loss: a registered name or module:Class", group="distillation")
-    temperature: float = _flag(4.0, "softmax temperature of the distillation loss",
-                               check=_positive, must="be positive", group="distillation")
-    alpha: float = _flag(0.9, "loss = alpha * distillation + (1 - alpha) * cross-entropy on labels",
-                         check=lambda x: 0 <= x <= 1, must="be between 0 and 1", group="distillation")
+    kd_loss: list[str] = _flag(["kl_softmax"], "distillation losses, summed with --kd_weights: registered names "
+                               "(see the README's methods table) or module:Class", group="distillation")
+    kd_weights: list[float] = _flag([], "one weight per --kd_loss (default: each method's weight from its paper)",
+                                    check=lambda x: x >= 0, must="be 0 or more", group="distillation")
+    ce_weight: float | None = _flag(None, "weight of the cross-entropy on labels (default: the smallest the chosen "
+                                    "methods' papers use: 0.1 with kl_softmax, 1 for most)",
+                                    check=lambda x: x >= 0, must="be 0 or more", group="distillation")
+    temperature: float | None = _flag(None, "softmax temperature of every loss that has one (default: each "
+                                      "loss's own, from its paper)", check=_positive, must="be positive",
+                                      group="distillation")
+    loss_options: list[str] = _flag([], "a loss's own settings as NAME.SETTING=VALUE (or SETTING=VALUE for every "
+                                    "loss that has it), e.g. dkd.beta=4", group="distillation")
+    student_layers: list[str] = _flag([], "student modules whose outputs feature losses compare (names as in "
+                                      "named_modules(), e.g. layer3 layer4)", group="distillation")
+    teacher_layers: list[str] = _flag([], "teacher modules paired in order with --student_layers",
+                                      group="distillation")
+    assistant_arch: list[str] = _flag([], "teacher assistants: distill teacher → A → B → ... → student, each "
+                                      "from the one before (Mirzadeh et al. 2020)", group="distillation")
+    teacher_cache: str | None = _flag(None, "store the teacher's logits here on the first distillation and read "
+                                      "them on later runs with the same teacher, data, transforms and seed",
+                                      group="speed")
+    teacher_cache_dtype: str = _flag("float16", "how cached logits are stored", choices=("float16", "float32"),
+                                     group="speed")
+    teacher_cache_topk: int | None = _flag(None, "cache only each sample's k largest logits (for many classes; "
+                                           "the rest share the remaining probability mass)", check=_positive,
+                                           must="be positive", group="speed")
+    teacher_cache_only: bool = _flag(False, "refuse to run the teacher: fail unless --teacher_cache holds every "
+                                     "epoch this run needs", group="speed")
+    image_cache: str | None = _flag(None, "decode every image once into memory-mapped arrays under this folder "
+                                    "and augment from them (no image decoding per epoch)", group="speed")
+    channels_last: bool = _flag(False, "channels-last memory format for the networks and batches (faster "
+                                "convolutions on GPUs with tensor cores)", group="speed")
+    compile: bool = _flag(False, "torch.compile the student and the teacher", group="speed")
     # Optimisation
     epochs: int = _flag(10, "training epochs of each stage", check=_positive, must="be positive", group="training")
     lr: float = _flag(0.05, "peak learning rate", check=_positive, must="be positive", group="training")

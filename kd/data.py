@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,10 +21,14 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from kd.config import Config
 from kd.errors import KDError, warn
+
+if TYPE_CHECKING:
+    from kd.image_cache import ImageCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,27 +140,30 @@ def draw_seed(*parts: int) -> int:
 
 
 class ImageListDataset(Dataset):
-    """(image, label) pairs from a list of (path, label) samples.
+    """(image, label, index) triples from a list of (path, label) samples.
 
     Indexed by ``(index, epoch)`` (see :class:`EpochSampler`), the random transform of a sample is a
-    pure function of (seed, epoch, index): an interrupted run resumes with the very same crops.
+    pure function of (seed, epoch, index): an interrupted run resumes with the very same crops, and
+    a teacher-output cache replays them. The index lets losses (CRD) and caches address samples.
+    Images come decoded from ``images`` (an :class:`ImageCache`) when given, else from their files.
     """
 
-    def __init__(self, samples: list[Sample], transform: v2.Transform, seed: int = 0) -> None:
-        self.samples, self.transform, self.seed = samples, transform, seed
+    def __init__(self, samples: list[Sample], transform: v2.Transform, seed: int = 0,
+                 images: ImageCache | None = None) -> None:
+        self.samples, self.transform, self.seed, self.images = samples, transform, seed, images
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, epoch = item if isinstance(item, tuple) else (item, None)
         path, label = self.samples[index]
-        image = load_rgb(path)
+        image = self.images[index] if self.images is not None else load_rgb(path)
         if epoch is None:  # validation: a fixed transform, nothing to seed
-            return self.transform(image), label
+            return self.transform(image), label, index
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: torch.manual_seed costs 5× more
             torch.default_generator.manual_seed(draw_seed(self.seed, epoch, index))
-            return self.transform(image), label
+            return self.transform(image), label, index
 
 
 class EpochSampler(Sampler):
@@ -180,25 +188,34 @@ class EpochSampler(Sampler):
 
 
 def train_transform(image_size: int, min_crop_scale: float = 0.08, hflip: bool = True) -> v2.Transform:
-    """Random resized crop and (optionally) horizontal flip, then ImageNet normalisation."""
+    """Random resized crop and (optionally) horizontal flip, as uint8 pixels (see :func:`normalize`)."""
     return v2.Compose([
         v2.ToImage(),
         v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(0.5 if hflip else 0.0),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToPureTensor(),
     ])
 
 
 def val_transform(image_size: int) -> v2.Transform:
-    """Resize the short side to 256/224 of the crop, centre crop, ImageNet normalisation."""
+    """Resize the short side to 256/224 of the crop and take the centre crop, as uint8 pixels."""
     return v2.Compose([
         v2.ToImage(),
         v2.Resize(round(image_size * 256 / 224), antialias=True),
         v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToPureTensor(),
     ])
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """A batch of uint8 pixels as the networks' input: floats in [0, 1], ImageNet-normalised.
+
+    Loaders ship uint8 (a quarter of the bytes of float32 to collate and copy to the GPU) and this
+    runs after the copy, on the device. Float batches are taken as already normalised.
+    """
+    if images.dtype != torch.uint8:
+        return images
+    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -207,7 +224,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def __init__(self, data_dir: str | Path, image_size: int = 224, batch_size: int = 64,
                  num_workers: int = 2, val_fraction: float = 0.2, num_classes: int | None = None,
                  min_crop_scale: float = 0.08, hflip: bool = True, seed: int = 0,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, image_cache: str | Path | None = None) -> None:
         super().__init__()
         self.layout = scan_image_folder(data_dir, val_fraction, num_classes)
         self.skipped = find_bad_images(self.layout.train + self.layout.val, decode=skip_bad_images)
@@ -223,6 +240,26 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.min_crop_scale, self.hflip, self.seed = min_crop_scale, hflip, seed
         self.sampler = EpochSampler(0, seed)  # replaced by each train_dataloader()
+        self.image_cache = Path(image_cache).expanduser() if image_cache else None
+        self.images: dict[str, ImageCache] = {}
+
+    @property
+    def cache_short_side(self) -> int:
+        """The short side images are cached at: the validation resize, so crops keep their detail."""
+        return round(self.image_size * 256 / 224)
+
+    def prepare_data(self) -> None:
+        """Decode the images into --image_cache once (Lightning calls this on one process per machine)."""
+        if self.image_cache is not None and not self.images:
+            self.setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open (building if needed) the decoded-image caches of both splits."""
+        if self.image_cache is not None and not self.images:
+            from kd.image_cache import ImageCache  # here: kd.image_cache imports kd.data (load_rgb)
+            self.images = {split: ImageCache.build([path for path, _ in samples], self.cache_short_side,
+                                                   self.image_cache)
+                           for split, samples in (("train", self.layout.train), ("val", self.layout.val))}
 
     def set_seed(self, seed: int) -> None:
         """Draw batch orders and augmentations from ``seed`` (one DataModule serves every seed of a run)."""
@@ -238,7 +275,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _loader(self, samples: list[Sample], transform: v2.Transform, train: bool) -> DataLoader:
         # A last training batch of one image would break BatchNorm: drop it (it is reshuffled next epoch).
-        dataset = ImageListDataset(samples, transform, self.seed)
+        dataset = ImageListDataset(samples, transform, self.seed, self.images.get("train" if train else "val"))
         return DataLoader(dataset, batch_size=self.batch_size,
                           sampler=self.sampler if train else self._val_sampler(dataset), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
@@ -251,6 +288,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.layout.val, val_transform(self.image_size), train=False)
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, ...], dataloader_idx: int) -> tuple[torch.Tensor, ...]:
+        """Normalise the uint8 images on the device they were copied to."""
+        images, *rest = batch
+        return (normalize(images), *rest)
 
     def _val_sampler(self, dataset: Dataset) -> Sampler | None:
         """Under DDP, each rank validates its own share with no image repeated (Lightning's default pads)."""
@@ -265,7 +307,7 @@ def prepare_data(c: Config) -> ImageFolderDataModule:
     if c.data_dir == "demo":
         make_demo_dataset(data_dir)
     return ImageFolderDataModule(data_dir, c.image_size, c.batch_size, c.num_workers, c.val_fraction,
-                                 c.num_classes, c.min_crop_scale, c.hflip, c.seed, c.skip_bad_images)
+                                 c.num_classes, c.min_crop_scale, c.hflip, c.seed, c.skip_bad_images, c.image_cache)
 
 
 

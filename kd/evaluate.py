@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from kd.data import normalize
 from kd.report import text_table
 
 HEADER_WIDTH = 8  # confusion matrix columns: longer class names are cut in the middle to this width
@@ -45,7 +46,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def evaluate(model: nn.Module, loader: DataLoader, class_names: list[str],
              device: torch.device | str = "cpu") -> Evaluation:
-    """Run ``model`` (moved to ``device``, in eval mode) over ``loader``'s (images, labels) batches."""
+    """Run ``model`` (moved to ``device``, in eval mode) over ``loader``'s (images, labels, ...) batches."""
     num_classes = len(class_names)
     top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
@@ -53,8 +54,8 @@ def evaluate(model: nn.Module, loader: DataLoader, class_names: list[str],
     confusion = MulticlassConfusionMatrix(num_classes).to(device)
     model.to(device)
     with eval_mode(model), torch.inference_mode():
-        for images, labels in loader:
-            logits, labels = model(images.to(device)), labels.to(device)
+        for images, labels, *_ in loader:
+            logits, labels = model(normalize(images.to(device))), labels.to(device)
             for metric in (top1, top5, per_class, confusion):
                 metric.update(logits, labels)
     matrix = confusion.compute().cpu()

@@ -12,8 +12,10 @@ from torch.optim import lr_scheduler
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd.errors import KDError
-from kd.losses import Loss, loss_terms
+from kd.features import Connector, FeatureHooks
 from kd.losses.logits import kl_softmax
+from kd.losses.objective import Objective
+from kd.teacher_cache import TeacherCache
 
 OPTIMIZERS = {
     "sgd": lambda params, lr, momentum, wd: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd),
@@ -35,24 +37,39 @@ class NonFiniteLoss(KDError):
 
 
 class KDModule(pl.LightningModule):
-    """Trains ``model``; with a ``teacher`` and ``kd_loss`` the loss is α·distillation + (1−α)·CE.
+    """Trains ``model``; with a teacher (or its cached outputs) and an ``objective``, distils it.
 
-    The teacher stays frozen in eval mode and is left out of checkpoints, which hold the trained
-    network (``model.*``) plus the hyper-parameters that rebuild it (arch, classes, image size).
+    The teacher stays frozen in eval mode, runs under ``torch.inference_mode`` and is left out of
+    checkpoints, which hold the trained network (``model.*``), the connectors and loss parameters,
+    and the hyper-parameters that rebuild the network (arch, classes, image size).
     """
 
     def __init__(self, model: nn.Module, arch: str, class_names: list[str], *, image_size: int = 224,
-                 teacher: nn.Module | None = None, kd_loss: Loss | None = None, kd_loss_name: str = "",
-                 alpha: float = 0.9, lr: float = 0.05, optimizer: str = "sgd",
+                 teacher: nn.Module | None = None, objective: Objective | None = None,
+                 student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
+                 feature_shapes: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]] | None = None,
+                 teacher_cache: TeacherCache | None = None, lr: float = 0.05, optimizer: str = "sgd",
                  momentum: float = 0.9, weight_decay: float = 5e-4, scheduler: str = "cosine",
-                 warmup_epochs: float = 0.0) -> None:
+                 warmup_epochs: float = 0.0, channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "teacher", "kd_loss"], logger=False)
-        self.model = model
-        self.teacher = teacher
-        self.kd_loss = kd_loss
+        self.save_hyperparameters(ignore=["model", "teacher", "objective", "teacher_cache", "feature_shapes"],
+                                  logger=False)
+        self.model, self.teacher, self.objective, self.teacher_cache = model, teacher, objective, teacher_cache
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        features = objective is not None and objective.needs_features
+        self.student_hooks = FeatureHooks(model, student_layers or [], "--student_layers") if features else None
+        self.teacher_hooks = (FeatureHooks(teacher, teacher_layers or [], "--teacher_layers")
+                              if features and teacher is not None else None)
+        self.connectors = nn.ModuleList(
+            Connector(source, target) for source, target in zip(*(shapes.values() for shapes in feature_shapes))
+        ) if objective is not None and objective.needs_connectors and feature_shapes else None
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for network in (model, teacher, self.connectors):
+            if network is not None:
+                network.to(memory_format=self.memory_format)
+                if compile and network is not self.connectors:
+                    network.compile()
         num_classes = len(class_names)
         top5 = min(5, num_classes)
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -62,7 +79,11 @@ class KDModule(pl.LightningModule):
 
     @property
     def distilling(self) -> bool:
-        return self.teacher is not None and self.kd_loss is not None
+        return self.objective is not None and (self.teacher is not None or self.teacher_cache is not None)
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.teacher_cache is not None
 
     def train(self, mode: bool = True) -> KDModule:
         """Switch the trained network's mode; the teacher always stays in eval mode."""
@@ -72,24 +93,69 @@ class KDModule(pl.LightningModule):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model(x.contiguous(memory_format=self.memory_format))
 
-    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.teacher(x)
+    def teacher_outputs(self, x: torch.Tensor, indices: torch.Tensor,
+                        epoch: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The teacher's logits (from the cache when it has them) and hooked features for a batch.
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        ``epoch`` None means the validation set. Outputs computed under inference mode are cloned into
+        ordinary tensors, which autograd may save for the student's backward pass.
+        """
+        cached = self.teacher_cache.lookup(epoch, indices) if self.teacher_cache is not None else None
+        if cached is not None:
+            return cached.to(x.device), {}
+        if self.teacher is None:
+            raise KDError(f"--teacher_cache has no teacher logits for {TeacherCache.split_name(epoch)} and the "
+                          "teacher was not loaded (--teacher_cache_only)")
+        with torch.inference_mode():
+            logits = self.teacher(x)
+            features = self.teacher_hooks.take() if self.teacher_hooks is not None else {}
+        logits, features = logits.clone(), {name: f.clone() for name, f in features.items()}
+        if self.teacher_cache is not None:
+            self.teacher_cache.record(epoch, indices, logits)
+        return logits, features
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
+              epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The student's logits, the training loss and its named terms for one batch."""
         logits = self.model(x)
-        ce = F.cross_entropy(logits, y)
-        terms = {"ce": ce}
-        loss = ce
-        if self.distilling:
-            kd_terms = loss_terms(self.hparams.kd_loss_name, self.kd_loss(logits, self._teacher_logits(x), y))
-            kd = sum(kd_terms.values())
-            alpha = self.hparams.alpha
-            loss = alpha * kd + (1 - alpha) * ce
-            terms |= {f"kd/{name}": value for name, value in kd_terms.items()}
+        if not self.distilling:
+            loss = F.cross_entropy(logits, y)
+            return logits, loss, {"ce": loss}
+        student_features = self.student_hooks.take() if self.student_hooks is not None else {}
+        teacher_logits, teacher_features = self.teacher_outputs(x, indices, epoch)
+        connected = ({name: connector(f) for (name, f), connector in zip(student_features.items(), self.connectors)}
+                     if self.connectors is not None else {})
+        loss, terms = self.objective(logits, teacher_logits, y, student_features=student_features,
+                                     teacher_features=teacher_features, connected_features=connected,
+                                     indices=indices, epoch=epoch)
+        return logits, loss, terms
+
+    def check_step(self, image_size: int) -> None:
+        """Run the loss once on random images in eval mode (no statistics or memory banks change).
+
+        Every distillation term must depend on the student: a loss that ignores it would train nothing.
+        """
+        was_training, cache, self.teacher_cache = self.training, self.teacher_cache, None
+        self.eval()
+        try:
+            x = torch.randn(2, 3, image_size, image_size).contiguous(memory_format=self.memory_format)
+            labels = torch.tensor([0, len(self.hparams.class_names) - 1])
+            _, _, terms = self._loss(x, labels, torch.tensor([0, 1]), 0)
+        finally:
+            self.train(was_training)
+            self.teacher_cache = cache
+        for name, value in terms.items():
+            if name.startswith("kd/") and not value.requires_grad:
+                key = name.split("/")[1]
+                raise KDError(f"--kd_loss {key}: its value does not depend on the student's logits or features "
+                              "(no gradient)")
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y, indices = batch
+        logits, loss, terms = self._loss(x.contiguous(memory_format=self.memory_format), y, indices,
+                                         self.current_epoch)
         if not torch.isfinite(loss):
             term = next((name for name, value in terms.items() if not torch.isfinite(value)), "the total")
             raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.global_step} (epoch "
@@ -104,25 +170,42 @@ class KDModule(pl.LightningModule):
         self.log("train/top5", self.train_top5, **log)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def on_train_epoch_start(self) -> None:
+        """Log each term's weight beside it (constant unless a loss warms up inside)."""
+        if self.distilling:
+            weights = {"ce": self.objective.ce_weight} | self.objective.weights
+            self.log_dict({f"weight/{name}": float(w) for name, w in weights.items()}, on_epoch=True, on_step=False)
+
+    def on_train_epoch_end(self) -> None:
+        if self.teacher_cache is not None:
+            self.teacher_cache.commit(self.current_epoch)
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x, y, indices = batch
+        x = x.contiguous(memory_format=self.memory_format)
         logits = self.model(x)
+        if self.student_hooks is not None:
+            self.student_hooks.take()  # features are for training; drop them
         self.val_top1(logits, y)
         self.val_top5(logits, y)
         log = {"batch_size": len(y), "on_epoch": True, "sync_dist": True}  # averaged over every rank's share
         self.log("val/loss", F.cross_entropy(logits, y), **log)
         self.log("val/top1", self.val_top1, prog_bar=True, **log)
         self.log("val/top5", self.val_top5, **log)
-        if self.teacher is not None:
-            teacher = self._teacher_logits(x)
+        if self.has_teacher:
+            teacher, _ = self.teacher_outputs(x, indices, None)
             agreement = (logits.argmax(1) == teacher.argmax(1)).float().mean()
             self.log("val/teacher_agreement", agreement, **log)
             self.log("val/teacher_kl", kl_softmax(logits, teacher, 1.0), **log)
 
+    def on_validation_epoch_end(self) -> None:
+        if self.teacher_cache is not None and not self.trainer.sanity_checking:
+            self.teacher_cache.commit(None)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        loss_params = self.kd_loss.parameters() if isinstance(self.kd_loss, nn.Module) else []
-        trained = [*self.model.parameters(), *loss_params]
+        extra = [part for part in (self.objective, self.connectors) if part is not None]
+        trained = [*self.model.parameters(), *(p for part in extra for p in part.parameters())]
         optimizer = OPTIMIZERS[hp.optimizer](trained, hp.lr, hp.momentum, hp.weight_decay)
         total = self.trainer.estimated_stepping_batches
         warmup = min(int(hp.warmup_epochs * total / max(1, self.trainer.max_epochs)), total - 1)

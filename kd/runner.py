@@ -26,24 +26,29 @@ from torch import nn
 from kd.config import Config, save_config
 from kd.data import ImageFolderDataModule, draw_seed, prepare_data
 from kd.errors import Interrupted, KDError
-from kd.losses import build_loss, check_loss
+from kd.features import feature_shapes
+from kd.losses import LOSSES
+from kd.losses.base import loss_property
+from kd.losses.objective import build_objective, loss_key
 from kd.deploy import deploy_students
 from kd.models import build_model, check_forward, load_network
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
+from kd.teacher_cache import TeacherCache, cache_key
 
 STAGES = ("teacher", "baseline", "distill")
 # The flags that make a stage what it is: --resume reuses or continues an earlier run of a stage only
-# where all of them (and the seed) are the same.
+# where all of them (and the seed) are the same. An assistant is a distill stage with its own student.
 _TRAINING = {"seed", "data_dir", "val_fraction", "image_size", "min_crop_scale", "hflip", "skip_bad_images",
-             "batch_size", "epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_epochs",
-             "precision"}
+             "image_cache", "batch_size", "epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
+             "warmup_epochs", "precision"}
+_DISTILL = _TRAINING | {"student_arch", "student_weights", "teacher_arch", "teacher_checkpoint", "kd_loss",
+                        "kd_weights", "ce_weight", "temperature", "loss_options", "student_layers", "teacher_layers"}
 STAGE_FLAGS = {
     "teacher": _TRAINING | {"teacher_arch", "teacher_weights"},
     "baseline": _TRAINING | {"student_arch", "student_weights"},
-    "distill": _TRAINING | {"student_arch", "student_weights", "teacher_arch", "teacher_checkpoint", "kd_loss",
-                            "temperature", "alpha"},
+    "distill": _DISTILL,
 }
 
 
@@ -116,6 +121,8 @@ class Experiment:
             raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
         if c.distill and not (c.train_teacher or c.teacher_checkpoint):
             raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
+        if c.assistant_arch and not c.distill:
+            raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
         # Checks the hardware flags now; the process count sizes the logging interval.
         self.world_size = self._trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
         self.root = Path(c.output_dir) / c.experiment_name
@@ -132,13 +139,79 @@ class Experiment:
         if c.baseline or c.distill:
             model = self._build(c.student_arch, c.student_weights, "--student_weights", c.seed)
             check_forward(model, c.student_arch, c.image_size, len(classes), "--student_arch")
-        self.kd_loss_name = c.kd_loss.rpartition(":")[2]
-        self.kd_loss = build_loss(c.kd_loss, temperature=c.temperature) if c.distill else None
-        if self.kd_loss is not None:
-            check_loss(self.kd_loss, c.kd_loss, len(classes))
+        self.kd_loss_name = "+".join(loss_key(spec) for spec in c.kd_loss)
         self.teacher_path = Path(c.teacher_checkpoint).expanduser().resolve() if c.teacher_checkpoint else None
-        self.teacher = (load_network(self.teacher_path, c.teacher_arch, classes, c.image_size)
-                        if c.distill and c.teacher_checkpoint else None)
+        self.teacher: nn.Module | None = None
+        if c.distill:
+            self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        """Check the losses, layers, assistants and caches, and run one trial step of every distillation."""
+        c, classes = self.config, self.data.classes
+        features = any(loss_property(LOSSES.get(spec), "features") for spec in c.kd_loss)
+        if features and not (c.student_layers and c.teacher_layers):
+            raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses need --student_layers and "
+                          "--teacher_layers (module names, e.g. layer3 layer4)")
+        if len(c.student_layers) != len(c.teacher_layers):
+            raise KDError(f"--student_layers names {len(c.student_layers)} module(s) but --teacher_layers "
+                          f"{len(c.teacher_layers)}: they are compared pair by pair")
+        if c.teacher_cache_only and not c.teacher_cache:
+            raise KDError("--teacher_cache_only needs --teacher_cache DIR")
+        if c.teacher_cache and (features or self.world_size > 1 or c.assistant_arch):
+            why = ("feature losses need the teacher's features, and the cache holds logits only" if features else
+                   "it is written by one process; run the cached distillation on one device" if self.world_size > 1
+                   else "each assistant is a new teacher; cache the final distillation in a run without assistants")
+            raise KDError(f"--teacher_cache: {why}")
+        if c.teacher_cache_only and self.teacher_path is None:
+            raise KDError("--teacher_cache_only needs --teacher_checkpoint: the cache is keyed by its content")
+        cache = self._cache(self.teacher_path) if c.teacher_cache and self.teacher_path else None
+        if self.teacher_path is not None and (cache is None or cache.missing(c.epochs)):
+            if c.teacher_cache_only:
+                missing = cache.missing(c.epochs)
+                raise KDError(f"--teacher_cache_only: {cache.folder} lacks {', '.join(missing[:3])}"
+                              f"{' ...' if len(missing) > 3 else ''} for this teacher, data, transforms and seed")
+            self.teacher = load_network(self.teacher_path, c.teacher_arch, classes, c.image_size)
+        chain = [c.teacher_arch, *c.assistant_arch, c.student_arch]
+        trial = replace(c, compile=False)
+        for index, (teacher_arch, student_arch) in enumerate(zip(chain, chain[1:])):
+            teacher = (self.teacher if index == 0 and self.teacher is not None
+                       else self._build(teacher_arch, None, "--teacher_arch", c.seed))
+            student = self._build(student_arch, None, "--assistant_arch", c.seed)
+            check_forward(student, student_arch, c.image_size, len(classes), "--assistant_arch")
+            self._module(student, student_arch, trial, teacher, None).check_step(c.image_size)
+
+    def _cache(self, teacher_path: Path) -> TeacherCache:
+        """The teacher-output cache of this run's data, transforms and seed for the teacher in ``teacher_path``."""
+        c, layout = self.config, self.data.layout
+        settings = {"teacher_arch": c.teacher_arch, "image_size": c.image_size, "min_crop_scale": c.min_crop_scale,
+                    "hflip": c.hflip, "seed": c.seed, "precision": c.precision, "channels_last": c.channels_last,
+                    "image_cache": bool(c.image_cache), "dtype": c.teacher_cache_dtype, "topk": c.teacher_cache_topk}
+        key = cache_key(teacher_path, {"train": layout.train, "val": layout.val}, settings)
+        return TeacherCache(c.teacher_cache, key, {"train": len(layout.train), "val": len(layout.val)},
+                            len(self.data.classes), c.teacher_cache_dtype, c.teacher_cache_topk)
+
+    def _module(self, model: nn.Module, arch: str, c: Config, teacher: nn.Module | None,
+                cache: TeacherCache | None) -> KDModule:
+        """The LightningModule of a stage; distilling when it has a teacher or a teacher cache.
+
+        The objective is built anew for every stage, so a loss's state (CRD's memory bank) never
+        carries over from one student to the next.
+        """
+        objective = None
+        shapes = None
+        if teacher is not None or cache is not None:
+            if c.student_layers and teacher is not None:
+                shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),
+                          feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers"))
+            objective = build_objective(c.kd_loss, c.kd_weights, c.ce_weight, c.temperature, c.loss_options,
+                                        num_classes=len(self.data.classes), num_samples=len(self.data.layout.train),
+                                        student_shapes=shapes[0] if shapes else {},
+                                        teacher_shapes=shapes[1] if shapes else {})
+        return KDModule(model, arch, self.data.classes, image_size=c.image_size, teacher=teacher,
+                        objective=objective, student_layers=c.student_layers, teacher_layers=c.teacher_layers,
+                        feature_shapes=shapes, teacher_cache=cache, lr=c.lr, optimizer=c.optimizer,
+                        momentum=c.momentum, weight_decay=c.weight_decay, scheduler=c.scheduler,
+                        warmup_epochs=c.warmup_epochs, channels_last=c.channels_last, compile=c.compile)
 
     def _trainer(self, **options: Any) -> pl.Trainer:
         """A Trainer on the configured hardware; Lightning's refusals become one-line errors."""
@@ -159,31 +232,53 @@ class Experiment:
         """Train every requested stage for each seed; distill uses the teacher trained just before.
 
         The teacher is trained once (with the first seed) unless --repeat_teacher asks for one per seed.
+        With --assistant_arch, each assistant is distilled from the network before it, and the student
+        from the last assistant.
         """
         c, results = self.config, []
         for index, seed in enumerate(c.seeds or [c.seed]):
             if "teacher" in self.stages and (index == 0 or c.repeat_teacher):
-                results.append(self._stage("teacher", seed))
+                results.append(self._stage("teacher", seed, c.teacher_arch))
                 self.teacher_path = results[-1].best_checkpoint.resolve()
                 self.teacher = load_network(self.teacher_path, c.teacher_arch, self.data.classes, c.image_size)
-            results += [self._stage(stage, seed) for stage in self.stages if stage != "teacher"]
+            if "baseline" in self.stages:
+                results.append(self._stage("baseline", seed, c.student_arch))
+            if "distill" in self.stages:
+                teacher = (c.teacher_arch, self.teacher_path, self.teacher)
+                for number, arch in enumerate(c.assistant_arch, start=1):
+                    results.append(self._stage(f"assistant{number}", seed, arch, teacher))
+                    path = results[-1].best_checkpoint.resolve()
+                    teacher = (arch, path, load_network(path, arch, self.data.classes, c.image_size))
+                results.append(self._stage("distill", seed, c.student_arch, teacher))
         return results
 
-    def _stage(self, stage: str, seed: int) -> StageResult:
-        """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new."""
+    def _stage(self, stage: str, seed: int, arch: str,
+               teacher: tuple[str, Path, nn.Module | None] | None = None) -> StageResult:
+        """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new.
+
+        ``teacher`` is (arch, checkpoint, network) for distill and assistant stages; the network is None
+        when the teacher cache holds everything.
+        """
         config = replace(self.config, seed=seed)
-        if stage == "distill":  # record the very teacher used, so --resume never mixes teachers up
-            config = replace(config, train_teacher=False, teacher_checkpoint=str(self.teacher_path))
+        if teacher is not None:  # record the very teacher used, so --resume never mixes teachers up
+            config = replace(config, train_teacher=False, teacher_arch=teacher[0], teacher_checkpoint=str(teacher[1]),
+                             student_arch=arch, assistant_arch=[])
         earlier = self._earlier(stage, config) if config.resume else None
         if isinstance(earlier, StageResult):
             if is_main_process():
                 print(f"\n== {stage}, seed {seed}: finished earlier in {earlier.log_dir}", flush=True)
             return earlier
         c = self.config
-        arch, weights = (c.teacher_arch, c.teacher_weights) if stage == "teacher" else (c.student_arch,
-                                                                                      c.student_weights)
-        model = self._build(arch, weights, f"--{stage if stage == 'teacher' else 'student'}_weights", seed)
-        return self._fit(stage, arch, model, config, self.teacher if stage == "distill" else None, earlier)
+        weights = c.teacher_weights if stage == "teacher" else c.student_weights if stage in STAGES else None
+        model = self._build(arch, weights, f"--{'teacher' if stage == 'teacher' else 'student'}_weights", seed)
+        cache = self._cache(teacher[1]) if teacher is not None and c.teacher_cache else None
+        module = self._module(model, arch, config, teacher[2] if teacher else None, cache)
+        result = self._fit(stage, arch, module, config, earlier)
+        if cache is not None and is_main_process():
+            print(f"teacher cache: {cache.folder} holds {cache.nbytes() / 2**20:.1f} MiB "
+                  f"({c.teacher_cache_dtype}{f', top {c.teacher_cache_topk}' if c.teacher_cache_topk else ''})",
+                  flush=True)
+        return result
 
     def _earlier(self, stage: str, config: Config) -> StageResult | Path | None:
         """For --resume: the latest run of this stage with the same seed and the same stage flags.
@@ -192,7 +287,7 @@ class Experiment:
         """
         folders = sorted((p for p in (self.root / stage).glob("version_*") if (p / "config.yaml").is_file()),
                          key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
-        wanted = {k: v for k, v in config.to_dict().items() if k in STAGE_FLAGS[stage]}
+        wanted = {k: v for k, v in config.to_dict().items() if k in STAGE_FLAGS.get(stage, _DISTILL)}
         for folder in folders:
             saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
             if any(saved.get(k) != v for k, v in wanted.items()):
@@ -203,15 +298,10 @@ class Experiment:
                 return folder
         return None
 
-    def _fit(self, stage: str, arch: str, model: nn.Module, c: Config, teacher: nn.Module | None,
-             resume_from: Path | None) -> StageResult:
+    def _fit(self, stage: str, arch: str, module: KDModule, c: Config, resume_from: Path | None) -> StageResult:
         pl.seed_everything(c.seed, workers=True, verbose=False)
         self.data.set_seed(c.seed)
-        params = sum(p.numel() for p in model.parameters())
-        module = KDModule(model, arch, self.data.classes, image_size=c.image_size, teacher=teacher,
-                          kd_loss=self.kd_loss if teacher is not None else None, kd_loss_name=self.kd_loss_name,
-                          alpha=c.alpha, lr=c.lr, optimizer=c.optimizer, momentum=c.momentum,
-                          weight_decay=c.weight_decay, scheduler=c.scheduler, warmup_epochs=c.warmup_epochs)
+        params = sum(p.numel() for p in module.model.parameters())
         version = int(resume_from.name.removeprefix("version_")) if resume_from else None
         logger = TensorBoardLogger(self.root, name=stage, version=version, default_hp_metric=False)
         log_dir = Path(logger.log_dir)  # other ranks write nothing; Lightning broadcasts rank 0's checkpoint folder
@@ -260,7 +350,7 @@ class Experiment:
         log_dir = self.root / stage / Path(checkpoint.dirpath).parent.name  # rank 0's version on every rank
         result = StageResult(c.experiment_name, stage, arch, c.seed, params, 100 * best["val/top1"],
                              100 * best["val/top5"], int(best["epoch"]), history.seconds, log_dir,
-                             Path(checkpoint.best_model_path), self.kd_loss_name if stage == "distill" else "",
+                             Path(checkpoint.best_model_path), self.kd_loss_name if module.distilling else "",
                              [100 * e["val/top1"] for e in history.epochs])
         if is_main_process():
             result.save()

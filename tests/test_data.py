@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.data import ImageFolderDataModule, load_rgb, make_demo_dataset, scan_image_folder
+from kd.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule, load_rgb, make_demo_dataset, scan_image_folder
 from kd.errors import KDError
 
 
@@ -99,7 +99,7 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(tiny_data):
         out = []
         for epoch in epochs:
             data.set_epoch(epoch)
-            out.append(torch.cat([x for x, _ in loader]))
+            out.append(torch.cat([x for x, _, _ in loader]))
         return out
 
     straight = batches(0, [0, 1, 2])
@@ -108,13 +108,17 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(tiny_data):
     assert not torch.equal(batches(1, [2])[0], straight[2])  # seeds differ
 
 
-def test_loaders_yield_normalised_batches_of_the_crop_size(tiny_data):
+def test_loaders_yield_pixel_batches_of_the_crop_size_normalised_on_the_device(tiny_data):
     data = ImageFolderDataModule(tiny_data, image_size=12, batch_size=5, num_workers=0)
     for loader in (data.train_dataloader(), data.val_dataloader()):
-        x, y = next(iter(loader))
-        assert x.shape == (5, 3, 12, 12) and x.dtype == torch.float32
+        x, y, indices = next(iter(loader))
+        assert x.shape == (5, 3, 12, 12) and x.dtype == torch.uint8  # pixels: a quarter of float32's bytes
         assert y.dtype == torch.int64 and int(y.max()) < 12
-        assert -3 < float(x.mean()) < 3 and float(x.std()) > 0.1  # normalised, not raw 0..255
+        assert indices.dtype == torch.int64 and indices.shape == (5,) and len(set(indices.tolist())) == 5
+        inputs = data.on_after_batch_transfer((x, y, indices), 0)[0]  # after the copy to the device
+        assert inputs.dtype == torch.float32 and -3 < float(inputs.mean()) < 3 and float(inputs.std()) > 0.1
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        torch.testing.assert_close(inputs, (x / 255 - mean) / std)
 
 
 def _digest(root: Path) -> str:

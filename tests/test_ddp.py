@@ -8,7 +8,7 @@ import shutil
 import torch
 
 from conftest import FAST, run_cli
-from kd.data import ImageFolderDataModule
+from kd.data import ImageFolderDataModule, normalize
 from kd.models import load_network
 
 
@@ -33,7 +33,7 @@ def test_ddp_run_writes_once_and_syncs_validation_metrics(tiny_data, tmp_path):
     for stage, arch in (("teacher", "cnn_small"), ("distill", "cnn_tiny")):
         reported = json.loads((root / stage / "version_0" / "result.json").read_text())["best_top1"]
         model = load_network(root / stage / "version_0" / "checkpoints" / "best.ckpt", arch, data.classes, 16).eval()
-        x, y = next(iter(data.val_dataloader()))
+        x, y, _ = next(iter(data.val_dataloader()))
         with torch.no_grad():
-            accuracy = 100 * (model(x).argmax(1) == y).float().mean().item()
+            accuracy = 100 * (model(normalize(x)).argmax(1) == y).float().mean().item()
         assert abs(reported - accuracy) < 1e-4, (stage, reported, accuracy)

@@ -141,7 +141,7 @@ def test_distill_with_each_loss_logs_its_terms(loss, full_run, tiny_data, tmp_pa
     spec = _readme_loss(tmp_path) if loss == "readme example" else loss
     assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--distill",
                  "--teacher_checkpoint", str(teacher), "--teacher_arch", "cnn_small", "--kd_loss", spec]) == 0
-    term = "soft_ce" if loss == "readme example" else loss
+    term = "SoftCE/soft_ce" if loss == "readme example" else loss  # a dict term: kd/<loss>/<term>
     assert f"train/kd/{term}_step" in _tags(tmp_path / "kd" / "distill" / "version_0")
 
 

@@ -7,6 +7,7 @@ import torch
 
 from kd.errors import KDError
 from kd.losses import LOSSES, build_loss, loss_terms
+from kd.losses.base import loss_property, wanted_extras
 from kd.losses.logits import KLSoftmax, kl_softmax
 
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0, 20.0]
@@ -133,16 +134,44 @@ def test_ce_is_mean_negative_log_probability_of_label(shape, teacher):
     torch.testing.assert_close(build_loss("ce")(s, t, y), expected)
 
 
+def random_features(seed, shapes, requires_grad=False):
+    """``{layer: tensor}`` of the given (B, ...) shapes, as FeatureHooks would give them."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator).requires_grad_(requires_grad)
+            for name, shape in shapes.items()}
+
+
+# Two hooked layer pairs of a batch of 5: channels and sizes differ between student and teacher, as in a
+# real pair of networks; a loss with ``connect`` gets the student's features mapped to the teacher's shapes.
+TEACHER_SHAPES = {"t1": (5, 16, 4, 4), "t2": (5, 32, 2, 2)}
+STUDENT_SHAPES = {"s1": (5, 8, 8, 8), "s2": (5, 16, 4, 4)}
+
+
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_every_registered_loss_gives_finite_scalars_and_gradients(name):
+    """Built as the runner builds it (with the settings and extras it names), on logits and, if it asks, features."""
     s = random_logits(16, dtype=torch.float32).requires_grad_(True)
     t, y = random_logits(17, dtype=torch.float32), random_labels(18)
-    terms = loss_terms(name, build_loss(name)(s, t, y))
+    factory = LOSSES.get(name)
+    connect, features = loss_property(factory, "connect"), loss_property(factory, "features")
+    student_shapes = dict(zip(STUDENT_SHAPES, TEACHER_SHAPES.values())) if connect else STUDENT_SHAPES
+    student_features = random_features(19, student_shapes, requires_grad=True)
+    settings = {"num_classes": 7, "num_samples": 5,
+                "student_shapes": {k: v[1:] for k, v in student_shapes.items()},
+                "teacher_shapes": {k: v[1:] for k, v in TEACHER_SHAPES.items()}}
+    loss = build_loss(name, **settings)
+    extras = {"student_features": student_features, "teacher_features": random_features(20, TEACHER_SHAPES),
+              "indices": torch.arange(5), "epoch": 0}
+    terms = loss_terms(name, loss(s, t, y, **{k: extras[k] for k in wanted_extras(loss)}))
     assert terms
     for value in terms.values():
         assert value.shape == () and torch.isfinite(value)
     sum(terms.values()).backward()
-    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    # What the loss compares of the student: the logits, or every hooked feature (crd embeds the last pair only).
+    trained = [s] if not features else list(student_features.values())[-1:] if name == "crd" else list(
+        student_features.values())
+    for tensor in trained:
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- build_loss

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd.losses import build_loss
+from kd.losses.objective import build_objective
 from kd.losses.logits import kl_softmax
 from kd.models import build_model
 from kd.config import Config
@@ -25,7 +25,7 @@ def _loader(n: int = 32, batch_size: int = 8) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, 16, 16, generator=generator)
     y = torch.randint(len(CLASSES), (n,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    return DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=batch_size)  # (images, labels, indices)
 
 
 class LearningRates(pl.Callback):
@@ -42,12 +42,12 @@ def _fit(module: KDModule, epochs: int = 1, callbacks: list | None = None) -> No
     trainer.fit(module, train_dataloaders=_loader(), val_dataloaders=_loader(16))
 
 
-def _distiller(alpha: float = 0.7, **kwargs) -> KDModule:
+def _distiller(kd_weight: float = 0.7, ce_weight: float = 0.3, **kwargs) -> KDModule:
     torch.manual_seed(0)
     teacher = build_model("cnn_small", len(CLASSES))
     student = build_model("cnn_tiny", len(CLASSES))
-    return KDModule(student, "cnn_tiny", CLASSES, teacher=teacher, kd_loss=build_loss("kl_softmax", temperature=3.0),
-                    kd_loss_name="kl_softmax", alpha=alpha, **kwargs)
+    objective = build_objective(["kl_softmax"], [kd_weight], ce_weight, 3.0, [], num_classes=len(CLASSES))
+    return KDModule(student, "cnn_tiny", CLASSES, teacher=teacher, objective=objective, **kwargs)
 
 
 def test_teacher_is_frozen_in_eval_mode_and_never_updated():
@@ -64,11 +64,11 @@ def test_teacher_is_frozen_in_eval_mode_and_never_updated():
     assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
 
 
-def test_training_loss_is_alpha_weighted_sum_of_distillation_and_cross_entropy():
-    module = _distiller(alpha=0.7)
-    x, y = next(iter(_loader()))
+def test_training_loss_is_weighted_sum_of_distillation_and_cross_entropy():
+    module = _distiller(kd_weight=0.7, ce_weight=0.3)
+    x, y, indices = next(iter(_loader()))
     module.log = module.log_dict = lambda *a, **k: None  # the step outside a Trainer: no logging
-    loss = module.training_step((x, y), 0)
+    loss = module.training_step((x, y, indices), 0)
     student, teacher = module.model(x), module.teacher(x)
     expected = 0.7 * kl_softmax(student, teacher, 3.0) + 0.3 * F.cross_entropy(student, y)
     assert torch.allclose(loss, expected, atol=1e-6)

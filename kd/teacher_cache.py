@@ -1,0 +1,149 @@
+"""The teacher-output cache: a teacher's logits for every training sample of every epoch, on disk.
+
+Augmentations are a pure function of (seed, epoch, sample index), so a later run with the same
+teacher, data, transforms and seed sees exactly the images the first one did and can read the
+teacher's logits instead of running it. Each finished epoch is one folder, written aside and renamed
+into place: an interrupted epoch leaves nothing, and a finished one is never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd.errors import KDError
+
+FORMAT_VERSION = 1
+_CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (the teacher checkpoint: its content, not its name, keys the cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(teacher_checkpoint: Path, samples: dict[str, list[tuple[str, int]]], settings: dict[str, Any]) -> str:
+    """The cache folder's name: a digest of the teacher's content, every file (path, label, size, mtime) and settings.
+
+    ``settings`` holds everything else that changes the teacher's outputs: architecture, transforms,
+    seed, precision, the image cache, the storage format.
+    """
+    digest = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "teacher": file_digest(teacher_checkpoint),
+                                        "settings": settings}, sort_keys=True).encode())
+    for split, items in samples.items():
+        digest.update(split.encode())
+        for path, label in items:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+class _Split:
+    """One epoch's (or the validation set's) logits, filled batch by batch, then saved as a folder."""
+
+    def __init__(self, num_samples: int, num_classes: int, dtype: str, topk: int | None) -> None:
+        width = min(topk or num_classes, num_classes)
+        self.arrays = {"values": np.zeros((num_samples, width), dtype=dtype),
+                       "filled": np.zeros(num_samples, dtype=bool)}
+        if width < num_classes:
+            self.arrays |= {"indices": np.zeros((num_samples, width), dtype=np.int32),
+                            "rest": np.zeros(num_samples, dtype=np.float32)}
+
+
+class TeacherCache:
+    """Reads and writes teacher logits by (epoch, sample index) under ``root/<key>``.
+
+    ``topk`` keeps each sample's k largest logits; the others are stored as one value that gives
+    them their true total probability at temperature 1 (exact for k = number of classes).
+    """
+
+    def __init__(self, root: str | Path, key: str, num_samples: dict[str, int], num_classes: int,
+                 dtype: str = "float16", topk: int | None = None) -> None:
+        self.folder = Path(root).expanduser() / key
+        self.num_samples, self.num_classes, self.dtype, self.topk = num_samples, num_classes, dtype, topk
+        self._pending: dict[str, _Split] = {}
+        self._open: dict[str, dict[str, np.ndarray]] = {}
+        try:  # now, so an unwritable folder fails before training; the key's folder comes with its first epoch
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KDError(f"--teacher_cache: cannot create {self.folder.parent}: {exc.strerror}") from None
+
+    @staticmethod
+    def split_name(epoch: int | None) -> str:
+        """``epoch_0003`` for a training epoch, ``val`` for the validation set (epoch None)."""
+        return "val" if epoch is None else f"epoch_{epoch:04d}"
+
+    def has(self, epoch: int | None) -> bool:
+        return (self.folder / self.split_name(epoch) / "filled.npy").is_file()
+
+    def missing(self, epochs: int) -> list[str]:
+        """The splits a run of ``epochs`` epochs would have to compute."""
+        return [self.split_name(e) for e in [None, *range(epochs)] if not self.has(e)]
+
+    def lookup(self, epoch: int | None, indices: torch.Tensor) -> torch.Tensor | None:
+        """The cached logits of these samples (float32), or None if any of them is not cached."""
+        name = self.split_name(epoch)
+        if name not in self._open:
+            if not self.has(epoch):
+                return None
+            self._open[name] = {f.stem: np.load(f, mmap_mode="r") for f in (self.folder / name).glob("*.npy")}
+        arrays = self._open[name]
+        rows = indices.cpu().numpy()
+        if not arrays["filled"][rows].all():
+            return None
+        values = torch.from_numpy(np.asarray(arrays["values"][rows], dtype=np.float32))
+        if "indices" not in arrays:
+            return values
+        full = torch.from_numpy(np.asarray(arrays["rest"][rows])).unsqueeze(1).repeat(1, self.num_classes)
+        return full.scatter_(1, torch.from_numpy(np.asarray(arrays["indices"][rows], dtype=np.int64)), values)
+
+    def record(self, epoch: int | None, indices: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keep these samples' logits for ``epoch``; :meth:`commit` saves the epoch once it is complete."""
+        name = self.split_name(epoch)
+        if self.has(epoch):
+            return
+        split = self._pending.setdefault(name, _Split(self.num_samples["val" if epoch is None else "train"],
+                                                      self.num_classes, self.dtype, self.topk))
+        rows, logits = indices.cpu().numpy(), logits.detach().float().cpu()
+        if "indices" in split.arrays:
+            top = logits.topk(split.arrays["values"].shape[1], dim=1)
+            rest = logits.scatter(1, top.indices, -torch.inf).logsumexp(1)
+            split.arrays["indices"][rows] = top.indices.numpy()
+            split.arrays["rest"][rows] = (rest - np.log(self.num_classes - top.indices.shape[1])).numpy()
+            logits = top.values
+        split.arrays["values"][rows] = logits.numpy()
+        split.arrays["filled"][rows] = True
+
+    def commit(self, epoch: int | None) -> None:
+        """Save ``epoch``'s logits: written beside the cache, then renamed into place."""
+        split = self._pending.pop(self.split_name(epoch), None)
+        if split is None or self.has(epoch):
+            return
+        final = self.folder / self.split_name(epoch)
+        tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            self.folder.mkdir(exist_ok=True)
+            tmp.mkdir(exist_ok=True)  # a leftover of a killed run with this pid is overwritten
+            for name, array in split.arrays.items():
+                np.save(tmp / f"{name}.npy", array)
+            os.replace(tmp, final)
+        except OSError as exc:
+            if not self.has(epoch):  # else another run saved the same epoch first: theirs is as good
+                raise KDError(f"--teacher_cache: cannot write {final}: {exc.strerror or exc}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def nbytes(self) -> int:
+        """Bytes on disk of everything cached under this key."""
+        return sum(f.stat().st_size for f in self.folder.rglob("*.npy")) if self.folder.is_dir() else 0
