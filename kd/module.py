@@ -161,13 +161,14 @@ class KDModule(pl.LightningModule):
             raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.global_step} (epoch "
                                 f"{self.current_epoch}), first in {term}; usual causes: too high --lr, "
                                 "--precision 16-mixed overflowing, or a loss dividing by zero")
-        self.train_top1(logits, y)
-        self.train_top5(logits, y)
+        # Training accuracy per epoch: update() skips the per-step value that calling the metric computes.
+        self.train_top1.update(logits.detach(), y)
+        self.train_top5.update(logits.detach(), y)
         log = {"batch_size": len(y), "on_step": True, "on_epoch": True, "sync_dist": True}
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, **log)
-        self.log("train/top1", self.train_top1, **log)
-        self.log("train/top5", self.train_top5, **log)
+        self.log("train/top1", self.train_top1, **(log | {"on_step": False}))
+        self.log("train/top5", self.train_top5, **(log | {"on_step": False}))
         return loss
 
     def on_train_epoch_start(self) -> None:

@@ -44,7 +44,7 @@ def test_every_stage_writes_checkpoints_config_and_tensorboard_logs(full_run):
         assert (log_dir / "checkpoints" / "last.ckpt").is_file()
         assert sorted(p.name for p in (log_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
         tags = _tags(log_dir)
-        assert {"train/loss_step", "train/ce_epoch", "train/top1_epoch", "val/top1", "val/top5", "lr-SGD",
+        assert {"train/loss_step", "train/ce_epoch", "train/top1", "val/top1", "val/top5", "lr-SGD",
                 "hp/best_top1"} <= tags, tags
     distill_tags = _tags(root / "distill" / "version_0")
     assert {"train/kd/kl_softmax_step", "val/teacher_agreement", "val/teacher_kl"} <= distill_tags
