@@ -106,15 +106,14 @@ class KDModule(pl.LightningModule):
         if cached is not None:
             return cached.to(x.device), {}
         if self.teacher is None:
-            raise KDError(f"--teacher_cache has no teacher logits for {TeacherCache.split_name(epoch)} and the "
-                          "teacher was not loaded (--teacher_cache_only)")
+            raise KDError(f"--teacher_cache has no teacher logits for some images of "
+                          f"{TeacherCache.split_name(epoch)}, and the teacher was not loaded")
         with torch.inference_mode():
             logits = self.teacher(x)
             features = self.teacher_hooks.take() if self.teacher_hooks is not None else {}
         logits, features = logits.clone(), {name: f.clone() for name, f in features.items()}
-        if self.teacher_cache is not None:
-            self.teacher_cache.record(epoch, indices, logits)
-        return logits, features
+        stored = self.teacher_cache.record(epoch, indices, logits) if self.teacher_cache is not None else None
+        return (logits if stored is None else stored.to(logits.device)), features
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
               epoch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -174,8 +173,17 @@ class KDModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         """Log each term's weight beside it (constant unless a loss warms up inside)."""
         if self.distilling:
-            weights = {"ce": self.objective.ce_weight} | self.objective.weights
+            weights = {"ce": self.objective.ce_weight} | {f"kd/{k}": w for k, w in self.objective.weights.items()}
             self.log_dict({f"weight/{name}": float(w) for name, w in weights.items()}, on_epoch=True, on_step=False)
+
+    def remove_hooks(self) -> None:
+        """Detach the feature hooks: the teacher is shared by later stages, which hook it themselves."""
+        for hooks in (self.student_hooks, self.teacher_hooks):
+            if hooks is not None:
+                hooks.remove()
+
+    def teardown(self, stage: str) -> None:
+        self.remove_hooks()
 
     def on_train_epoch_end(self) -> None:
         if self.teacher_cache is not None:

@@ -44,7 +44,8 @@ _TRAINING = {"seed", "data_dir", "val_fraction", "image_size", "min_crop_scale",
              "image_cache", "batch_size", "epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
              "warmup_epochs", "precision"}
 _DISTILL = _TRAINING | {"student_arch", "student_weights", "teacher_arch", "teacher_checkpoint", "kd_loss",
-                        "kd_weights", "ce_weight", "temperature", "loss_options", "student_layers", "teacher_layers"}
+                        "kd_weights", "ce_weight", "temperature", "loss_options", "student_layers", "teacher_layers",
+                        "teacher_cache", "teacher_cache_dtype", "teacher_cache_topk"}  # stored logits are rounded
 STAGE_FLAGS = {
     "teacher": _TRAINING | {"teacher_arch", "teacher_weights"},
     "baseline": _TRAINING | {"student_arch", "student_weights"},
@@ -164,12 +165,14 @@ class Experiment:
             raise KDError(f"--teacher_cache: {why}")
         if c.teacher_cache_only and self.teacher_path is None:
             raise KDError("--teacher_cache_only needs --teacher_checkpoint: the cache is keyed by its content")
-        cache = self._cache(self.teacher_path) if c.teacher_cache and self.teacher_path else None
-        if self.teacher_path is not None and (cache is None or cache.missing(c.epochs)):
+        caches = ([self._cache(self.teacher_path, seed) for seed in c.seeds or [c.seed]]
+                  if c.teacher_cache and self.teacher_path else [])
+        missing = [(cache, split) for cache in caches for split in cache.missing(c.epochs)]
+        if self.teacher_path is not None and (not caches or missing):
             if c.teacher_cache_only:
-                missing = cache.missing(c.epochs)
-                raise KDError(f"--teacher_cache_only: {cache.folder} lacks {', '.join(missing[:3])}"
-                              f"{' ...' if len(missing) > 3 else ''} for this teacher, data, transforms and seed")
+                splits = [split for _, split in missing]
+                raise KDError(f"--teacher_cache_only: {missing[0][0].folder} lacks {', '.join(splits[:3])}"
+                              f"{' ...' if len(splits) > 3 else ''} for this teacher, data, transforms and seed")
             self.teacher = load_network(self.teacher_path, c.teacher_arch, classes, c.image_size)
         chain = [c.teacher_arch, *c.assistant_arch, c.student_arch]
         trial = replace(c, compile=False)
@@ -178,13 +181,15 @@ class Experiment:
                        else self._build(teacher_arch, None, "--teacher_arch", c.seed))
             student = self._build(student_arch, None, "--assistant_arch", c.seed)
             check_forward(student, student_arch, c.image_size, len(classes), "--assistant_arch")
-            self._module(student, student_arch, trial, teacher, None).check_step(c.image_size)
+            trial_module = self._module(student, student_arch, trial, teacher, None)
+            trial_module.check_step(c.image_size)
+            trial_module.remove_hooks()
 
-    def _cache(self, teacher_path: Path) -> TeacherCache:
-        """The teacher-output cache of this run's data, transforms and seed for the teacher in ``teacher_path``."""
+    def _cache(self, teacher_path: Path, seed: int) -> TeacherCache:
+        """The teacher-output cache of this run's data and transforms, ``seed`` and the teacher in ``teacher_path``."""
         c, layout = self.config, self.data.layout
         settings = {"teacher_arch": c.teacher_arch, "image_size": c.image_size, "min_crop_scale": c.min_crop_scale,
-                    "hflip": c.hflip, "seed": c.seed, "precision": c.precision, "channels_last": c.channels_last,
+                    "hflip": c.hflip, "seed": seed, "precision": c.precision, "channels_last": c.channels_last,
                     "image_cache": bool(c.image_cache), "dtype": c.teacher_cache_dtype, "topk": c.teacher_cache_topk}
         key = cache_key(teacher_path, {"train": layout.train, "val": layout.val}, settings)
         return TeacherCache(c.teacher_cache, key, {"train": len(layout.train), "val": len(layout.val)},
@@ -259,19 +264,20 @@ class Experiment:
         ``teacher`` is (arch, checkpoint, network) for distill and assistant stages; the network is None
         when the teacher cache holds everything.
         """
-        config = replace(self.config, seed=seed)
+        c = self.config
+        config = replace(c, seed=seed)
         if teacher is not None:  # record the very teacher used, so --resume never mixes teachers up
             config = replace(config, train_teacher=False, teacher_arch=teacher[0], teacher_checkpoint=str(teacher[1]),
-                             student_arch=arch, assistant_arch=[])
+                             student_arch=arch, assistant_arch=[],
+                             student_weights=c.student_weights if stage == "distill" else None)
         earlier = self._earlier(stage, config) if config.resume else None
         if isinstance(earlier, StageResult):
             if is_main_process():
                 print(f"\n== {stage}, seed {seed}: finished earlier in {earlier.log_dir}", flush=True)
             return earlier
-        c = self.config
         weights = c.teacher_weights if stage == "teacher" else c.student_weights if stage in STAGES else None
         model = self._build(arch, weights, f"--{'teacher' if stage == 'teacher' else 'student'}_weights", seed)
-        cache = self._cache(teacher[1]) if teacher is not None and c.teacher_cache else None
+        cache = self._cache(teacher[1], seed) if teacher is not None and c.teacher_cache else None
         module = self._module(model, arch, config, teacher[2] if teacher else None, cache)
         result = self._fit(stage, arch, module, config, earlier)
         if cache is not None and is_main_process():

@@ -87,9 +87,13 @@ class TeacherCache:
     def has(self, epoch: int | None) -> bool:
         return (self.folder / self.split_name(epoch) / "filled.npy").is_file()
 
+    def complete(self, epoch: int | None) -> bool:
+        """Whether ``epoch`` is saved with every sample (a batch size that drops a last lone image leaves a gap)."""
+        return self.has(epoch) and bool(np.load(self.folder / self.split_name(epoch) / "filled.npy").all())
+
     def missing(self, epochs: int) -> list[str]:
-        """The splits a run of ``epochs`` epochs would have to compute."""
-        return [self.split_name(e) for e in [None, *range(epochs)] if not self.has(e)]
+        """The splits a run of ``epochs`` epochs would have to compute, at least in part."""
+        return [self.split_name(e) for e in [None, *range(epochs)] if not self.complete(e)]
 
     def lookup(self, epoch: int | None, indices: torch.Tensor) -> torch.Tensor | None:
         """The cached logits of these samples (float32), or None if any of them is not cached."""
@@ -98,21 +102,28 @@ class TeacherCache:
             if not self.has(epoch):
                 return None
             self._open[name] = {f.stem: np.load(f, mmap_mode="r") for f in (self.folder / name).glob("*.npy")}
-        arrays = self._open[name]
         rows = indices.cpu().numpy()
-        if not arrays["filled"][rows].all():
+        if not self._open[name]["filled"][rows].all():
             return None
+        return self._restore(self._open[name], rows)
+
+    def _restore(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> torch.Tensor:
+        """Float32 logits of ``rows`` as stored: rounded to the storage dtype, the tail filled in for top-k."""
         values = torch.from_numpy(np.asarray(arrays["values"][rows], dtype=np.float32))
         if "indices" not in arrays:
             return values
         full = torch.from_numpy(np.asarray(arrays["rest"][rows])).unsqueeze(1).repeat(1, self.num_classes)
         return full.scatter_(1, torch.from_numpy(np.asarray(arrays["indices"][rows], dtype=np.int64)), values)
 
-    def record(self, epoch: int | None, indices: torch.Tensor, logits: torch.Tensor) -> None:
-        """Keep these samples' logits for ``epoch``; :meth:`commit` saves the epoch once it is complete."""
+    def record(self, epoch: int | None, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """Keep these samples' logits for ``epoch`` (:meth:`commit` saves the epoch) and return them as stored.
+
+        The run that fills the cache then trains on the very values later runs read back. None when the
+        epoch was saved before (without these samples): nothing is stored, the logits are used as they are.
+        """
         name = self.split_name(epoch)
         if self.has(epoch):
-            return
+            return None
         split = self._pending.setdefault(name, _Split(self.num_samples["val" if epoch is None else "train"],
                                                       self.num_classes, self.dtype, self.topk))
         rows, logits = indices.cpu().numpy(), logits.detach().float().cpu()
@@ -124,6 +135,7 @@ class TeacherCache:
             logits = top.values
         split.arrays["values"][rows] = logits.numpy()
         split.arrays["filled"][rows] = True
+        return self._restore(split.arrays, rows)
 
     def commit(self, epoch: int | None) -> None:
         """Save ``epoch``'s logits: written beside the cache, then renamed into place."""

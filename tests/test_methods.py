@@ -396,7 +396,7 @@ def test_dkd_distills_end_to_end_with_its_options_and_paper_weights(tiny_data, t
     stage = tmp_path / "kd" / "distill" / "version_0"
     scalars = _scalars(stage)
     assert {"train/ce_step", "train/kd/dkd/tckd_step", "train/kd/dkd/nckd_step"} <= set(scalars)
-    assert scalars["weight/ce"] == [1.0] and scalars["weight/dkd"] == [1.0]
+    assert scalars["weight/ce"] == [1.0] and scalars["weight/kd/dkd"] == [1.0]
     saved = yaml.safe_load((stage / "config.yaml").read_text())
     assert saved["kd_loss"] == ["dkd"] and saved["loss_options"] == ["dkd.warmup=1"]
     assert json.loads((stage / "result.json").read_text())["kd_loss"] == "dkd"
@@ -410,7 +410,8 @@ def test_feature_methods_distill_end_to_end_and_keep_connectors_out_of_the_stude
     stage = tmp_path / "kd" / "distill" / "version_0"
     scalars = _scalars(stage)
     assert {"train/kd/at_step", "train/kd/fitnets_step"} <= set(scalars)
-    assert scalars["weight/at"] == [1000.0] and scalars["weight/fitnets"] == [100.0] and scalars["weight/ce"] == [1.0]
+    assert scalars["weight/kd/at"] == [1000.0] and scalars["weight/kd/fitnets"] == [100.0]
+    assert scalars["weight/ce"] == [1.0]
     best = stage / "checkpoints" / "best.ckpt"
     state = torch.load(best, weights_only=True)["state_dict"]
     assert any(k.startswith("connectors.") for k in state) and not any(k.startswith("teacher.") for k in state)
@@ -462,3 +463,15 @@ def test_assistant_is_distilled_first_and_teaches_the_student(tiny_data, teacher
     for stage, stamp in stamps.items():
         assert sorted(p.name for p in (root / stage).iterdir()) == ["version_0"]
         assert (root / stage / "version_0" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_a_finished_stage_leaves_no_hooks_on_the_shared_teacher():
+    """Each seed's stage hooks the same teacher: stale hooks would keep its feature maps alive."""
+    teacher = build_model("cnn_medium", len(CLASSES)).eval()
+    objective = build_objective(["at"], [], None, None, [], num_classes=len(CLASSES))
+    for _ in range(2):
+        module = KDModule(build_model("cnn_tiny", len(CLASSES)), "cnn_tiny", CLASSES, image_size=16, teacher=teacher,
+                          objective=objective, student_layers=LAYERS, teacher_layers=LAYERS)
+        assert any(m._forward_hooks for m in teacher.modules())
+        module.teardown("fit")
+        assert not any(m._forward_hooks for m in teacher.modules())

@@ -136,3 +136,30 @@ def test_unwritable_cache_folder_is_one_line_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(KDError, match="--teacher_cache: cannot create"):
         TeacherCache(tmp_path / "file", "key", {"train": 1, "val": 1}, 2)
+
+
+def test_each_seed_has_its_own_cache_and_the_filling_run_trains_on_the_stored_values(tiny_data, teacher, tmp_path,
+                                                                                    monkeypatch):
+    """float16 storage: the run that fills the cache must see the rounded logits later runs read back."""
+    cache = str(tmp_path / "cache")
+    assert _distill(tiny_data, teacher, tmp_path / "filling", "--teacher_cache", cache, "--seeds", "0", "1") == 0
+    assert len(list(Path(cache).iterdir())) == 2  # crops differ by seed: so do the teacher's outputs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded although the cache holds every epoch of both seeds")
+
+    monkeypatch.setattr(kd.runner, "load_network", refuse)
+    assert _distill(tiny_data, teacher, tmp_path / "cached", "--teacher_cache", cache, "--seeds", "0", "1",
+                    "--teacher_cache_only") == 0
+    for version in ("version_0", "version_1"):
+        filled, read = (json.loads((tmp_path / run / "kd" / "distill" / version / "result.json").read_text())
+                        for run in ("filling", "cached"))
+        assert filled["val_top1"] == read["val_top1"] and filled["seed"] == read["seed"]
+
+
+def test_an_epoch_saved_with_a_gap_counts_as_missing(tmp_path):
+    """A batch size that drops a last lone image leaves a row unfilled: such an epoch needs the teacher."""
+    cache = _cache(tmp_path)
+    cache.record(0, torch.arange(5), torch.randn(5, 5))
+    cache.commit(0)
+    assert cache.has(0) and not cache.complete(0) and "epoch_0000" in cache.missing(1)
