@@ -169,7 +169,7 @@ def test_nan_loss_stops_the_stage_and_names_step_and_term(tiny_data, tmp_path, c
     teacher_run = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher"]
     assert main(teacher_run) == 0
     (tmp_path / "nan_loss.py").write_text(NAN_LOSS)
-    # check_loss sees a finite value on random logits? No: 0/0 is NaN but still has a gradient path.
+    # the trial step sees a finite value on random logits? No: 0/0 is NaN but still has a gradient path.
     code = main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--distill",
                  "--teacher_checkpoint", str(tmp_path / "kd" / "teacher" / "version_0" / "checkpoints" / "best.ckpt"),
                  "--kd_loss", f"{tmp_path / 'nan_loss.py'}:explode"])

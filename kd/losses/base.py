@@ -98,17 +98,6 @@ def build_loss(name: str, **settings: Any) -> Loss:
     return loss
 
 
-def check_loss(loss: Loss, name: str, num_classes: int) -> None:
-    """Call ``loss`` once on random logits: it must return scalar terms with a gradient to the student."""
-    student = torch.randn(2, num_classes, requires_grad=True)
-    try:
-        output = loss(student, torch.randn(2, num_classes), torch.tensor([0, num_classes - 1]))
-    except Exception as exc:  # a user's loss failed: name it and say why
-        raise KDError(f"--kd_loss {name}: calling it on logits failed: {type(exc).__name__}: {exc}") from None
-    if not sum(loss_terms(name, output).values()).requires_grad:
-        raise KDError(f"--kd_loss {name}: its value does not depend on the student's logits (no gradient)")
-
-
 def loss_terms(name: str, output: Any) -> dict[str, torch.Tensor]:
     """A loss's output as named scalar terms: a tensor becomes ``{name: tensor}``."""
     if isinstance(output, dict) and not output:
