@@ -79,7 +79,7 @@ class KDModule(pl.LightningModule):
 
     @property
     def distilling(self) -> bool:
-        return self.objective is not None and (self.teacher is not None or self.teacher_cache is not None)
+        return self.objective is not None and self.has_teacher
 
     @property
     def has_teacher(self) -> bool:

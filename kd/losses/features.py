@@ -47,8 +47,29 @@ def require_maps(loss: str, shapes: Shapes | None, side: str, per_sample: bool =
                              f"{tuple(shape)}, not {wanted}: hook a convolutional layer, not a pooled vector")
 
 
+class FeatureLoss(DistillationLoss):
+    """Base of the feature losses: they ask for hooked features and weigh CE 1, as their papers do."""
+
+    features = True
+
+
+class FeaturePairLoss(FeatureLoss):
+    """A feature loss that is a sum over layer pairs of :meth:`pair_loss`."""
+
+    def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The loss of one (student, detached teacher) pair; ``layer`` names the student's, for errors."""
+        raise NotImplementedError
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                student_features: dict[str, torch.Tensor],
+                teacher_features: dict[str, torch.Tensor]) -> torch.Tensor:
+        pairs = feature_pairs(student_features, teacher_features)
+        return sum((self.pair_loss(layer, s, t) for layer, (s, t) in zip(student_features, pairs)),
+                   student_logits.new_zeros(()))
+
+
 @LOSSES.register("fitnets")
-class FitNets(DistillationLoss):
+class FitNets(FeaturePairLoss):
     """FitNets hint loss (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015).
 
     The mean squared error between the student's feature, passed through kd's learned connector
@@ -59,20 +80,13 @@ class FitNets(DistillationLoss):
     """
 
     weight = 100.0
-    ce_weight = 1.0
-    features = True
     connect = True
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                student_features: dict[str, torch.Tensor],
-                teacher_features: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = student_logits.new_zeros(())
-        for layer, (s, t) in zip(student_features, feature_pairs(student_features, teacher_features)):
-            if s.shape != t.shape:
-                raise ValueError(f"fitnets: student feature '{layer}' has shape {tuple(s.shape)} but the teacher's "
-                                 f"has {tuple(t.shape)}; fitnets compares them element by element")
-            total = total + F.mse_loss(s, t)
-        return total
+    def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if student.shape != teacher.shape:
+            raise ValueError(f"fitnets: student feature '{layer}' has shape {tuple(student.shape)} but the teacher's "
+                             f"has {tuple(teacher.shape)}; fitnets compares them element by element")
+        return F.mse_loss(student, teacher)
 
 
 def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
@@ -81,7 +95,7 @@ def attention_map(feature: torch.Tensor, p: float) -> torch.Tensor:
 
 
 @LOSSES.register("at")
-class AttentionTransfer(DistillationLoss):
+class AttentionTransfer(FeaturePairLoss):
     """Activation-based attention transfer (Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017).
 
     For each pair of 4-D feature maps, ``at(f) = normalize(mean_c f^p, flattened)`` and the loss is
@@ -94,9 +108,6 @@ class AttentionTransfer(DistillationLoss):
     """
 
     weight = 1000.0
-    ce_weight = 1.0
-    features = True
-    connect = False
 
     def __init__(self, p: float = 2.0, student_shapes: Shapes | None = None,
                  teacher_shapes: Shapes | None = None) -> None:
@@ -105,7 +116,7 @@ class AttentionTransfer(DistillationLoss):
         require_maps("at", teacher_shapes, "teacher")
         self.p = p
 
-    def pair_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """The attention-transfer loss of one pair of (B, C, H, W) maps (channel counts may differ)."""
         am_s, am_t = attention_map(student, self.p), attention_map(teacher, self.p)
         size = am_t.shape[-2:]
@@ -119,10 +130,9 @@ class AttentionTransfer(DistillationLoss):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                 student_features: dict[str, torch.Tensor],
                 teacher_features: dict[str, torch.Tensor]) -> torch.Tensor:
-        pairs = feature_pairs(student_features, teacher_features)
         require_maps("at", {k: tuple(v.shape) for k, v in student_features.items()}, "student", per_sample=False)
         require_maps("at", {k: tuple(v.shape) for k, v in teacher_features.items()}, "teacher", per_sample=False)
-        return sum((self.pair_loss(s, t) for s, t in pairs), student_logits.new_zeros(()))
+        return super().forward(student_logits, teacher_logits, labels, student_features, teacher_features)
 
 
 def pairwise_distances(e: torch.Tensor, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
@@ -142,7 +152,7 @@ def triplet_cosines(e: torch.Tensor) -> torch.Tensor:
 
 
 @LOSSES.register("rkd")
-class RelationalKD(DistillationLoss):
+class RelationalKD(FeatureLoss):
     """Relational knowledge distillation (Park et al., "Relational Knowledge Distillation", CVPR 2019).
 
     On each pair of flattened features: the distance-wise loss, smooth L1 between the pairwise
@@ -155,9 +165,6 @@ class RelationalKD(DistillationLoss):
     """
 
     weight = 1.0
-    ce_weight = 1.0
-    features = True
-    connect = False
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, squared: bool = False,
                  eps: float = 1e-12) -> None:
@@ -194,7 +201,7 @@ def pkt_probabilities(f: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @LOSSES.register("pkt")
-class ProbabilisticKT(DistillationLoss):
+class ProbabilisticKT(FeaturePairLoss):
     """Probabilistic knowledge transfer (Passalis & Tefas, "Learning Deep Representations with Probabilistic
     Knowledge Transfer", ECCV 2018).
 
@@ -206,26 +213,18 @@ class ProbabilisticKT(DistillationLoss):
     """
 
     weight = 30000.0
-    ce_weight = 1.0
-    features = True
-    connect = False
 
     def __init__(self, eps: float = 1e-7) -> None:
         super().__init__()
         self.eps = eps
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                student_features: dict[str, torch.Tensor],
-                teacher_features: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = student_logits.new_zeros(())
-        for s, t in feature_pairs(student_features, teacher_features):
-            p_s, p_t = pkt_probabilities(flat(s), self.eps), pkt_probabilities(flat(t), self.eps)
-            total = total + torch.mean(p_t * torch.log((p_t + self.eps) / (p_s + self.eps)))
-        return total
+    def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        p_s, p_t = pkt_probabilities(flat(student), self.eps), pkt_probabilities(flat(teacher), self.eps)
+        return torch.mean(p_t * torch.log((p_t + self.eps) / (p_s + self.eps)))
 
 
 @LOSSES.register("sp")
-class SimilarityPreserving(DistillationLoss):
+class SimilarityPreserving(FeaturePairLoss):
     """Similarity-preserving distillation (Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019).
 
     On each pair of flattened features: Gram matrices ``G = f f^T`` with rows L2-normalised, and
@@ -235,19 +234,11 @@ class SimilarityPreserving(DistillationLoss):
     """
 
     weight = 3000.0
-    ce_weight = 1.0
-    features = True
-    connect = False
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                student_features: dict[str, torch.Tensor],
-                teacher_features: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = student_logits.new_zeros(())
-        for s, t in feature_pairs(student_features, teacher_features):
-            s, t = flat(s), flat(t)
-            g_s, g_t = F.normalize(s @ s.t()), F.normalize(t @ t.t())
-            total = total + (g_t - g_s).pow(2).sum() / len(s) ** 2
-        return total
+    def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        s, t = flat(student), flat(teacher)
+        g_s, g_t = F.normalize(s @ s.t()), F.normalize(t @ t.t())
+        return (g_t - g_s).pow(2).sum() / len(s) ** 2
 
 
 class Embed(nn.Module):
@@ -276,7 +267,7 @@ def nce_loss(scores: torch.Tensor, num_samples: int, eps: float = 1e-7) -> torch
 
 
 @LOSSES.register("crd")
-class ContrastiveRepresentationDistillation(DistillationLoss):
+class ContrastiveRepresentationDistillation(FeatureLoss):
     """Contrastive representation distillation (Tian et al., "Contrastive Representation Distillation", ICLR 2020).
 
     The last feature pair, flattened, is embedded by a student and a teacher head (linear +
@@ -299,9 +290,6 @@ class ContrastiveRepresentationDistillation(DistillationLoss):
     """
 
     weight = 0.8
-    ce_weight = 1.0
-    features = True
-    connect = False
 
     memory_s: torch.Tensor
     memory_t: torch.Tensor
