@@ -143,6 +143,7 @@ class Experiment:
         self.kd_loss_name = "+".join(loss_key(spec) for spec in c.kd_loss)
         self.teacher_path = Path(c.teacher_checkpoint).expanduser().resolve() if c.teacher_checkpoint else None
         self.teacher: nn.Module | None = None
+        self.cache_keys: dict[tuple[Path, int], str] = {}  # hashing the teacher and every file once per run
         if c.distill:
             self._check_distillation()
 
@@ -191,9 +192,12 @@ class Experiment:
         settings = {"teacher_arch": c.teacher_arch, "image_size": c.image_size, "min_crop_scale": c.min_crop_scale,
                     "hflip": c.hflip, "seed": seed, "precision": c.precision, "channels_last": c.channels_last,
                     "image_cache": bool(c.image_cache), "dtype": c.teacher_cache_dtype, "topk": c.teacher_cache_topk}
-        key = cache_key(teacher_path, {"train": layout.train, "val": layout.val}, settings)
-        return TeacherCache(c.teacher_cache, key, {"train": len(layout.train), "val": len(layout.val)},
-                            len(self.data.classes), c.teacher_cache_dtype, c.teacher_cache_topk)
+        if (teacher_path, seed) not in self.cache_keys:
+            self.cache_keys[teacher_path, seed] = cache_key(teacher_path, {"train": layout.train, "val": layout.val},
+                                                            settings)
+        sizes = {"train": len(layout.train), "val": len(layout.val)}
+        return TeacherCache(c.teacher_cache, self.cache_keys[teacher_path, seed], sizes, len(self.data.classes),
+                            c.teacher_cache_dtype, c.teacher_cache_topk)
 
     def _module(self, model: nn.Module, arch: str, c: Config, teacher: nn.Module | None,
                 cache: TeacherCache | None) -> KDModule:
