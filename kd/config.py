@@ -11,6 +11,7 @@ import math
 import os
 import shlex
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from collections.abc import Callable
 import yaml
 
 from kd.errors import KDError
+from kd.files import write_text
 from kd.registry import did_you_mean
 
 FLAGS_FILE = "commandline_args.txt"
@@ -28,10 +30,36 @@ CHECKOUT_DIR = PROJECT_DIR if (PROJECT_DIR / "experiment.py").is_file() else Non
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
 
 
-def _flag(default: Any, help: str, choices: tuple = (), check: Callable[[Any], bool] | None = None,
-          must: str = "", group: str = "") -> Any:
-    """A config field with its help text, allowed choices and a value check (``must`` explains it)."""
-    meta = {"help": help, "choices": choices, "check": check, "must": must, "group": group}
+class Role(str, Enum):
+    """What a flag means for a run; every Config field declares its roles where it is defined.
+
+    ``--resume`` reuses a stage only where every flag of that stage's role is the same, the teacher
+    cache is keyed by the flags of role CACHE_KEY, and INVOCATION flags are not saved with a run.
+    """
+
+    TEACHER = "teacher"  # makes the teacher stage what it is
+    BASELINE = "baseline"  # makes the baseline stage what it is
+    DISTILL = "distill"  # makes a distill (or assistant) stage what it is
+    CACHE_KEY = "cache_key"  # changes the teacher's outputs: part of the teacher-cache key
+    RECORDED = "recorded"  # saved with the run, but changes no stage's result (speed, hardware, places)
+    INVOCATION = "invocation"  # what this invocation does (print, report, resume...): not saved
+
+
+STAGE_ROLES = (Role.TEACHER, Role.BASELINE, Role.DISTILL)
+R = Role  # short, for the field table below
+TRAINING = STAGE_ROLES  # flags of training itself: they make every stage what it is
+
+
+def _flag(default: Any, help: str, *, roles: tuple[Role, ...], choices: tuple = (),
+          check: Callable[[Any], bool] | None = None, must: str = "", group: str = "", path: bool = False,
+          bare: Any = None) -> Any:
+    """A config field with its help text, roles, allowed choices and a value check (``must`` explains it).
+
+    ``path`` marks a file or folder, compared normalised (``data/`` is ``data``); ``bare`` is the value
+    of the flag given without one (``--list_models`` alone).
+    """
+    meta = {"help": help, "roles": frozenset(roles), "choices": choices, "check": check, "must": must,
+            "group": group, "path": path, "bare": bare}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,120 +78,172 @@ class Config:
     """Every setting of a run; field names are the flag names without ``--``."""
 
     # What to run
-    train_teacher: bool = _flag(False, "train the teacher", group="stages")
-    baseline: bool = _flag(False, "train the student on labels alone", group="stages")
-    distill: bool = _flag(False, "train the student with distillation from the teacher", group="stages")
+    train_teacher: bool = _flag(False, "train the teacher", group="stages", roles=(R.RECORDED,))
+    baseline: bool = _flag(False, "train the student on labels alone", group="stages", roles=(R.RECORDED,))
+    distill: bool = _flag(False, "train the student with distillation from the teacher",
+                          group="stages", roles=(R.RECORDED,))
     teacher_checkpoint: str | None = _flag(
-        None, "teacher checkpoint to distill from (default: the teacher trained in this run)", group="stages")
+        None, "teacher checkpoint to distill from (default: the teacher trained in this run)",
+        group="stages", roles=(R.DISTILL,), path=True)
     # Data
     data_dir: str = _flag("demo", "ImageFolder root (train/ and val/ inside, or class folders); "
-                          "'demo' generates the built-in demo dataset", group="data")
+                          "'demo' generates the built-in demo dataset", group="data", roles=TRAINING, path=True)
     val_fraction: float = _flag(0.2, "share of each class held out for validation when data_dir has no val/",
-                                check=lambda x: 0 < x < 1, must="be between 0 and 1", group="data")
+                                check=lambda x: 0 < x < 1, must="be between 0 and 1", group="data", roles=TRAINING)
     num_classes: int | None = _flag(None, "expected number of classes (checked against the data)",
-                                       check=_positive, must="be positive", group="data")
+                                       check=_positive, must="be positive", group="data", roles=(R.RECORDED,))
     image_size: int = _flag(224, "side of the square crop fed to the networks",
-                            check=lambda x: x >= 8, must="be at least 8", group="data")
+                            check=lambda x: x >= 8, must="be at least 8", group="data", roles=(*TRAINING, R.CACHE_KEY))
     min_crop_scale: float = _flag(0.08, "smallest area share of a training crop (RandomResizedCrop scale)",
-                                  check=lambda x: 0 < x <= 1, must="be in (0, 1]", group="data")
+                                  check=lambda x: 0 < x <= 1, must="be in (0, 1]",
+                                  group="data", roles=(*TRAINING, R.CACHE_KEY))
     skip_bad_images: bool = _flag(False, "decode every image up front and train without the unreadable ones "
-                                  "(listed in skipped_images.txt beside the logs)", group="data")
-    hflip: bool = _flag(True, "random horizontal flips in training (turn off for digits and text)", group="data")
-    batch_size: int = _flag(64, "images per batch", check=_positive, must="be positive", group="data")
+                                  "(listed in skipped_images.txt beside the logs)", group="data", roles=TRAINING)
+    hflip: bool = _flag(True, "random horizontal flips in training (turn off for digits and text)",
+                        group="data", roles=(*TRAINING, R.CACHE_KEY))
+    batch_size: int = _flag(64, "images per batch", check=_positive, must="be positive", group="data", roles=TRAINING)
     num_workers: int = _flag(2, "DataLoader worker processes (0 loads in the main process)",
-                             check=lambda x: x >= 0, must="be 0 or more", group="data")
+                             check=lambda x: x >= 0, must="be 0 or more", group="data", roles=(R.RECORDED,))
     # Models
-    teacher_arch: str = _flag("resnet50", "teacher network: a built-in or torchvision model name", group="models")
-    student_arch: str = _flag("resnet18", "student network: a built-in or torchvision model name", group="models")
+    teacher_arch: str = _flag("resnet50", "teacher network: a built-in or torchvision model name",
+                              group="models", roles=(R.TEACHER, R.DISTILL, R.CACHE_KEY))
+    student_arch: str = _flag("resnet18", "student network: a built-in or torchvision model name",
+                              group="models", roles=(R.BASELINE, R.DISTILL))
     teacher_weights: str | None = _flag(
-        None, "initial teacher weights: a torchvision weights name (e.g. DEFAULT) or a local file", group="models")
+        None, "initial teacher weights: a torchvision weights name (e.g. DEFAULT) or a local file",
+        group="models", roles=(R.TEACHER,), path=True)
     student_weights: str | None = _flag(
-        None, "initial student weights: a torchvision weights name or a local file", group="models")
+        None, "initial student weights: a torchvision weights name or a local file",
+        group="models", roles=(R.BASELINE, R.DISTILL), path=True)
     # Distillation
     kd_loss: list[str] = _flag(["kl_softmax"], "distillation losses, summed with --kd_weights: registered names "
-                               "(see the README's methods table) or module:Class", group="distillation")
+                               "(see the README's methods table) or module:Class",
+                               group="distillation", roles=(R.DISTILL,))
     kd_weights: list[float] = _flag([], "one weight per --kd_loss (default: each method's weight from its paper)",
-                                    check=lambda x: x >= 0, must="be 0 or more", group="distillation")
+                                    check=lambda x: x >= 0, must="be 0 or more",
+                                    group="distillation", roles=(R.DISTILL,))
     ce_weight: float | None = _flag(None, "weight of the cross-entropy on labels (default: the smallest the chosen "
                                     "methods' papers use: 0.1 with kl_softmax, 1 for most)",
-                                    check=lambda x: x >= 0, must="be 0 or more", group="distillation")
+                                    check=lambda x: x >= 0, must="be 0 or more",
+                                    group="distillation", roles=(R.DISTILL,))
     temperature: float | None = _flag(None, "softmax temperature of every loss that has one (default: each "
                                       "loss's own, from its paper)", check=_positive, must="be positive",
-                                      group="distillation")
+                                      group="distillation", roles=(R.DISTILL,))
     loss_options: list[str] = _flag([], "a loss's own settings as NAME.SETTING=VALUE (or SETTING=VALUE for every "
-                                    "loss that has it), e.g. dkd.beta=4", group="distillation")
+                                    "loss that has it), e.g. dkd.beta=4", group="distillation", roles=(R.DISTILL,))
     student_layers: list[str] = _flag([], "student modules whose outputs feature losses compare (names as in "
-                                      "named_modules(), e.g. layer3 layer4)", group="distillation")
+                                      "named_modules(), e.g. layer3 layer4)", group="distillation", roles=(R.DISTILL,))
     teacher_layers: list[str] = _flag([], "teacher modules paired in order with --student_layers",
-                                      group="distillation")
+                                      group="distillation", roles=(R.DISTILL,))
     assistant_arch: list[str] = _flag([], "teacher assistants: distill teacher → A → B → ... → student, each "
-                                      "from the one before (Mirzadeh et al. 2020)", group="distillation")
+                                      "from the one before (Mirzadeh et al. 2020)",
+                                      group="distillation", roles=(R.RECORDED,))
     teacher_cache: str | None = _flag(None, "store the teacher's logits here on the first distillation and read "
                                       "them on later runs with the same teacher, data, transforms and seed",
-                                      group="speed")
+                                      group="speed", roles=(R.DISTILL,), path=True)
     teacher_cache_dtype: str = _flag("float16", "how cached logits are stored", choices=("float16", "float32"),
-                                     group="speed")
+                                     group="speed", roles=(R.DISTILL, R.CACHE_KEY))
     teacher_cache_topk: int | None = _flag(None, "cache only each sample's k largest logits (for many classes; "
                                            "the rest share the remaining probability mass)", check=_positive,
-                                           must="be positive", group="speed")
+                                           must="be positive", group="speed", roles=(R.DISTILL, R.CACHE_KEY))
     teacher_cache_only: bool = _flag(False, "refuse to run the teacher: fail unless --teacher_cache holds every "
-                                     "epoch this run needs", group="speed")
+                                     "epoch this run needs", group="speed", roles=(R.RECORDED,))
     image_cache: str | None = _flag(None, "decode every image once into memory-mapped arrays under this folder "
-                                    "and augment from them (no image decoding per epoch)", group="speed")
+                                    "and augment from them (no image decoding per epoch)",
+                                    group="speed", roles=(*TRAINING, R.CACHE_KEY), path=True)
     channels_last: bool = _flag(False, "channels-last memory format for the networks and batches (faster "
-                                "convolutions on GPUs with tensor cores)", group="speed")
-    compile: bool = _flag(False, "torch.compile the student and the teacher", group="speed")
+                                "convolutions on GPUs with tensor cores)", group="speed", roles=(R.CACHE_KEY,))
+    compile: bool = _flag(False, "torch.compile the student and the teacher", group="speed", roles=(R.RECORDED,))
     # Optimisation
-    epochs: int = _flag(10, "training epochs of each stage", check=_positive, must="be positive", group="training")
-    lr: float = _flag(0.05, "peak learning rate", check=_positive, must="be positive", group="training")
-    optimizer: str = _flag("sgd", "optimizer", choices=("sgd", "adam", "adamw"), group="training")
+    epochs: int = _flag(10, "training epochs of each stage", check=_positive, must="be positive",
+                        group="training", roles=TRAINING)
+    lr: float = _flag(0.05, "peak learning rate", check=_positive, must="be positive", group="training", roles=TRAINING)
+    optimizer: str = _flag("sgd", "optimizer", choices=("sgd", "adam", "adamw"), group="training", roles=TRAINING)
     momentum: float = _flag(0.9, "SGD momentum (Adam's beta1)", check=lambda x: 0 <= x < 1,
-                            must="be in [0, 1)", group="training")
+                            must="be in [0, 1)", group="training", roles=TRAINING)
     weight_decay: float = _flag(5e-4, "weight decay", check=lambda x: x >= 0, must="be 0 or more",
-                                group="training")
+                                group="training", roles=TRAINING)
     scheduler: str = _flag("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "none"),
-                           group="training")
+                           group="training", roles=TRAINING)
     warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up", check=lambda x: x >= 0,
-                                 must="be 0 or more", group="training")
+                                 must="be 0 or more", group="training", roles=TRAINING)
     resume: bool = _flag(False, "continue this experiment: reuse finished stages, resume unfinished ones from "
-                         "their last checkpoint", group="training")
+                         "their last checkpoint", group="training", roles=(R.INVOCATION,))
     seed: int = _flag(0, "random seed of models, augmentation and batch order", check=_seed_range,
-                      must="be between 0 and 2**32 - 1", group="training")
+                      must="be between 0 and 2**32 - 1", group="training", roles=(*TRAINING, R.CACHE_KEY))
     seeds: list[int] = _flag([], "repeat the stages for each of these seeds (overrides --seed) and report "
-                             "mean ± std", check=_seed_range, must="be between 0 and 2**32 - 1", group="training")
+                             "mean ± std", check=_seed_range, must="be between 0 and 2**32 - 1",
+                             group="training", roles=(R.RECORDED,))
     repeat_teacher: bool = _flag(False, "with --seeds, train a teacher per seed (default: once, first seed)",
-                                 group="training")
+                                 group="training", roles=(R.RECORDED,))
     # Hardware
-    accelerator: str = _flag("auto", "Lightning accelerator (auto, cpu, gpu, ...)", group="hardware")
-    devices: str = _flag("1", "Lightning devices per node (a count, a list like 0,1, or auto)", group="hardware")
+    accelerator: str = _flag("auto", "Lightning accelerator (auto, cpu, gpu, ...)",
+                             group="hardware", roles=(R.RECORDED,))
+    devices: str = _flag("1", "Lightning devices per node (a count, a list like 0,1, or auto)",
+                         group="hardware", roles=(R.RECORDED,))
     num_nodes: int = _flag(1, "machines taking part (Lightning num_nodes)", check=_positive, must="be positive",
-                           group="hardware")
-    strategy: str = _flag("auto", "Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...", group="hardware")
-    precision: str = _flag("32-true", "Lightning precision", choices=PRECISIONS, group="hardware")
+                           group="hardware", roles=(R.RECORDED,))
+    strategy: str = _flag("auto", "Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...",
+                          group="hardware", roles=(R.RECORDED,))
+    precision: str = _flag("32-true", "Lightning precision", choices=PRECISIONS,
+                           group="hardware", roles=(*TRAINING, R.CACHE_KEY))
     # Output
-    output_dir: str = _flag("runs", "where runs are written", group="output")
+    output_dir: str = _flag("runs", "where runs are written", group="output", roles=(R.RECORDED,), path=True)
     experiment_name: str = _flag("kd", "runs go to output_dir/experiment_name/<stage>/version_N",
                                  check=lambda x: bool(x) and not Path(x).is_absolute() and ".." not in Path(x).parts,
-                                 must="be a non-empty relative name without ..", group="output")
+                                 must="be a non-empty relative name without ..", group="output", roles=(R.RECORDED,))
     # Configuration itself
-    config: list[str] = _flag([], "YAML presets applied after the flags file, in the order named", group="config")
+    config: list[str] = _flag([], "YAML presets applied after the flags file, in the order named",
+                              group="config", roles=(R.INVOCATION,))
     evaluate: str | None = _flag(None, "evaluate this checkpoint on the validation data (top-1, top-5, per class, "
-                                 "confusion matrix), without training", group="deployment")
+                                 "confusion matrix), without training",
+                                 group="deployment", roles=(R.INVOCATION,), path=True)
     export: str | None = _flag(None, "write each trained student (or the --evaluate checkpoint) beside its "
                                "checkpoint for deployment, checked against PyTorch", choices=("onnx", "torchscript"),
-                               group="deployment")
+                               group="deployment", roles=(R.RECORDED,))
     report: list[str] = _flag([], "compare the finished runs under these folders in one table and plot, "
-                              "without training", group="config")
+                              "without training", group="config", roles=(R.INVOCATION,))
     print_config: bool = _flag(False, "print the resolved configuration with each value's source and exit",
-                               group="config")
+                               group="config", roles=(R.INVOCATION,))
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings that define a run (not how it was configured), for saving beside its logs."""
-        how = ("config", "print_config", "report", "resume", "evaluate")
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in how}
+        """The settings that define a run (not what this invocation did), for saving beside its logs."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in with_role(Role.INVOCATION)}
+
+    def identity(self, role: Role) -> dict[str, Any]:
+        """The flags of ``role`` with their values, paths normalised: what --resume compares for a stage."""
+        return identity(self.to_dict(), role)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def with_role(role: Role) -> frozenset[str]:
+    """The names of the flags that have ``role``."""
+    return frozenset(name for name, f in FIELDS.items() if role in f.metadata["roles"])
+
+
+def _normal_path(value: Any) -> Any:
+    """A path as compared: ``~`` expanded, ``data/`` and ``./data`` read as ``data``; other values as they are."""
+    return os.path.normpath(os.path.expanduser(value)) if isinstance(value, str) else value
+
+
+def identity(values: dict[str, Any], role: Role) -> dict[str, Any]:
+    """``values`` (a Config's, or a saved config.yaml's) restricted to the flags of ``role``, paths normalised.
+
+    A flag missing from ``values`` (a file saved by an older kd) reads as None, so it never matches a set flag.
+    """
+    return {name: _normal_path(values.get(name)) if FIELDS[name].metadata["path"] else values.get(name)
+            for name in sorted(with_role(role))}
+
+
+def cache_settings(config: Config) -> dict[str, Any]:
+    """The teacher-cache key's settings: the CACHE_KEY flags; a path flag counts by being set or not.
+
+    (A folder such as --image_cache has its own content key: where it lies does not change the pixels.)
+    """
+    return {name: value is not None if FIELDS[name].metadata["path"] else value
+            for name, value in identity(config.to_dict(), Role.CACHE_KEY).items()}
 TYPES = get_type_hints(Config)
 # Flags that only the command line understands: they choose which flags file is read.
 CLI_ONLY = {"flags_file": "read flags from this file instead of commandline_args.txt ('none' reads none)"}
@@ -238,6 +318,8 @@ def _convert(setting: Setting) -> Any:
     else:
         if not values and _scalar_type(name) is bool:
             values = [True]
+        elif not values and meta["bare"] is not None:
+            values = [meta["bare"]]
         if len(values) != 1:
             raise KDError(f"{where}: --{name} takes one value, got {len(values)}: {' '.join(map(str, values))}")
         value = _convert_one(name, values[0], where)
@@ -422,9 +504,7 @@ def save_config(config: Config, path: Path) -> None:
 
     Written to a temporary file and renamed, so a kill leaves no half-written file behind.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def help_text() -> str:

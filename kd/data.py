@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import colorsys
 import json
-import os
-import shutil
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +23,7 @@ from tqdm import tqdm
 
 from kd.config import Config
 from kd.errors import KDError, warn
+from kd.files import written_atomically
 
 if TYPE_CHECKING:
     from kd.image_cache import ImageCache
@@ -372,23 +370,20 @@ def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class
         return root
     if root.exists():
         raise KDError(f"--data_dir demo: {root} exists but is not this demo dataset; move it away")
-    tmp = root.with_name(f".{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique per process
-    shutil.rmtree(tmp, ignore_errors=True)
     classes = [f"{colour}_{shape}" for colour in DEMO_HUES for shape in DEMO_SHAPES]
-    for split, count, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
-        for label, name in enumerate(classes):
-            folder = tmp / split / name
-            folder.mkdir(parents=True)
-            colour, shape = name.split("_")
-            rng = np.random.default_rng([split_seed, label])
-            for i in range(count):
-                _draw_demo_image(shape, DEMO_HUES[colour], image_size, rng).save(folder / f"{i:04d}.png")
-    (tmp / "demo.json").write_text(json.dumps(params))
     root.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.replace(tmp, root)
+        with written_atomically(root) as tmp:
+            for split, count, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
+                for label, name in enumerate(classes):
+                    folder = tmp / split / name
+                    folder.mkdir(parents=True)
+                    colour, shape = name.split("_")
+                    rng = np.random.default_rng([split_seed, label])
+                    for i in range(count):
+                        _draw_demo_image(shape, DEMO_HUES[colour], image_size, rng).save(folder / f"{i:04d}.png")
+            (tmp / "demo.json").write_text(json.dumps(params))
     except OSError:  # another process (a DDP rank) finished the same dataset first
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (marker.is_file() and json.loads(marker.read_text()) == params):
             raise
     return root

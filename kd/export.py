@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import statistics
 import time
 import warnings
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from kd.errors import KDError
+from kd.files import written_atomically
 from kd.evaluate import eval_mode
 from kd.report import text_table
 
@@ -78,8 +78,7 @@ def export_model(model: nn.Module, fmt: str, path: Path, image_size: int, tolera
     example, check = (torch.randn(n, 3, image_size, image_size, generator=generator)
                       for n in (EXPORT_BATCH, CHECK_BATCH))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with written_atomically(path) as tmp:
         with eval_mode(model), warnings.catch_warnings():
             # TorchScript is deprecated in favour of torch.export; saying so to every user of
             # --export torchscript helps no one (warnings about the trace itself still show).
@@ -96,9 +95,6 @@ def export_model(model: nn.Module, fmt: str, path: Path, image_size: int, tolera
         if not difference <= tolerance:  # also refuses NaN
             raise KDError(f"{flag}: {path} was not written: its outputs differ from PyTorch's by up to "
                           f"{difference:.3g} (tolerance {tolerance:g})")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return difference
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from kd.data import load_rgb
 from kd.errors import KDError
+from kd.files import written_atomically
 
 FORMAT_VERSION = 1  # bump when the stored pixels change for the same inputs (filter, layout, draft use)
 BUILD_CHUNK = 256  # images decoded per parallel batch: bounds the memory held by decoded images
@@ -104,26 +104,19 @@ class ImageCache:
         expected = {"version": FORMAT_VERSION, "key": key, "short_side": short_side, "count": len(paths)}
         if _read_meta(folder, expected) is not None:
             return cls(folder)
-        tmp = root / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}"  # unique per process
         try:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
         except OSError as exc:
             raise KDError(f"--image_cache: cannot write {root}: {exc.strerror or exc}") from None
         try:
-            nbytes = _write(tmp, paths, short_side, expected)
-            if folder.exists() and _read_meta(folder, expected) is None:
-                shutil.rmtree(folder)  # a damaged folder under our key (complete ones only appear by rename)
-            try:
-                os.replace(tmp, folder)
-            except OSError:
-                if _read_meta(folder, expected) is None:  # not another process that finished first
-                    raise
+            with written_atomically(folder) as tmp:
+                tmp.mkdir()
+                nbytes = _write(tmp, paths, short_side, expected)
+                if folder.exists() and _read_meta(folder, expected) is None:
+                    shutil.rmtree(folder)  # a damaged folder under our key (complete ones only appear by rename)
         except OSError as exc:
-            raise KDError(f"--image_cache: cannot write {tmp}: {exc.strerror or exc}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed build, or the loser of a race
+            if _read_meta(folder, expected) is None:  # not another process that finished first
+                raise KDError(f"--image_cache: cannot write {folder}: {exc.strerror or exc}") from None
         print(f"image cache: {len(paths)} images at short side {short_side}, {_human(nbytes)} in {folder}",
               file=sys.stderr, flush=True)
         return cls(folder)

@@ -7,7 +7,6 @@ paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +17,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from kd.files import write_text, written_atomically  # noqa: E402
 from kd.results import StageResult  # noqa: E402
 
 Group = tuple[str, str]  # (experiment, label)
@@ -116,10 +116,9 @@ def plot(results: list[StageResult], path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
+    with written_atomically(path) as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 def write_report(results: list[StageResult], folder: Path) -> Path:
@@ -135,7 +134,5 @@ def write_report(results: list[StageResult], folder: Path) -> Path:
         "## Stages", "",
         stage_table(results, markdown=True), "",
     ])
-    tmp = folder / ".report.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, folder / "report.md")
+    write_text(folder / "report.md", text)
     return folder / "report.md"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd.errors import KDError
+from kd.files import write_text
 
 RESULT_FILE = "result.json"
 
@@ -39,9 +39,7 @@ class StageResult:
     def save(self) -> None:
         """Write result.json into the stage's log folder (atomically: a kill leaves no partial file)."""
         data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
-        tmp = self.log_dir / f".{RESULT_FILE}.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.log_dir / RESULT_FILE)
+        write_text(self.log_dir / RESULT_FILE, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> StageResult:

@@ -23,9 +23,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
-from kd.config import Config, save_config
+from kd.config import Config, Role, cache_settings, identity, save_config
 from kd.data import ImageFolderDataModule, draw_seed, prepare_data
 from kd.errors import Interrupted, KDError
+from kd.files import written_atomically
 from kd.features import feature_shapes
 from kd.losses import LOSSES
 from kd.losses.base import loss_property
@@ -38,19 +39,11 @@ from kd.results import RESULT_FILE, StageResult, find_results
 from kd.teacher_cache import TeacherCache, cache_key
 
 STAGES = ("teacher", "baseline", "distill")
-# The flags that make a stage what it is: --resume reuses or continues an earlier run of a stage only
-# where all of them (and the seed) are the same. An assistant is a distill stage with its own student.
-_TRAINING = {"seed", "data_dir", "val_fraction", "image_size", "min_crop_scale", "hflip", "skip_bad_images",
-             "image_cache", "batch_size", "epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
-             "warmup_epochs", "precision"}
-_DISTILL = _TRAINING | {"student_arch", "student_weights", "teacher_arch", "teacher_checkpoint", "kd_loss",
-                        "kd_weights", "ce_weight", "temperature", "loss_options", "student_layers", "teacher_layers",
-                        "teacher_cache", "teacher_cache_dtype", "teacher_cache_topk"}  # stored logits are rounded
-STAGE_FLAGS = {
-    "teacher": _TRAINING | {"teacher_arch", "teacher_weights"},
-    "baseline": _TRAINING | {"student_arch", "student_weights"},
-    "distill": _DISTILL,
-}
+
+
+def stage_role(stage: str) -> Role:
+    """The role of the flags that make ``stage`` what it is; an assistant is a distill stage."""
+    return {"teacher": Role.TEACHER, "baseline": Role.BASELINE}.get(stage, Role.DISTILL)
 
 
 class History(pl.Callback):
@@ -189,9 +182,7 @@ class Experiment:
     def _cache(self, teacher_path: Path, seed: int) -> TeacherCache:
         """The teacher-output cache of this run's data and transforms, ``seed`` and the teacher in ``teacher_path``."""
         c, layout = self.config, self.data.layout
-        settings = {"teacher_arch": c.teacher_arch, "image_size": c.image_size, "min_crop_scale": c.min_crop_scale,
-                    "hflip": c.hflip, "seed": seed, "precision": c.precision, "channels_last": c.channels_last,
-                    "image_cache": bool(c.image_cache), "dtype": c.teacher_cache_dtype, "topk": c.teacher_cache_topk}
+        settings = cache_settings(replace(c, seed=seed))
         if (teacher_path, seed) not in self.cache_keys:
             self.cache_keys[teacher_path, seed] = cache_key(teacher_path, {"train": layout.train, "val": layout.val},
                                                             settings)
@@ -297,10 +288,11 @@ class Experiment:
         """
         folders = sorted((p for p in (self.root / stage).glob("version_*") if (p / "config.yaml").is_file()),
                          key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
-        wanted = {k: v for k, v in config.to_dict().items() if k in STAGE_FLAGS.get(stage, _DISTILL)}
+        role = stage_role(stage)
+        wanted = config.identity(role)
         for folder in folders:
             saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            if any(saved.get(k) != v for k, v in wanted.items()):
+            if identity(saved, role) != wanted:
                 continue
             if (folder / RESULT_FILE).is_file():
                 return StageResult.load(folder / RESULT_FILE)
@@ -371,13 +363,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint beside its final name, then renames: a kill leaves the old file or the new one."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
+        with written_atomically(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 class InterruptCheckpoint(pl.Callback):

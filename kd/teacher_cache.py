@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from kd.errors import KDError
+from kd.files import written_atomically
 
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
@@ -143,18 +143,15 @@ class TeacherCache:
         if split is None or self.has(epoch):
             return
         final = self.folder / self.split_name(epoch)
-        tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
         try:
             self.folder.mkdir(exist_ok=True)
-            tmp.mkdir(exist_ok=True)  # a leftover of a killed run with this pid is overwritten
-            for name, array in split.arrays.items():
-                np.save(tmp / f"{name}.npy", array)
-            os.replace(tmp, final)
+            with written_atomically(final) as tmp:
+                tmp.mkdir()
+                for name, array in split.arrays.items():
+                    np.save(tmp / f"{name}.npy", array)
         except OSError as exc:
             if not self.has(epoch):  # else another run saved the same epoch first: theirs is as good
                 raise KDError(f"--teacher_cache: cannot write {final}: {exc.strerror or exc}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def nbytes(self) -> int:
         """Bytes on disk of everything cached under this key."""

@@ -10,13 +10,14 @@ and an existing folder is never overwritten.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing kd
+from kd.files import written_atomically  # noqa: E402
 
 
 def write_digits(out: Path, val_fraction: float = 0.25, seed: int = 0) -> tuple[int, int]:
@@ -26,19 +27,18 @@ def write_digits(out: Path, val_fraction: float = 0.25, seed: int = 0) -> tuple[
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 17 grey levels → 0..255
     rng = np.random.default_rng(seed)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     counts = {"train": 0, "val": 0}
-    for label in range(10):
-        indices = rng.permutation(np.flatnonzero(digits.target == label))
-        n_val = round(len(indices) * val_fraction)
-        for split, chosen in (("val", indices[:n_val]), ("train", indices[n_val:])):
-            folder = tmp / split / str(label)
-            folder.mkdir(parents=True)
-            for index in chosen:
-                Image.fromarray(images[index], mode="L").save(folder / f"{index:04d}.png")
-            counts[split] += len(chosen)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with written_atomically(out) as tmp:
+        for label in range(10):
+            indices = rng.permutation(np.flatnonzero(digits.target == label))
+            n_val = round(len(indices) * val_fraction)
+            for split, chosen in (("val", indices[:n_val]), ("train", indices[n_val:])):
+                folder = tmp / split / str(label)
+                folder.mkdir(parents=True)
+                for index in chosen:
+                    Image.fromarray(images[index], mode="L").save(folder / f"{index:04d}.png")
+                counts[split] += len(chosen)
     return counts["train"], counts["val"]
 
 
@@ -56,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: scikit-learn is needed for the digits: pip install scikit-learn", file=sys.stderr)
         return 2
-    finally:
-        shutil.rmtree(args.out.with_name(f".{args.out.name}.tmp{os.getpid()}"), ignore_errors=True)
     print(f"wrote {train} training and {val} validation images of 10 classes to {args.out}")
     return 0
 

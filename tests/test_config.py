@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd.config import Config, help_text, resolve, save_config
+from kd.config import Config, Role, cache_settings, help_text, resolve, save_config, with_role
 from kd.errors import KDError
 from kd.losses import LOSSES
 from kd.models import check_model_name
@@ -333,3 +333,50 @@ def test_shipped_flags_file_resolves_and_is_the_default(cwd):
     shipped = resolve(["--flags_file", str(PROJECT / "commandline_args.txt")])
     assert resolve([]).config == shipped.config
     assert_runnable_names(shipped.config)
+
+
+def _flags_without_roles(cls: type) -> list[str]:
+    """Fields of ``cls`` with no role, or with INVOCATION beside another role (it means: not saved)."""
+    bad = []
+    for f in dataclasses.fields(cls):
+        roles = f.metadata.get("roles") or frozenset()
+        if not roles or not all(isinstance(r, Role) for r in roles) or (Role.INVOCATION in roles and len(roles) > 1):
+            bad.append(f.name)
+    return bad
+
+
+def test_every_flag_declares_its_roles():
+    """A flag without a role would silently be left out of --resume's comparison and the cache key."""
+    assert _flags_without_roles(Config) == []
+
+
+def test_the_role_check_catches_a_flag_without_roles():
+    @dataclasses.dataclass
+    class WithNewFlag(Config):
+        new_flag: int = 3  # added without _flag(): no roles
+
+    assert _flags_without_roles(WithNewFlag) == ["new_flag"]
+
+
+def test_stage_identities_follow_the_roles():
+    """What --resume compares per stage, and what keys the teacher cache, come from the fields' roles."""
+    teacher, baseline, distill = (with_role(r) for r in (Role.TEACHER, Role.BASELINE, Role.DISTILL))
+    assert {"teacher_arch", "teacher_weights", "epochs", "seed", "data_dir"} <= teacher
+    assert "student_arch" not in teacher and "kd_loss" not in baseline
+    assert {"kd_loss", "temperature", "teacher_checkpoint", "student_arch", "teacher_cache_dtype"} <= distill
+    assert not (with_role(Role.INVOCATION) & (teacher | baseline | distill))
+    assert "num_workers" not in teacher | baseline | distill | with_role(Role.CACHE_KEY)
+    key = cache_settings(Config(image_cache="some/folder"))
+    assert key["image_cache"] is True and key["teacher_arch"] == "resnet50" and "epochs" not in key
+
+
+@pytest.mark.parametrize("a, b", [("data", "data/"), ("data", "./data"), ("runs/x/../data", "runs/data")])
+def test_path_flags_compare_normalised(a, b):
+    assert Config(data_dir=a).identity(Role.TEACHER) == Config(data_dir=b).identity(Role.TEACHER)
+    assert Config(data_dir=a).identity(Role.TEACHER) != Config(data_dir="other").identity(Role.TEACHER)
+
+
+def test_invocation_flags_are_not_saved():
+    saved = Config().to_dict()
+    assert not set(saved) & with_role(Role.INVOCATION)
+    assert {"resume", "config", "print_config", "report", "evaluate"} <= with_role(Role.INVOCATION)
