@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from kd.data import normalize
-from kd.report import text_table
+from kd.tables import text_table
 
 HEADER_WIDTH = 8  # confusion matrix columns: longer class names are cut in the middle to this width
 

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kd.errors import KDError
 from kd.files import written_atomically
 from kd.evaluate import eval_mode
-from kd.report import text_table
+from kd.tables import text_table
 
 EXPORT_BATCH, CHECK_BATCH = 2, 3  # checked on another batch size than the exported one: the batch is dynamic
 WARMUP_RUNS = 3

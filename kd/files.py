@@ -9,6 +9,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from kd.errors import KDError
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -33,6 +35,16 @@ def written_atomically(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Refuse, without writing anything, a folder that could not be created or written to."""
+    path = Path(path).expanduser()
+    existing = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise KDError(f"{flag}: cannot create {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KDError(f"{flag}: cannot create {path}: {existing} is not writable")
 
 
 def write_text(path: str | Path, text: str) -> None:

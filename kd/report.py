@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kd.files import write_text, written_atomically  # noqa: E402
 from kd.results import StageResult  # noqa: E402
+from kd.tables import text_table  # noqa: E402
 
 Group = tuple[str, str]  # (experiment, label)
 
@@ -28,17 +29,6 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) < 2:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]], markdown: bool = False) -> str:
-    """A plain-text (aligned) or Markdown table."""
-    if markdown:
-        lines = [header, tuple("---" for _ in header), *rows]
-        return "\n".join("| " + " | ".join(row) + " |" for row in lines)
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def group_results(results: list[StageResult]) -> dict[Group, list[StageResult]]:

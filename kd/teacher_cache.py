@@ -74,10 +74,6 @@ class TeacherCache:
         self.num_samples, self.num_classes, self.dtype, self.topk = num_samples, num_classes, dtype, topk
         self._pending: dict[str, _Split] = {}
         self._open: dict[str, dict[str, np.ndarray]] = {}
-        try:  # now, so an unwritable folder fails before training; the key's folder comes with its first epoch
-            self.folder.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KDError(f"--teacher_cache: cannot create {self.folder.parent}: {exc.strerror}") from None
 
     @staticmethod
     def split_name(epoch: int | None) -> str:
@@ -144,7 +140,7 @@ class TeacherCache:
             return
         final = self.folder / self.split_name(epoch)
         try:
-            self.folder.mkdir(exist_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
             with written_atomically(final) as tmp:
                 tmp.mkdir()
                 for name, array in split.arrays.items():

@@ -53,8 +53,9 @@ from kd.image_cache import ImageCache  # noqa: E402
 from kd.losses.logits import kl_softmax  # noqa: E402
 from kd.losses.objective import build_objective  # noqa: E402
 from kd.models import build_model  # noqa: E402
+from kd.distiller import Distiller  # noqa: E402
 from kd.module import KDModule  # noqa: E402
-from kd.report import text_table  # noqa: E402
+from kd.tables import text_table  # noqa: E402
 from kd.teacher_cache import TeacherCache  # noqa: E402
 
 TRAINING = ("plain_distill", "kd_distill", "plain_student", "kd_student", "kd_cached")
@@ -131,7 +132,7 @@ def bench_training(args, device: torch.device, tmp: Path, results: dict) -> None
         if args.compile:
             model.compile()
     objective = lambda: build_objective(["kl_softmax"], [], None, None, [], num_classes=args.num_classes)  # noqa: E731
-    options = {"image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile}
+    options = {"channels_last": args.channels_last, "compile": args.compile}
     # Fill the teacher-output cache for epoch 0, as a first run with --teacher_cache would.
     cache = TeacherCache(tmp / "teacher_cache", "bench", {"train": steps * args.batch_size, "val": 1}, args.num_classes)
     filler = copy.deepcopy(teacher).to(device, memory_format=fmt).eval()
@@ -140,11 +141,12 @@ def bench_training(args, device: torch.device, tmp: Path, results: dict) -> None
             cache.record(0, indices, filler(x.to(device).contiguous(memory_format=fmt)).float())
     cache.commit(0)
     del filler
-    modules = {"kd_distill": KDModule(copy.deepcopy(student), args.student, classes, teacher=copy.deepcopy(teacher),
-                                      objective=objective(), **options),
-               "kd_student": KDModule(copy.deepcopy(student), args.student, classes, **options),
-               "kd_cached": KDModule(copy.deepcopy(student), args.student, classes, objective=objective(),
-                                     teacher_cache=cache, **options)}
+    distillers = {"kd_distill": Distiller(copy.deepcopy(student), teacher=copy.deepcopy(teacher), objective=objective(),
+                                          **options),
+                  "kd_student": Distiller(copy.deepcopy(student), **options),
+                  "kd_cached": Distiller(copy.deepcopy(student), objective=objective(), teacher_cache=cache, **options)}
+    modules = {name: KDModule(distiller, args.student, classes, image_size=args.image_size)
+               for name, distiller in distillers.items()}
     for r in range(args.rounds):
         for name in TRAINING[r % len(TRAINING):] + TRAINING[:r % len(TRAINING)]:
             clock = Clock(args.warmup)

@@ -179,3 +179,11 @@ def test_export_writes_students_beside_their_checkpoints_and_compares_costs(fmt,
     exported = tmp_path / "kd" / "distill" / "version_0" / "checkpoints" / f"best{suffix}"
     assert exported.is_file() and f"exported {exported} (outputs within" in out
     assert "teacher" in out.split("exported")[-1] and "student" in out.split("exported")[-1]
+
+
+def test_a_run_that_fails_its_checks_writes_nothing(tiny_data, tmp_path, capsys):
+    """The checks read and try, never write: no empty experiment folder is left behind."""
+    code = main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "out"), "--train_teacher",
+                 "--distill", "--kd_loss", "fitnets"])
+    assert code == 2 and "feature losses need --student_layers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import FAST, run_cli
 from kd.cli import main
 from kd.errors import KDError
-from kd.features import Connector, FeatureHooks, feature_shapes
+from kd.hooks import Connector, FeatureHooks, feature_shapes
 from kd.losses import build_loss
 from kd.losses.objective import build_objective, parse_loss_options
 from kd.models import build_model, read_checkpoint
+from kd.distiller import Distiller
 from kd.module import KDModule
 
 CLASSES = [f"c{i}" for i in range(6)]
@@ -296,60 +297,62 @@ def _feature_distiller(loss: str = "fitnets") -> KDModule:
               feature_shapes(teacher, LAYERS, 16, "--teacher_layers"))
     objective = build_objective([loss], [], None, None, [], num_classes=len(CLASSES), num_samples=16,
                                 student_shapes=shapes[0], teacher_shapes=shapes[1])
-    return KDModule(student, "cnn_tiny", CLASSES, image_size=16, teacher=teacher, objective=objective,
-                    student_layers=LAYERS, teacher_layers=LAYERS, feature_shapes=shapes)
+    distiller = Distiller(student, teacher=teacher, objective=objective, student_layers=LAYERS, teacher_layers=LAYERS,
+                          feature_shapes=shapes)
+    return KDModule(distiller, "cnn_tiny", CLASSES, image_size=16)
 
 
 def test_a_feature_step_trains_the_student_and_the_connectors_not_the_teacher():
     module = _feature_distiller()
-    assert [tuple(c(torch.zeros(2, *s)).shape[1:]) for c, s in zip(module.connectors, [(8, 8, 8), (16, 4, 4)])] == [
+    connectors = module.distiller.connectors
+    assert [tuple(c(torch.zeros(2, *s)).shape[1:]) for c, s in zip(connectors, [(8, 8, 8), (16, 4, 4)])] == [
         (32, 8, 8), (64, 4, 4)]  # cnn_tiny's blocks mapped onto cnn_medium's
     module.log = module.log_dict = lambda *a, **k: None  # the step outside a Trainer: no logging
     module.train()
     loss = module.training_step(next(iter(_loader())), 0)
     loss.backward()
     assert all(p.grad is not None for p in module.model.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.connectors.parameters())
-    assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.distiller.connectors.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in module.distiller.teacher.parameters())
 
 
 def test_feature_distillation_keeps_the_teacher_and_saves_connectors_beside_the_student(tmp_path):
     module = _feature_distiller()
-    teacher_before = copy.deepcopy(module.teacher.state_dict())
-    connectors_before = copy.deepcopy(module.connectors.state_dict())
+    teacher_before = copy.deepcopy(module.distiller.teacher.state_dict())
+    connectors_before = copy.deepcopy(module.distiller.connectors.state_dict())
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=_loader(), val_dataloaders=_loader(8))
-    teacher_after = module.teacher.state_dict()
+    teacher_after = module.distiller.teacher.state_dict()
     assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)  # BN statistics too
-    assert not all(torch.equal(v, module.connectors.state_dict()[k]) for k, v in connectors_before.items())
+    assert not all(torch.equal(v, module.distiller.connectors.state_dict()[k]) for k, v in connectors_before.items())
     trainer.save_checkpoint(tmp_path / "student.ckpt")
     saved = torch.load(tmp_path / "student.ckpt", weights_only=True)["state_dict"]
     assert {k for k in saved if k.startswith("connectors.")} == {f"connectors.{k}" for k in
-                                                                 module.connectors.state_dict()}
+                                                                 module.distiller.connectors.state_dict()}
     assert not any(k.startswith("teacher.") for k in saved)
     weights, meta = read_checkpoint(tmp_path / "student.ckpt", "--evaluate")
     assert weights.keys() == module.model.state_dict().keys() and meta["arch"] == "cnn_tiny"
 
 
 def test_check_step_changes_nothing_and_passes_a_feature_loss():
-    module = _feature_distiller("crd")  # BN statistics and CRD's memory banks and normalisers
-    before = copy.deepcopy(module.state_dict())
-    module.train()
-    module.check_step(16)
-    assert module.training and module.teacher is not None and not module.teacher.training
-    after = module.state_dict()
+    distiller = _feature_distiller("crd").distiller  # BN statistics and CRD's memory banks and normalisers
+    before = copy.deepcopy(distiller.state_dict())
+    distiller.train()
+    distiller.check_step(16, len(CLASSES))
+    assert distiller.training and distiller.teacher is not None and not distiller.teacher.training
+    after = distiller.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_check_step_refuses_a_loss_that_ignores_the_student(user_file):
     torch.manual_seed(0)
     objective = build_objective([f"{user_file}:ignores_student"], [], None, None, [], num_classes=len(CLASSES))
-    module = KDModule(build_model("cnn_tiny", len(CLASSES)), "cnn_tiny", CLASSES, image_size=16,
-                      teacher=build_model("cnn_tiny", len(CLASSES)), objective=objective)
+    distiller = Distiller(build_model("cnn_tiny", len(CLASSES)), teacher=build_model("cnn_tiny", len(CLASSES)),
+                          objective=objective)
     with pytest.raises(KDError, match="--kd_loss ignores_student: its value does not depend on the student's "
                                       "logits or features"):
-        module.check_step(16)
+        distiller.check_step(16, len(CLASSES))
 
 
 # ---------------------------------------------------------------- experiment.py end to end
@@ -470,8 +473,8 @@ def test_a_finished_stage_leaves_no_hooks_on_the_shared_teacher():
     teacher = build_model("cnn_medium", len(CLASSES)).eval()
     objective = build_objective(["at"], [], None, None, [], num_classes=len(CLASSES))
     for _ in range(2):
-        module = KDModule(build_model("cnn_tiny", len(CLASSES)), "cnn_tiny", CLASSES, image_size=16, teacher=teacher,
-                          objective=objective, student_layers=LAYERS, teacher_layers=LAYERS)
+        module = KDModule(Distiller(build_model("cnn_tiny", len(CLASSES)), teacher=teacher, objective=objective,
+                                    student_layers=LAYERS, teacher_layers=LAYERS), "cnn_tiny", CLASSES, image_size=16)
         assert any(m._forward_hooks for m in teacher.modules())
         module.teardown("fit")
         assert not any(m._forward_hooks for m in teacher.modules())

@@ -16,7 +16,9 @@ from kd.losses.objective import build_objective
 from kd.losses.logits import kl_softmax
 from kd.models import build_model
 from kd.config import Config
-from kd.module import OPTIMIZERS, SCHEDULERS, KDModule
+from kd.distiller import Distiller
+from kd.module import KDModule
+from kd.optim import OPTIMIZERS, SCHEDULERS, OptimSettings
 
 CLASSES = [f"c{i}" for i in range(6)]
 
@@ -47,21 +49,21 @@ def _distiller(kd_weight: float = 0.7, ce_weight: float = 0.3, **kwargs) -> KDMo
     teacher = build_model("cnn_small", len(CLASSES))
     student = build_model("cnn_tiny", len(CLASSES))
     objective = build_objective(["kl_softmax"], [kd_weight], ce_weight, 3.0, [], num_classes=len(CLASSES))
-    return KDModule(student, "cnn_tiny", CLASSES, teacher=teacher, objective=objective, **kwargs)
+    return KDModule(Distiller(student, teacher=teacher, objective=objective, **kwargs), "cnn_tiny", CLASSES)
 
 
 def test_teacher_is_frozen_in_eval_mode_and_never_updated():
     module = _distiller()
-    before = copy.deepcopy(module.teacher.state_dict())
+    before = copy.deepcopy(module.distiller.teacher.state_dict())
     student_before = copy.deepcopy(module.model.state_dict())
     _fit(module, epochs=2)
-    after = module.teacher.state_dict()
+    after = module.distiller.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics alike
     assert not any(torch.equal(student_before[k], v) for k, v in module.model.state_dict().items()
                    if k.endswith("weight"))
     module.train()
-    assert not module.teacher.training and module.model.training
-    assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
+    assert not module.distiller.teacher.training and module.model.training
+    assert all(not p.requires_grad and p.grad is None for p in module.distiller.teacher.parameters())
 
 
 def test_training_loss_is_weighted_sum_of_distillation_and_cross_entropy():
@@ -69,7 +71,7 @@ def test_training_loss_is_weighted_sum_of_distillation_and_cross_entropy():
     x, y, indices = next(iter(_loader()))
     module.log = module.log_dict = lambda *a, **k: None  # the step outside a Trainer: no logging
     loss = module.training_step((x, y, indices), 0)
-    student, teacher = module.model(x), module.teacher(x)
+    student, teacher = module.model(x), module.distiller.teacher(x)
     expected = 0.7 * kl_softmax(student, teacher, 3.0) + 0.3 * F.cross_entropy(student, y)
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
@@ -78,8 +80,8 @@ def test_training_loss_is_weighted_sum_of_distillation_and_cross_entropy():
 
 @pytest.mark.parametrize("scheduler, warmup", [("cosine", 0.0), ("cosine", 1.0), ("step", 0.0), ("none", 0.5)])
 def test_learning_rate_schedules(scheduler, warmup):
-    module = KDModule(build_model("cnn_tiny", len(CLASSES)), "cnn_tiny", CLASSES, lr=0.1, scheduler=scheduler,
-                      warmup_epochs=warmup)
+    module = KDModule(Distiller(build_model("cnn_tiny", len(CLASSES))), "cnn_tiny", CLASSES,
+                      optim=OptimSettings(lr=0.1, scheduler=scheduler, warmup_epochs=warmup))
     rates = LearningRates()
     _fit(module, epochs=4, callbacks=[rates])
     lr, total = rates.values, 16  # 4 epochs of 4 batches
@@ -101,3 +103,34 @@ def test_learning_rate_schedules(scheduler, warmup):
 def test_config_offers_exactly_the_optimizers_and_schedules_the_module_has():
     fields = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)}
     assert set(fields["optimizer"]) == set(OPTIMIZERS) and set(fields["scheduler"]) == set(SCHEDULERS)
+
+
+def test_the_distiller_step_runs_without_a_trainer():
+    """The training step is a plain nn.Module: logits, the weighted loss and its named terms."""
+    distiller = _distiller(kd_weight=0.7, ce_weight=0.3).distiller
+    x, y, indices = next(iter(_loader()))
+    logits, loss, terms = distiller.step(x, y, indices, epoch=0)
+    student, teacher = distiller.model(x), distiller.teacher(x)
+    assert logits.shape == (8, len(CLASSES)) and set(terms) == {"ce", "kd/kl_softmax"}
+    torch.testing.assert_close(terms["kd/kl_softmax"], kl_softmax(student, teacher, 3.0))
+    torch.testing.assert_close(loss, 0.7 * terms["kd/kl_softmax"] + 0.3 * terms["ce"])
+    plain = Distiller(build_model("cnn_tiny", len(CLASSES)))
+    _, loss, terms = plain.step(x, y, indices, epoch=0)
+    assert not plain.distilling and set(terms) == {"ce"} and torch.equal(loss, terms["ce"])
+
+
+def test_checkpoints_keep_the_flat_layout_and_resume_into_the_distiller(tmp_path):
+    """Checkpoints hold model.* (what --evaluate and --teacher_checkpoint read), never the teacher."""
+    module = _distiller()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=_loader(), val_dataloaders=_loader(16))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == {f"model.{k}" for k in module.model.state_dict()}
+    assert saved["hyper_parameters"]["arch"] == "cnn_tiny" and saved["hyper_parameters"]["optim"]["lr"] == 0.05
+    again = _distiller()
+    resumed = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    resumed.fit(again, train_dataloaders=_loader(), val_dataloaders=_loader(16), ckpt_path=tmp_path / "a.ckpt")
+    assert resumed.current_epoch == 2

@@ -349,3 +349,9 @@ def test_installed_kd_command_runs_the_cli(wheel: Path, tmp_path: Path):
     inside = kd_command("--print_config", cwd=PROJECT)
     assert inside.returncode == 0, inside.stderr
     assert re.search(r"\scommandline_args\.txt:\d+$", inside.stdout, re.M), inside.stdout
+
+
+def test_evaluate_and_export_do_not_set_up_the_report_plotting():
+    """--evaluate and --export need tables, not report.py's matplotlib back-end set-up."""
+    code = "import sys, kd.evaluate, kd.export, kd.deploy; assert 'kd.report' not in sys.modules, 'kd.report'"
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT, check=True, timeout=120)

@@ -10,7 +10,7 @@ from kd.cli import main
 from kd.data import ImageFolderDataModule, normalize
 from kd.losses.objective import build_objective
 from kd.models import build_model
-from kd.module import KDModule
+from kd.distiller import Distiller
 
 
 def _batches(data: ImageFolderDataModule, train: bool) -> list[tuple[torch.Tensor, ...]]:
@@ -46,8 +46,7 @@ def test_cached_images_channels_last_and_bf16_train_on_a_cpu(tiny_data, tmp_path
 def test_compile_and_channels_last_apply_to_student_and_teacher():
     student, teacher = build_model("cnn_tiny", 3), build_model("cnn_small", 3)
     objective = build_objective(["kl_softmax"], [], None, None, [], num_classes=3)
-    module = KDModule(student, "cnn_tiny", ["a", "b", "c"], image_size=16, teacher=teacher, objective=objective,
-                      channels_last=True, compile=True)
+    module = Distiller(student, teacher=teacher, objective=objective, channels_last=True, compile=True)
     assert module.model._compiled_call_impl is not None and module.teacher._compiled_call_impl is not None
     conv = module.model.features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -57,8 +56,8 @@ def test_compile_and_channels_last_apply_to_student_and_teacher():
 def test_teacher_runs_in_inference_mode_under_mixed_precision(precision):
     """Teacher outputs come back as ordinary tensors the student's loss can save for backward."""
     student, teacher = build_model("cnn_tiny", 3), build_model("cnn_small", 3)
-    module = KDModule(student, "cnn_tiny", ["a", "b", "c"], image_size=16, teacher=teacher,
-                      objective=build_objective(["kl_softmax"], [], None, None, [], num_classes=3))
+    module = Distiller(student, teacher=teacher, objective=build_objective(["kl_softmax"], [], None, None, [],
+                                                                           num_classes=3))
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     with torch.autocast("cpu", dtype=dtype):
         logits, _ = module.teacher_outputs(torch.randn(2, 3, 16, 16), torch.arange(2), 0)

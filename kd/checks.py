@@ -1,0 +1,111 @@
+"""Everything a run can get wrong up front, checked before the first stage starts.
+
+Data, architectures, losses, layers, the teacher checkpoint, the caches, the hardware and the output
+folder are tried here, so a bad flag never costs a trained teacher. The checks read (files, the
+teacher, the caches) and build throwaway networks; they never write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kd.config import Config
+from kd.errors import KDError
+from kd.files import check_writable
+from kd.losses import LOSSES
+from kd.losses.base import loss_property
+from kd.models import check_forward, load_network
+from kd.stage import StageBuilder, Teacher
+
+STAGES = ("teacher", "baseline", "distill")
+
+
+@dataclass
+class Plan:
+    """What the checks found that the run needs: its stages, its processes and the given teacher."""
+
+    stages: list[str]
+    world_size: int
+    teacher: Teacher | None  # --teacher_checkpoint, loaded unless the teacher cache holds all its outputs
+
+
+def check_stages(c: Config) -> list[str]:
+    """The stages to run, refusing combinations that cannot work."""
+    stages = [s for s, on in zip(STAGES, (c.train_teacher, c.baseline, c.distill)) if on]
+    if not stages:
+        raise KDError("nothing to run: pass --train_teacher, --baseline and/or --distill")
+    if c.distill and c.train_teacher and c.teacher_checkpoint:
+        raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
+    if c.distill and not (c.train_teacher or c.teacher_checkpoint):
+        raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
+    if c.assistant_arch and not c.distill:
+        raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
+    return stages
+
+
+def check_experiment(c: Config, build: StageBuilder) -> Plan:
+    """Check the whole run ``c`` with the data ``build`` holds; the plan it may then run."""
+    stages = check_stages(c)
+    # Checks the hardware flags now; the process count sizes the logging interval.
+    world_size = build.trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
+    check_writable(Path(c.output_dir) / c.experiment_name, "--output_dir")
+    classes = build.classes
+    # Build and run each network once now, so a bad name, weights file or input size fails before training.
+    if c.train_teacher:
+        model = build.network(c.teacher_arch, c.teacher_weights, "--teacher_weights", c.seed)
+        check_forward(model, c.teacher_arch, c.image_size, len(classes), "--teacher_arch")
+    if c.baseline or c.distill:
+        model = build.network(c.student_arch, c.student_weights, "--student_weights", c.seed)
+        check_forward(model, c.student_arch, c.image_size, len(classes), "--student_arch")
+    teacher = _check_distillation(c, build, world_size) if c.distill else None
+    return Plan(stages, world_size, teacher)
+
+
+def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teacher | None:
+    """Check the losses, layers, assistants and caches, and run one trial step of every distillation.
+
+    Returns the --teacher_checkpoint teacher (its network None when the cache holds everything).
+    """
+    features = any(loss_property(LOSSES.get(spec), "features") for spec in c.kd_loss)
+    if features and not (c.student_layers and c.teacher_layers):
+        raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses need --student_layers and "
+                      "--teacher_layers (module names, e.g. layer3 layer4)")
+    if len(c.student_layers) != len(c.teacher_layers):
+        raise KDError(f"--student_layers names {len(c.student_layers)} module(s) but --teacher_layers "
+                      f"{len(c.teacher_layers)}: they are compared pair by pair")
+    if c.teacher_cache_only and not c.teacher_cache:
+        raise KDError("--teacher_cache_only needs --teacher_cache DIR")
+    if c.teacher_cache and (features or world_size > 1 or c.assistant_arch):
+        why = ("feature losses need the teacher's features, and the cache holds logits only" if features else
+               "it is written by one process; run the cached distillation on one device" if world_size > 1
+               else "each assistant is a new teacher; cache the final distillation in a run without assistants")
+        raise KDError(f"--teacher_cache: {why}")
+    if c.teacher_cache:
+        check_writable(c.teacher_cache, "--teacher_cache")
+    path = Path(c.teacher_checkpoint).expanduser().resolve() if c.teacher_checkpoint else None
+    if c.teacher_cache_only and path is None:
+        raise KDError("--teacher_cache_only needs --teacher_checkpoint: the cache is keyed by its content")
+    caches = [build.teacher_cache(path, seed) for seed in c.seeds or [c.seed]] if c.teacher_cache and path else []
+    missing = [(cache, split) for cache in caches for split in cache.missing(c.epochs)]
+    teacher = None
+    if path is not None:
+        if c.teacher_cache_only and missing:
+            splits = [split for _, split in missing]
+            raise KDError(f"--teacher_cache_only: {missing[0][0].folder} lacks {', '.join(splits[:3])}"
+                          f"{' ...' if len(splits) > 3 else ''} for this teacher, data, transforms and seed")
+        network = load_network(path, c.teacher_arch, build.classes, c.image_size) if not caches or missing else None
+        teacher = Teacher(c.teacher_arch, path, network)
+    chain = [c.teacher_arch, *c.assistant_arch, c.student_arch]
+    trial = replace(c, compile=False)
+    for index, (teacher_arch, student_arch) in enumerate(zip(chain, chain[1:])):
+        network = (teacher.network if index == 0 and teacher is not None and teacher.network is not None
+                   else build.network(teacher_arch, None, "--teacher_arch", c.seed))
+        student = build.network(student_arch, None, "--assistant_arch", c.seed)
+        check_forward(student, student_arch, c.image_size, len(build.classes), "--assistant_arch")
+        distiller = build.distiller(student, trial, network, None)
+        try:
+            distiller.check_step(c.image_size, len(build.classes))
+        finally:
+            distiller.remove_hooks()
+    return teacher

@@ -1,0 +1,101 @@
+"""Building one stage: its networks, teacher cache, distiller, LightningModule and Trainer.
+
+Nothing here writes to disk or trains: the checks build with it to try a run before it starts, and
+the runner builds with it to train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from kd.config import Config, cache_settings
+from kd.data import ImageFolderDataModule
+from kd.distiller import Distiller
+from kd.errors import KDError
+from kd.hooks import feature_shapes
+from kd.losses.objective import build_objective
+from kd.models import build_model
+from kd.module import KDModule
+from kd.optim import OptimSettings
+from kd.teacher_cache import TeacherCache, cache_key
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The network a distill or assistant stage learns from, and the checkpoint that holds it."""
+
+    arch: str
+    checkpoint: Path
+    network: nn.Module | None  # None when the teacher cache holds every output the stage needs
+
+
+def _devices(devices: str) -> Any:
+    return int(devices) if devices.isdigit() else devices
+
+
+class StageBuilder:
+    """Builds the parts of a stage from the run's configuration and data."""
+
+    def __init__(self, config: Config, data: ImageFolderDataModule) -> None:
+        self.config, self.data = config, data
+        self._cache_keys: dict[tuple[Path, int], str] = {}  # hashing the teacher and every file once per run
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+    def network(self, arch: str, weights: str | None, flag: str, seed: int) -> nn.Module:
+        """A freshly seeded network, so its initial weights depend on the seed alone."""
+        pl.seed_everything(seed, verbose=False)
+        return build_model(arch, len(self.classes), weights, flag)
+
+    def teacher_cache(self, teacher_checkpoint: Path, seed: int) -> TeacherCache:
+        """The teacher-output cache of this run's data and transforms, ``seed`` and the teacher in the checkpoint."""
+        c, layout = self.config, self.data.layout
+        if (teacher_checkpoint, seed) not in self._cache_keys:
+            self._cache_keys[teacher_checkpoint, seed] = cache_key(
+                teacher_checkpoint, {"train": layout.train, "val": layout.val}, cache_settings(replace(c, seed=seed)))
+        sizes = {"train": len(layout.train), "val": len(layout.val)}
+        return TeacherCache(c.teacher_cache, self._cache_keys[teacher_checkpoint, seed], sizes, len(self.classes),
+                            c.teacher_cache_dtype, c.teacher_cache_topk)
+
+    def distiller(self, model: nn.Module, c: Config, teacher: nn.Module | None,
+                  cache: TeacherCache | None) -> Distiller:
+        """The training step of a stage with settings ``c``; distilling when it has a teacher or a teacher cache.
+
+        The objective is built anew for every stage, so a loss's state (CRD's memory bank) never
+        carries over from one student to the next.
+        """
+        if teacher is None and cache is None:
+            return Distiller(model, channels_last=c.channels_last, compile=c.compile)
+        shapes = None
+        if c.student_layers and teacher is not None:
+            shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),
+                      feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers"))
+        objective = build_objective(c.kd_loss, c.kd_weights, c.ce_weight, c.temperature, c.loss_options,
+                                    num_classes=len(self.classes), num_samples=len(self.data.layout.train),
+                                    student_shapes=shapes[0] if shapes else {},
+                                    teacher_shapes=shapes[1] if shapes else {})
+        return Distiller(model, teacher=teacher, objective=objective, teacher_cache=cache,
+                         student_layers=c.student_layers, teacher_layers=c.teacher_layers, feature_shapes=shapes,
+                         channels_last=c.channels_last, compile=c.compile)
+
+    def module(self, distiller: Distiller, arch: str, c: Config) -> KDModule:
+        """The LightningModule that trains ``distiller``'s student, an ``arch``, with the settings ``c``."""
+        return KDModule(distiller, arch, self.classes, image_size=c.image_size, optim=OptimSettings.from_config(c))
+
+    def trainer(self, **options: Any) -> pl.Trainer:
+        """A Trainer on the configured hardware; Lightning's refusals become one-line errors."""
+        c = self.config
+        try:
+            return pl.Trainer(accelerator=c.accelerator, devices=_devices(c.devices), num_nodes=c.num_nodes,
+                              strategy=c.strategy, precision=c.precision, enable_model_summary=False, **options)
+        except (MisconfigurationException, ValueError, RuntimeError) as exc:
+            raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --num_nodes {c.num_nodes} "
+                          f"--strategy {c.strategy} --precision {c.precision}: {str(exc).splitlines()[0]}") from None
