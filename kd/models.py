@@ -1,7 +1,7 @@
-"""Networks by name: kd's small CNNs, torchvision's models, and the user's own.
+"""Networks by name: kd's small CNNs, torchvision's and timm's models, and the user's own.
 
 Each name comes from a model source (kd/sources.py) chosen by its prefix: bare names are kd's CNNs
-or torchvision's models, ``module:Name`` a user's class or function.
+or torchvision's models, ``timm:NAME`` is a timm model, ``module:Name`` a user's class or function.
 """
 
 from __future__ import annotations
@@ -9,17 +9,20 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 import torchvision
 from torch import nn
 
+from kd import timm_models  # noqa: F401 - registers the timm: source
 from kd.errors import KDError
 from kd.registry import Registry, did_you_mean
 from kd.sources import ModelSource, downloading, find_source, register_source
 
 MODELS: Registry = Registry("model")
 # Weights that name a file rather than a source's named weights (DEFAULT, IMAGENET1K_V1).
-WEIGHTS_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
 class SimpleCNN(nn.Module):
@@ -137,13 +140,16 @@ def _replace_heads(model: nn.Module, old_classes: int, num_classes: int) -> None
 
 
 def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights (``model.*`` of a kd checkpoint, or a plain state_dict) and the hyper-parameters saved with them."""
+    """Weights (``model.*`` of a kd checkpoint, a state_dict or a .safetensors file) and the hyper-parameters saved."""
     if path.is_dir():
         raise KDError(f"{flag}: {path} is a folder, not a weights file")
     if not path.is_file():
         raise KDError(f"{flag}: file {path} does not exist")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = (safetensors.torch.load_file(path) if path.suffix == ".safetensors"
+                else torch.load(path, map_location="cpu", weights_only=True))
+    except safetensors.SafetensorError as exc:
+        raise KDError(f"{flag}: cannot load {path}: not a safetensors file, or truncated ({exc})") from None
     except Exception as exc:  # a truncated file, not a torch file at all, or pickled objects
         with path.open("rb") as file:  # a real torch file is a zip archive (or an old-style pickle)
             looks_like_torch = zipfile.is_zipfile(file) or (file.seek(0) == 0 and file.read(1) == b"\x80")
