@@ -18,7 +18,7 @@ from torch import nn
 from kd import timm_models  # noqa: F401 - registers the timm: source
 from kd.errors import KDError
 from kd.registry import Registry, did_you_mean
-from kd.sources import ModelSource, downloading, find_source, register_source
+from kd.sources import USER, ModelSource, downloading, find_models, find_source, register_source
 
 MODELS: Registry = Registry("model")
 # Weights that name a file rather than a source's named weights (DEFAULT, IMAGENET1K_V1).
@@ -119,6 +119,19 @@ class TorchvisionModels(ModelSource):
 def check_model_name(name: str, flag: str = "--arch") -> None:
     """Refuse an unknown architecture up front, suggesting close names."""
     find_source(name, flag)
+
+
+def describe_models(pattern: str = "*") -> str:
+    """What each source offers whose names match ``pattern``, grouped by source, for --list_models."""
+    lines = []
+    for source, names in find_models(pattern).items():
+        if names:
+            how = "bare names or " if source.bare else ""
+            lines += [f"{source.prefix}: {source.about} ({len(names)}; write {how}{source.prefix}:NAME)",
+                      *(f"  {source.written(name)}" for name in names)]
+    if not lines:
+        lines.append(f"no model name matches '{pattern}'; --list_models alone lists them all")
+    return "\n".join([*lines, *([f"user: {USER.about}"] if ":" not in pattern else [])])
 
 
 def _class_layers(model: nn.Module, out_features: int) -> list[str]:

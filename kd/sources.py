@@ -147,6 +147,17 @@ def _close_names(name: str) -> str:
     return hint or " (see --list_models)"
 
 
+def find_models(pattern: str, flag: str = "--list_models") -> dict[ModelSource, list[str]]:
+    """The names matching ``pattern`` in each source: ``timm:*net*`` searches timm only, ``*net*`` every source."""
+    prefix, colon, rest = pattern.partition(":")
+    if not colon:
+        return {source: source.names(pattern) for source in SOURCES.values()}
+    if prefix not in SOURCES:
+        raise KDError(f"{flag} {pattern}: '{prefix}' is not a model source{did_you_mean(prefix, SOURCES)}; "
+                      f"the sources are {', '.join(SOURCES)}")
+    return {SOURCES[prefix]: SOURCES[prefix].names(rest or "*")}
+
+
 @contextlib.contextmanager
 def downloading(what: str, url: str, cache: Path, flag: str) -> Iterator[None]:
     """Let a library fetch ``what`` from ``url`` into ``cache`` with urllib, failing fast and clearly when offline."""
