@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -23,6 +24,14 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join([*launcher, *argv, "--resume"])
 
 
+def _print_all(text: str) -> None:
+    """Print ``text``, quietly stopping where a reader such as ``head`` closed the pipe."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``python experiment.py [flags]``; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -34,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         resolved = resolve(argv)
         if resolved.config.print_config:
             print(resolved.table())
+            return 0
+        if resolved.config.list_models is not None:
+            from kd.models import describe_models  # imported here, like the runner: it imports torch
+
+            _print_all(describe_models(resolved.config.list_models))
             return 0
         from kd.deploy import evaluate_checkpoint  # imported here: --help and config errors answer at once
         from kd.runner import compare_runs, run_experiment

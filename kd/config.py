@@ -105,15 +105,16 @@ class Config:
     num_workers: int = _flag(2, "DataLoader worker processes (0 loads in the main process)",
                              check=lambda x: x >= 0, must="be 0 or more", group="data", roles=(R.RECORDED,))
     # Models
-    teacher_arch: str = _flag("resnet50", "teacher network: a built-in or torchvision model name",
-                              group="models", roles=(R.TEACHER, R.DISTILL, R.CACHE_KEY))
-    student_arch: str = _flag("resnet18", "student network: a built-in or torchvision model name",
-                              group="models", roles=(R.BASELINE, R.DISTILL))
+    teacher_arch: str = _flag("resnet50", "teacher network: a kd or torchvision name, timm:NAME or module:Class "
+                              "(see --list_models)", group="models", roles=(R.TEACHER, R.DISTILL, R.CACHE_KEY))
+    student_arch: str = _flag("resnet18", "student network: a kd or torchvision name, timm:NAME or module:Class "
+                              "(see --list_models)", group="models", roles=(R.BASELINE, R.DISTILL))
     teacher_weights: str | None = _flag(
-        None, "initial teacher weights: a torchvision weights name (e.g. DEFAULT) or a local file",
+        None, "initial teacher weights: DEFAULT (pretrained, for torchvision and timm models), another "
+        "torchvision weights name, or a local file",
         group="models", roles=(R.TEACHER,), path=True)
     student_weights: str | None = _flag(
-        None, "initial student weights: a torchvision weights name or a local file",
+        None, "initial student weights: DEFAULT, another torchvision weights name, or a local file",
         group="models", roles=(R.BASELINE, R.DISTILL), path=True)
     # Distillation
     kd_loss: list[str] = _flag(["kl_softmax"], "distillation losses, summed with --kd_weights: registered names "
@@ -205,6 +206,9 @@ class Config:
                               "without training", group="config", roles=(R.INVOCATION,))
     print_config: bool = _flag(False, "print the resolved configuration with each value's source and exit",
                                group="config", roles=(R.INVOCATION,))
+    list_models: str | None = _flag(None, "print the model names each source offers (kd, torchvision, timm:...) "
+                                    "matching a shell pattern such as 'timm:*mobilenetv3*' (all when given alone) "
+                                    "and exit", group="config", roles=(R.INVOCATION,), bare="*")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that define a run (not what this invocation did), for saving beside its logs."""

@@ -1,23 +1,28 @@
-"""Networks by name: kd's small built-in CNNs and every torchvision classification model."""
+"""Networks by name: kd's small CNNs, torchvision's and timm's models, and the user's own.
+
+Each name comes from a model source (kd/sources.py) chosen by its prefix: bare names are kd's CNNs
+or torchvision's models, ``timm:NAME`` is a timm model, ``module:Name`` a user's class or function.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.error import URLError
 
+import safetensors
+import safetensors.torch
 import torch
 import torchvision
 from torch import nn
 
+from kd import timm_models  # noqa: F401 - registers the timm: source
 from kd.errors import KDError
 from kd.registry import Registry, did_you_mean
+from kd.sources import USER, ModelSource, downloading, find_models, find_source, register_source
 
 MODELS: Registry = Registry("model")
-DOWNLOAD_TIMEOUT_S = 30
+# Weights that name a file rather than a source's named weights (DEFAULT, IMAGENET1K_V1).
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
 class SimpleCNN(nn.Module):
@@ -56,15 +61,77 @@ def cnn_medium(num_classes: int) -> nn.Module:
     return SimpleCNN((32, 64, 128, 256), num_classes)
 
 
-def torchvision_models() -> list[str]:
-    """Names of torchvision's image classification models."""
-    return torchvision.models.list_models(module=torchvision.models)
+# torchvision models that return auxiliary outputs in training mode unless told not to.
+AUX_LOGITS = {"googlenet", "inception_v3"}
 
 
-def check_model_name(name: str) -> None:
+@register_source
+class KdModels(ModelSource):
+    """kd's own CNNs (bare names, or kd:NAME)."""
+
+    prefix, bare = "kd", True
+    about = "kd's small CNNs, trained in seconds on a CPU"
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return MODELS.names(pattern)
+
+    def has(self, name: str) -> bool:
+        return name in MODELS
+
+    def build(self, name: str, num_classes: int) -> nn.Module:
+        return MODELS.get(name)(num_classes=num_classes)
+
+
+@register_source
+class TorchvisionModels(ModelSource):
+    """torchvision's classification models (bare names, or torchvision:NAME), with its weights enums."""
+
+    prefix, bare, named_weights = "torchvision", True, True
+    about = "torchvision's classification models; weights DEFAULT, IMAGENET1K_V1, ... into torch's cache"
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return sorted(torchvision.models.list_models(module=torchvision.models, include=pattern))
+
+    def has(self, name: str) -> bool:
+        return name in torchvision.models.list_models(module=torchvision.models)
+
+    def build(self, name: str, num_classes: int) -> nn.Module:
+        return torchvision.models.get_model(name, num_classes=num_classes, **self._options(name))
+
+    def pretrained(self, name: str, weights: str, num_classes: int, flag: str) -> nn.Module:
+        """Fetch the weights into torch's cache (failing fast offline) and resize the classifier."""
+        enum = torchvision.models.get_model_weights(name)
+        member = weights.rpartition(".")[2]
+        if member not in enum.__members__:
+            raise KDError(f"{flag}: {name} has no weights '{weights}'{did_you_mean(member, enum.__members__)} "
+                          f"(choose from {', '.join(enum.__members__)}, or give a local file)")
+        chosen = enum[member]
+        with downloading(str(chosen), chosen.url, Path(torch.hub.get_dir()) / "checkpoints", flag):
+            model = torchvision.models.get_model(name, weights=chosen, **self._options(name))
+        _replace_heads(model, len(chosen.meta["categories"]), num_classes)
+        return model
+
+    @staticmethod
+    def _options(name: str) -> dict:
+        return {"aux_logits": False} if name in AUX_LOGITS else {}
+
+
+def check_model_name(name: str, flag: str = "--arch") -> None:
     """Refuse an unknown architecture up front, suggesting close names."""
-    if name not in MODELS and name not in torchvision_models() and ":" not in name:
-        raise KDError(MODELS.unknown(name, torchvision_models()))
+    find_source(name, flag)
+
+
+def describe_models(pattern: str = "*") -> str:
+    """What each source offers whose names match ``pattern``, grouped by source, for --list_models."""
+    lines = []
+    for source, names in find_models(pattern).items():
+        if names:
+            how = "bare names or " if source.bare else ""
+            lines += [f"{source.prefix}: {source.about} ({len(names)}; write {how}{source.prefix}:NAME)",
+                      *(f"  {source.written(name)}" for name in names)]
+    if not lines:
+        lines.append(f"no model name matches '{pattern}'; --list_models alone lists them all")
+    return "\n".join([*lines, *([f"user: {USER.about}"] if ":" not in pattern else [])])
 
 
 def _class_layers(model: nn.Module, out_features: int) -> list[str]:
@@ -85,38 +152,17 @@ def _replace_heads(model: nn.Module, old_classes: int, num_classes: int) -> None
         setattr(parent, child, new)
 
 
-def _torchvision_weights(arch: str, weights: str, flag: str) -> torchvision.models.WeightsEnum:
-    enum = torchvision.models.get_model_weights(arch)
-    name = weights.rpartition(".")[2]
-    if name not in enum.__members__:
-        raise KDError(f"{flag}: {arch} has no weights '{weights}'{did_you_mean(name, enum.__members__)} "
-                      f"(choose from {', '.join(enum.__members__)}, or give a local file)")
-    return enum[name]
-
-
-@contextlib.contextmanager
-def _downloading(weights: torchvision.models.WeightsEnum, flag: str) -> Iterator[None]:
-    """Let torchvision fetch ``weights`` into torch's cache, failing fast and clearly when offline."""
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        yield
-    except (URLError, OSError, TimeoutError) as exc:
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise KDError(f"{flag}: could not download {weights} from {weights.url} ({exc}); offline? "
-                      f"put the file in {cache} or pass a local weights file") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-
-
 def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights (``model.*`` of a kd checkpoint, or a plain state_dict) and the hyper-parameters saved with them."""
+    """Weights (``model.*`` of a kd checkpoint, a state_dict or a .safetensors file) and the hyper-parameters saved."""
     if path.is_dir():
         raise KDError(f"{flag}: {path} is a folder, not a weights file")
     if not path.is_file():
         raise KDError(f"{flag}: file {path} does not exist")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = (safetensors.torch.load_file(path) if path.suffix == ".safetensors"
+                else torch.load(path, map_location="cpu", weights_only=True))
+    except safetensors.SafetensorError as exc:
+        raise KDError(f"{flag}: cannot load {path}: not a safetensors file, or truncated ({exc})") from None
     except Exception as exc:  # a truncated file, not a torch file at all, or pickled objects
         with path.open("rb") as file:  # a real torch file is a zip archive (or an old-style pickle)
             looks_like_torch = zipfile.is_zipfile(file) or (file.seek(0) == 0 and file.read(1) == b"\x80")
@@ -155,39 +201,25 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], num_classes: 
                       f"{len(missing)} missing and {len(unexpected)} unexpected keys in all)")
 
 
-def _user_model(arch: str, num_classes: int) -> nn.Module:
-    """A network from the registry or a user's ``module:Name``, refusing anything that is not a Module."""
-    try:
-        model = MODELS.get(arch)(num_classes=num_classes)
-    except KDError:
-        raise
-    except Exception as exc:  # the user's constructor failed: name it and say why
-        raise KDError(f"{arch}: building it failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise KDError(f"{arch}: built a {type(model).__name__}, not a torch.nn.Module")
-    return model
+def _arch_flag(flag: str) -> str:
+    """The flag that named the architecture: callers building with weights pass the weights flag."""
+    return flag.removesuffix("_weights") + "_arch" if flag.endswith("_weights") else flag
 
 
-# torchvision models that return auxiliary outputs in training mode unless told not to.
-AUX_LOGITS = {"googlenet", "inception_v3"}
+def _names_a_file(weights: str, source: ModelSource) -> bool:
+    """Whether ``weights`` is a local file rather than one of the source's named weights (DEFAULT)."""
+    return (not source.named_weights or Path(weights).expanduser().is_file() or "/" in weights
+            or weights.endswith(WEIGHTS_SUFFIXES))
 
 
 def build_model(arch: str, num_classes: int, weights: str | None = None, flag: str = "--arch") -> nn.Module:
-    """A network with ``num_classes`` outputs; ``weights`` is a torchvision weights name or a file."""
-    check_model_name(arch)
-    builtin = arch in MODELS or ":" in arch
-    local = weights is not None and (Path(weights).expanduser().is_file() or builtin or "/" in weights
-                                     or weights.endswith((".pt", ".pth", ".ckpt", ".bin")))
-    options = {"aux_logits": False} if arch in AUX_LOGITS else {}
-    if builtin:
-        model = _user_model(arch, num_classes)
-    elif weights is not None and not local:
-        enum = _torchvision_weights(arch, weights, flag)
-        with _downloading(enum, flag):
-            model = torchvision.models.get_model(arch, weights=enum, **options)
-        _replace_heads(model, len(enum.meta["categories"]), num_classes)
+    """A network with ``num_classes`` outputs; ``weights`` is a weights name of its source (DEFAULT) or a file."""
+    source, name = find_source(arch, _arch_flag(flag))
+    local = weights is not None and _names_a_file(weights, source)
+    if weights is not None and not local:
+        model = source.pretrained(name, weights, num_classes, flag)
     else:
-        model = torchvision.models.get_model(arch, num_classes=num_classes, **options)
+        model = source.build(name, num_classes)
     if local:
         path = Path(weights).expanduser()
         load_weights(model, read_checkpoint(path, flag)[0], num_classes, str(path), flag)
