@@ -18,7 +18,7 @@ from huggingface_hub import close_session, constants
 from conftest import FAST, run_cli
 from kd.cli import main
 from kd.errors import KDError
-from kd.features import FeatureHooks
+from kd.hooks import FeatureHooks
 from kd.models import build_model, check_model_name, load_network
 from kd.sources import SOURCES, ModelSource, find_source, register_source
 
