@@ -1,6 +1,6 @@
 """Networks by name: kd's small CNNs, torchvision's and timm's models, and the user's own.
 
-Each name comes from a model source (kd/sources.py) chosen by its prefix: bare names are kd's CNNs
+Each name comes from a model source (kd/model_sources.py) chosen by its prefix: bare names are kd's CNNs
 or torchvision's models, ``timm:NAME`` is a timm model, ``module:Name`` a user's class or function.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 from kd import timm_models  # noqa: F401 - registers the timm: source
 from kd.errors import KDError
 from kd.registry import Registry, did_you_mean
-from kd.sources import USER, ModelSource, downloading, find_models, find_source, register_source
+from kd.model_sources import USER, ModelSource, downloading, find_models, find_source, register_source
 
 MODELS: Registry = Registry("model")
 # Weights that name a file rather than a source's named weights (DEFAULT, IMAGENET1K_V1).

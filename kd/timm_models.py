@@ -16,7 +16,7 @@ from torch import nn
 
 from kd.errors import KDError
 from kd.registry import did_you_mean
-from kd.sources import ModelSource, downloading, register_source
+from kd.model_sources import ModelSource, downloading, register_source
 
 # The longest kd waits for the Hub to answer whether it holds a file (and whether it is reachable at all).
 HUB_DEADLINE_S = 20

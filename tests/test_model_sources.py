@@ -1,4 +1,4 @@
-"""Tests of the model sources (kd/sources.py): kd, torchvision, timm and user networks by prefix, timm's
+"""Tests of the model sources (kd/model_sources.py): kd, torchvision, timm and user networks by prefix, timm's
 DEFAULT weights from a fake local Hugging Face cache, the offline error, --list_models, and a timm
 teacher distilled into a timm student end to end. Nothing is downloaded."""
 
@@ -20,7 +20,7 @@ from kd.cli import main
 from kd.errors import KDError
 from kd.hooks import FeatureHooks
 from kd.models import build_model, check_model_name, load_network
-from kd.sources import SOURCES, ModelSource, find_source, register_source
+from kd.model_sources import SOURCES, ModelSource, find_source, register_source
 
 NUM_CLASSES = 7
 TIMM = "test_resnet"  # timm's own ~0.4M-parameter test network, with pretrained weights on the Hub
