@@ -8,7 +8,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pytorch_lightning as pl
@@ -24,9 +23,8 @@ from tqdm import tqdm
 from kd.config import Config
 from kd.errors import KDError, warn
 from kd.files import written_atomically
-
-if TYPE_CHECKING:
-    from kd.image_cache import ImageCache
+from kd.image_cache import ImageCache
+from kd.images import load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,19 +115,6 @@ def find_bad_images(samples: list[Sample], decode: bool) -> list[tuple[str, str]
         except (KDError, OSError, SyntaxError, ValueError) as exc:
             bad.append((path, str(exc).removeprefix(f"cannot read image {path}: ")))
     return bad
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as 8-bit RGB, with an error that names the file when it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            if image.mode.startswith("I"):  # 16- or 32-bit greyscale: PIL's convert would clip it to white
-                pixels = np.asarray(image, dtype=np.float64)
-                scale = 255 / 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 1.0
-                image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8))
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise KDError(f"cannot read image {path}: {exc}") from None
 
 
 def draw_seed(*parts: int) -> int:
@@ -270,7 +255,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open (building if needed) the decoded-image caches of both splits."""
         if self.image_cache is not None and not self.images:
-            from kd.image_cache import ImageCache  # here: kd.image_cache imports kd.data (load_rgb)
             self.images = {split: ImageCache.build([path for path, _ in samples], self.cache_short_side,
                                                    self.image_cache)
                            for split, samples in (("train", self.layout.train), ("val", self.layout.val))}

@@ -19,17 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from kd.data import load_rgb
 from kd.errors import KDError
 from kd.files import written_atomically
+from kd.images import decode_resized
 
 FORMAT_VERSION = 1  # bump when the stored pixels change for the same inputs (filter, layout, draft use)
 BUILD_CHUNK = 256  # images decoded per parallel batch: bounds the memory held by decoded images
 MAX_THREADS = 8
-DRAFT_GAP = 2.0  # libjpeg may decode a JPEG at 1/2, 1/4 or 1/8 scale while both sides stay >= 2x the target
 
 
 def image_cache_key(paths: list[str], short_side: int) -> str:
@@ -42,33 +40,6 @@ def image_cache_key(paths: list[str], short_side: int) -> str:
             raise KDError(f"cannot read image {path}: {exc.strerror or exc}") from None
         digest.update(json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns]).encode() + b"\n")
     return digest.hexdigest()
-
-
-def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side at ``short_side`` and the aspect ratio kept (rounded)."""
-    if width <= height:
-        return short_side, max(1, round(height * short_side / width))
-    return max(1, round(width * short_side / height)), short_side
-
-
-def decode_resized(path: str, short_side: int) -> np.ndarray:
-    """One image as HWC uint8 RGB with its short side resized to ``short_side`` (bilinear, antialiased).
-
-    A JPEG is decoded by libjpeg at a reduced scale (``Image.draft``) that keeps both sides at least
-    twice the target (as Pillow's ``thumbnail`` does): about 2x faster on large photos, within about
-    1 grey level on average of a full decode. Other images go through :func:`kd.data.load_rgb`, as in
-    training. Errors are KDErrors naming the file.
-    """
-    try:
-        with Image.open(path) as image:
-            size = resized_size(*image.size, short_side)
-            if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
-                image.draft("RGB", (int(size[0] * DRAFT_GAP), int(size[1] * DRAFT_GAP)))
-                if image.size[0] >= size[0] and image.size[1] >= size[1]:  # always, by draft's rounding
-                    return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise KDError(f"cannot read image {path}: {exc}") from None
-    return np.asarray(load_rgb(path).resize(size, Image.Resampling.BILINEAR))
 
 
 def _human(nbytes: int) -> str:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule, load_rgb, make_demo_dataset, scan_image_folder
+from kd.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule, make_demo_dataset, scan_image_folder
 from kd.errors import KDError
+from kd.images import load_rgb
 
 
 def _flatten(root: Path, dest: Path) -> Path:

@@ -14,9 +14,9 @@ from PIL.JpegImagePlugin import JpegImageFile
 from torch.utils.data import DataLoader
 
 import kd.image_cache as image_cache
-from kd.data import load_rgb
 from kd.errors import KDError
 from kd.image_cache import ImageCache, image_cache_key
+from kd.images import load_rgb, resized_size
 
 SHORT = 24
 # (width, height, format): landscape, portrait, square, smaller than SHORT (upscaled), a JPEG big enough to draft
@@ -45,7 +45,7 @@ def _reference(path: str, short_side: int = SHORT) -> np.ndarray:
     """The image decoded in full and resized with PIL's antialiased bilinear filter."""
     with Image.open(path) as image:
         image = image.convert("RGB")
-        return np.asarray(image.resize(image_cache.resized_size(*image.size, short_side), Image.Resampling.BILINEAR))
+        return np.asarray(image.resize(resized_size(*image.size, short_side), Image.Resampling.BILINEAR))
 
 
 def test_shapes_keep_the_aspect_ratio(images, tmp_path):
@@ -165,7 +165,7 @@ def test_16_bit_images_decode_as_in_training(tmp_path):
     Image.fromarray(np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)).save(path)
     cache = ImageCache.build([str(path)], SHORT, tmp_path / "cache")
     image = load_rgb(str(path))
-    expected = np.asarray(image.resize(image_cache.resized_size(*image.size, SHORT), Image.Resampling.BILINEAR))
+    expected = np.asarray(image.resize(resized_size(*image.size, SHORT), Image.Resampling.BILINEAR))
     assert np.array_equal(cache[0].permute(1, 2, 0).numpy(), expected)
     assert cache[0].max() > 200  # not clipped to white, not crushed to black
 
