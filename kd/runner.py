@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from kd.config import Config, Role, cache_settings, identity, save_config
-from kd.data import ImageFolderDataModule, draw_seed, prepare_data
+from kd.data import ImageFolderDataModule, draw_seed, make_datamodule
 from kd.errors import Interrupted, KDError
 from kd.files import written_atomically
 from kd.features import feature_shapes
@@ -124,7 +124,7 @@ class Experiment:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise KDError(f"--output_dir: cannot create {self.root}: {exc.strerror}") from None
-        self.data = prepare_data(c)
+        self.data = make_datamodule(c)
         classes = self.data.classes
         # Build and run each network once now, so a bad name, weights file or input size fails before training.
         if c.train_teacher:
