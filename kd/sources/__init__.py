@@ -1,7 +1,7 @@
 """Dataset sources by ``--data_dir`` prefix. Adding one: a DataSource subclass in a file here, registered
 with ``@SOURCES.register("prefix")``, and its import below."""
 
-from kd.sources import folder
+from kd.sources import folder, torchvision_datasets
 from kd.sources.base import SOURCES, DataSource, DatasetLayout, Split, open_source
 
-__all__ = ["SOURCES", "DataSource", "DatasetLayout", "Split", "open_source", "folder"]
+__all__ = ["SOURCES", "DataSource", "DatasetLayout", "Split", "open_source", "folder", "torchvision_datasets"]

@@ -7,6 +7,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -14,7 +15,7 @@ from PIL import Image
 from kd.config import Config
 from kd.errors import KDError
 from kd.images import resize_short
-from kd.registry import Registry
+from kd.registry import Registry, did_you_mean
 
 
 class Split(ABC):
@@ -88,4 +89,7 @@ def open_source(data_dir: str) -> DataSource:
     prefix, colon, rest = data_dir.partition(":")
     if colon and prefix in SOURCES:
         return SOURCES.get(prefix)(rest)
+    hint = did_you_mean(prefix, SOURCES.names()) if colon else ""
+    if hint and not Path(data_dir).expanduser().exists():
+        raise KDError(f"--data_dir {data_dir}: no such folder, and no dataset source '{prefix}'{hint}")
     return SOURCES.get(DEFAULT_SOURCE)(data_dir)
