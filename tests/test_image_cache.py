@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ast
 import pickle
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 from torch.utils.data import DataLoader
 
+import kd.image_cache as image_cache
 from kd.errors import KDError
 from kd.image_cache import ImageCache, image_cache_key
 from kd.images import load_rgb, resized_size
@@ -244,3 +246,31 @@ def test_complete_cache_opens_in_a_read_only_root(images, tmp_path, monkeypatch)
     monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError("read-only")))
     again = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     assert torch.equal(again[2], cache[2])
+
+
+
+
+def _kd_imports(module: str) -> set[str]:
+    """The kd modules importing ``module`` loads, directly or through others (read from the source, not run)."""
+    package = Path(image_cache.__file__).parent.parent
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = package / (name.replace(".", "/") + ".py")
+        path = path if path.is_file() else path.with_suffix("") / "__init__.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        todo.append(name.rpartition(".")[0])  # a module's package runs first
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.startswith("kd.")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kd."):
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]  # or submodules
+    return seen
+
+
+def test_the_cache_does_not_import_the_data_module():
+    """kd.data uses kd.image_cache; the other way round would be an import circle again."""
+    imported = _kd_imports("kd.image_cache")
+    assert {"kd.images", "kd.sources.base"} <= imported and "kd.data" not in imported
