@@ -248,8 +248,6 @@ def test_complete_cache_opens_in_a_read_only_root(images, tmp_path, monkeypatch)
     assert torch.equal(again[2], cache[2])
 
 
-
-
 def _kd_imports(module: str) -> set[str]:
     """The kd modules importing ``module`` loads, directly or through others (read from the source, not run)."""
     package = Path(image_cache.__file__).parent.parent

@@ -1,5 +1,8 @@
-"""Dataset sources by ``--data_dir`` prefix. Adding one: a DataSource subclass in a file here, registered
-with ``@SOURCES.register("prefix")``, and its import below."""
+"""Dataset sources by ``--data_dir`` prefix.
+
+Adding one: a DataSource subclass in a file here, registered with ``@SOURCES.register("prefix")``,
+and that file's import below.
+"""
 
 from kd.sources import folder, torchvision_datasets
 from kd.sources.base import SOURCES, DataSource, DatasetLayout, Split, open_source

@@ -81,20 +81,77 @@ def _files(root: Path, entries: tuple[str, ...]) -> list[str]:
     return found
 
 
+def _read(name: str, root: Path, where: str) -> tuple[VisionDataset, VisionDataset] | None:
+    """The train and test split as torchvision reads them from ``root``; None if it finds files missing or damaged.
+
+    torchvision checks that the files are there and, for most datasets, their MD5 sums.
+    """
+    try:
+        return tuple(getattr(torchvision.datasets, name)(str(root), download=False, **arguments)
+                     for arguments in DATASETS[name].splits)
+    except Exception as exc:  # torchvision's readers raise anything on a damaged file: name the dataset
+        if isinstance(exc, RuntimeError) and "download=True" in str(exc):  # its "not found or corrupted"
+            return None
+        reason = (str(exc).strip().splitlines() or [""])[-1]
+        raise KDError(f"{where}: cannot read {name} from {root}: {type(exc).__name__}: {reason}") from None
+
+
+def _fetch(name: str, root: Path, where: str, download: bool) -> None:
+    """Download a dataset that is not in ``root`` if asked to; else (or if damaged there) say what to do."""
+    entries = DATASETS[name].entries
+    present = [str(root / e) for e in entries if (root / e).exists()]
+    if present:
+        raise KDError(f"{where}: {name} in {root} is incomplete or damaged (torchvision's check of its files "
+                      f"failed); remove {', '.join(present)} and add --download_data, or put intact files there")
+    if not download:
+        raise KDError(f"{where}: {name} is not in {root} (expected {', '.join(str(root / e) for e in entries)}); "
+                      "add --download_data, or put the files there")
+    _download(name, root, where)
+
+
+def _download(name: str, root: Path, where: str) -> None:
+    """Let torchvision fetch ``name`` into a folder beside its files, then move each entry into ``root`` whole.
+
+    An interrupted download leaves no part of the dataset where it would be read. Offline, it fails
+    within seconds: every connection attempt times out after DOWNLOAD_TIMEOUT_S.
+    """
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{name}-download-", dir=root) as scratch:
+            for arguments in DATASETS[name].splits:
+                getattr(torchvision.datasets, name)(scratch, download=True, **arguments)
+            for entry in DATASETS[name].entries:
+                try:
+                    with written_atomically(root / entry) as tmp:
+                        os.replace(Path(scratch) / entry, tmp)
+                except OSError:
+                    if not (root / entry).exists():  # else another process (a DDP rank) moved it first
+                        raise
+    except Exception as exc:  # no network, a refused or cut connection, a full disk, a damaged archive
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise KDError(f"{where} --download_data: could not download {name} into {root} ({reason}); offline? "
+                      "put the files there") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
 @SOURCES.register("torchvision")
 class TorchvisionSource(DataSource):
-    """``torchvision:NAME:ROOT``: dataset NAME of DATASETS in folder ROOT; its train split trains, its test split
-    validates. ROOT holds the files as torchvision's reader expects them; --download_data fetches them.
+    """``torchvision:NAME:ROOT``: dataset NAME of DATASETS, read from folder ROOT by torchvision's reader.
+
+    Its train split trains and its test split validates. --download_data fetches a dataset not in ROOT.
     """
 
     def load(self, config: Config) -> DatasetLayout:
         where = f"--data_dir {config.data_dir}"
         name, root = self._parse(where)
         info = DATASETS[name]
-        datasets = self._read(name, root, where)
+        datasets = _read(name, root, where)
         if datasets is None:
-            self._fetch(name, root, where, config.download_data)
-            datasets = self._read(name, root, where)
+            _fetch(name, root, where, config.download_data)
+            datasets = _read(name, root, where)
             if datasets is None:
                 raise KDError(f"{where} --download_data: {name} is still incomplete in {root} after downloading it")
         files = _files(root, info.entries)
@@ -118,56 +175,3 @@ class TorchvisionSource(DataSource):
             raise KDError(f"{where}: unknown torchvision dataset '{name}'{did_you_mean(name, DATASETS)}; "
                           f"kd reads {', '.join(DATASETS)}")
         return known[name.lower()], Path(root).expanduser()
-
-    @staticmethod
-    def _read(name: str, root: Path, where: str) -> tuple[VisionDataset, VisionDataset] | None:
-        """The train and test split as torchvision reads them from ``root``; None when it finds files missing or
-        damaged (it checks their presence, and for most datasets their MD5)."""
-        try:
-            return tuple(getattr(torchvision.datasets, name)(str(root), download=False, **arguments)
-                         for arguments in DATASETS[name].splits)
-        except Exception as exc:  # torchvision's readers raise anything on a damaged file: name the dataset
-            if isinstance(exc, RuntimeError) and "download=True" in str(exc):  # its "not found or corrupted"
-                return None
-            reason = (str(exc).strip().splitlines() or [""])[-1]
-            raise KDError(f"{where}: cannot read {name} from {root}: {type(exc).__name__}: {reason}") from None
-
-    def _fetch(self, name: str, root: Path, where: str, download: bool) -> None:
-        """Download a dataset that is not in ``root`` if asked to; else (or if damaged there) say what to do."""
-        entries = DATASETS[name].entries
-        present = [str(root / e) for e in entries if (root / e).exists()]
-        if present:
-            raise KDError(f"{where}: {name} in {root} is incomplete or damaged (torchvision's check of its files "
-                          f"failed); remove {', '.join(present)} and add --download_data, or put intact files there")
-        if not download:
-            raise KDError(f"{where}: {name} is not in {root} (expected {', '.join(str(root / e) for e in entries)}); "
-                          "add --download_data, or put the files there")
-        self._download(name, root, where)
-
-    @staticmethod
-    def _download(name: str, root: Path, where: str) -> None:
-        """Let torchvision fetch ``name`` into a folder beside its files, then move each entry into ``root`` whole.
-
-        An interrupted download leaves no part of the dataset where it would be read. Offline, it fails
-        within seconds: every connection attempt times out after DOWNLOAD_TIMEOUT_S.
-        """
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=f".{name}-download-", dir=root) as scratch:
-                for arguments in DATASETS[name].splits:
-                    getattr(torchvision.datasets, name)(scratch, download=True, **arguments)
-                for entry in DATASETS[name].entries:
-                    try:
-                        with written_atomically(root / entry) as tmp:
-                            os.replace(Path(scratch) / entry, tmp)
-                    except OSError:
-                        if not (root / entry).exists():  # else another process (a DDP rank) moved it first
-                            raise
-        except Exception as exc:  # no network, a refused or cut connection, a full disk, a damaged archive
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            raise KDError(f"{where} --download_data: could not download {name} into {root} ({reason}); offline? "
-                          "put the files there") from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
