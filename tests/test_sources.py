@@ -15,6 +15,7 @@ import torchvision
 
 from conftest import FAST
 from fake_datasets import FAKES, skip_md5_check
+import kd.sources.folder
 from kd.cli import main
 from kd.config import Config
 from kd.data import make_datamodule
@@ -22,6 +23,7 @@ from kd.errors import KDError
 from kd.image_cache import ImageCache, image_cache_key
 from kd.images import resize_short
 from kd.sources import SOURCES, DatasetLayout, open_source
+from kd.sources.demo import make_demo_dataset
 from kd.sources.folder import ImageFolderSource
 from kd.sources.torchvision_datasets import DATASETS, DOWNLOAD_TIMEOUT_S, TorchvisionSource
 from kd.teacher_cache import cache_key
@@ -179,6 +181,20 @@ def test_image_cache_of_in_memory_images(tmp_path, no_md5):
 def test_a_prefix_chooses_the_source_and_a_bare_path_is_a_folder(data_dir, source, spec):
     chosen = open_source(data_dir)
     assert type(chosen) is source and chosen.spec == spec
+
+
+def test_demo_is_generated_under_the_output_folder(tmp_path, monkeypatch):
+    made = []
+
+    def small_demo(root: Path) -> Path:  # the real generator, with fewer images
+        made.append(root)
+        return make_demo_dataset(root, train_per_class=2, val_per_class=1, image_size=16)
+
+    monkeypatch.setattr(kd.sources.folder, "make_demo_dataset", small_demo)
+    layout = _load("demo", output_dir=str(tmp_path / "runs"))
+    assert made == [tmp_path / "runs" / "demo_data"] and len(layout.classes) == 12
+    assert (len(layout.train), len(layout.val)) == (24, 12)
+    assert layout.val.describe(0).startswith(str(tmp_path / "runs" / "demo_data" / "val"))
 
 
 @pytest.fixture
