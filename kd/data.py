@@ -1,7 +1,7 @@
 """Data for training: the seeded dataset and sampler, transforms, the DataModule, and make_datamodule(config).
 
-Where images come from is a dataset source's business (:mod:`kd.sources`); this module only sees
-its class names and two :class:`~kd.sources.Split` objects.
+Where images come from is a dataset source's business (:mod:`kd.datasets`); this module only sees
+its class names and two :class:`~kd.datasets.Split` objects.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from kd.config import Config
 from kd.errors import KDError
 from kd.image_cache import ImageCache
-from kd.sources import DatasetLayout, Split, open_source
+from kd.datasets import DatasetLayout, Split, open_source
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,7 +32,7 @@ def draw_seed(*parts: int) -> int:
 
 
 class ImageListDataset(Dataset):
-    """(image, label, index) triples from a :class:`~kd.sources.Split`.
+    """(image, label, index) triples from a :class:`~kd.datasets.Split`.
 
     Indexed by ``(index, epoch)`` (see :class:`EpochSampler`), the random transform of a sample is a
     pure function of (seed, epoch, index): an interrupted run resumes with the very same crops, and

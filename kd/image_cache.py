@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from kd.errors import KDError
 from kd.files import written_atomically
-from kd.sources.base import Split
+from kd.datasets.base import Split
 
 FORMAT_VERSION = 1  # bump when the stored pixels change for the same inputs (filter, layout, draft use)
 BUILD_CHUNK = 256  # images decoded per parallel batch: bounds the memory held by decoded images

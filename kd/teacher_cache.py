@@ -18,7 +18,7 @@ import torch
 
 from kd.errors import KDError
 from kd.files import written_atomically
-from kd.sources.base import Split
+from kd.datasets.base import Split
 
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20

@@ -55,7 +55,7 @@ from kd.losses.objective import build_objective  # noqa: E402
 from kd.models import build_model  # noqa: E402
 from kd.module import KDModule  # noqa: E402
 from kd.report import text_table  # noqa: E402
-from kd.sources.folder import FileSplit  # noqa: E402
+from kd.datasets.folder import FileSplit  # noqa: E402
 from kd.teacher_cache import TeacherCache  # noqa: E402
 
 TRAINING = ("plain_distill", "kd_distill", "plain_student", "kd_student", "kd_cached")

@@ -15,8 +15,8 @@ from kd.config import Config
 from kd.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule, make_datamodule
 from kd.errors import KDError
 from kd.images import load_rgb
-from kd.sources.demo import make_demo_dataset
-from kd.sources.folder import FileSplit, scan_image_folder
+from kd.datasets.demo import make_demo_dataset
+from kd.datasets.folder import FileSplit, scan_image_folder
 
 
 def _data(data_dir: Path, **flags) -> ImageDataModule:

@@ -18,7 +18,7 @@ import kd.image_cache as image_cache
 from kd.errors import KDError
 from kd.image_cache import ImageCache, image_cache_key
 from kd.images import load_rgb, resized_size
-from kd.sources.folder import FileSplit
+from kd.datasets.folder import FileSplit
 
 SHORT = 24
 # (width, height, format): landscape, portrait, square, smaller than SHORT (upscaled), a JPEG big enough to draft
@@ -271,4 +271,4 @@ def _kd_imports(module: str) -> set[str]:
 def test_the_cache_does_not_import_the_data_module():
     """kd.data uses kd.image_cache; the other way round would be an import circle again."""
     imported = _kd_imports("kd.image_cache")
-    assert {"kd.images", "kd.sources.base"} <= imported and "kd.data" not in imported
+    assert {"kd.images", "kd.datasets.base"} <= imported and "kd.data" not in imported

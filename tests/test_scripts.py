@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kd.sources.folder import scan_image_folder
+from kd.datasets.folder import scan_image_folder
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_digits.py"
 

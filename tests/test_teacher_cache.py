@@ -14,7 +14,7 @@ import kd.runner
 from conftest import FAST
 from kd.cli import main
 from kd.errors import KDError
-from kd.sources.folder import FileSplit
+from kd.datasets.folder import FileSplit
 from kd.teacher_cache import TeacherCache, cache_key
 
 

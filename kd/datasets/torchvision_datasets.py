@@ -20,7 +20,7 @@ from kd.errors import KDError
 from kd.files import written_atomically
 from kd.images import to_rgb
 from kd.registry import did_you_mean
-from kd.sources.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
+from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
 
 DOWNLOAD_TIMEOUT_S = 10  # per connection attempt: offline, --download_data fails in seconds (MNIST tries 2 mirrors)
 SPLITS = ("train", "test")  # torchvision's names; the test split is kd's validation split

@@ -4,7 +4,7 @@ Adding one: a DataSource subclass in a file here, registered with ``@SOURCES.reg
 and that file's import below.
 """
 
-from kd.sources import folder, torchvision_datasets
-from kd.sources.base import SOURCES, DataSource, DatasetLayout, Split, open_source
+from kd.datasets import folder, torchvision_datasets
+from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, open_source
 
 __all__ = ["SOURCES", "DataSource", "DatasetLayout", "Split", "open_source", "folder", "torchvision_datasets"]

@@ -15,8 +15,8 @@ from tqdm import tqdm
 from kd.config import Config
 from kd.errors import KDError, warn
 from kd.images import decode_resized, load_rgb
-from kd.sources.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
-from kd.sources.demo import make_demo_dataset
+from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
+from kd.datasets.demo import make_demo_dataset
 
 SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
 Sample = tuple[str, int]
