@@ -86,8 +86,11 @@ class Config:
         None, "teacher checkpoint to distill from (default: the teacher trained in this run)",
         group="stages", roles=(R.DISTILL,), path=True)
     # Data
-    data_dir: str = _flag("demo", "ImageFolder root (train/ and val/ inside, or class folders); "
-                          "'demo' generates the built-in demo dataset", group="data", roles=TRAINING, path=True)
+    data_dir: str = _flag("demo", "ImageFolder root (train/ and val/ inside, or class folders); 'demo' generates the "
+                          "built-in demo dataset; torchvision:NAME:ROOT reads torchvision's dataset NAME (CIFAR10, "
+                          "CIFAR100, MNIST, ...) from folder ROOT", group="data", roles=TRAINING, path=True)
+    download_data: bool = _flag(False, "download a torchvision:NAME:ROOT dataset into ROOT when it is not there",
+                                group="data", roles=(R.RECORDED,))
     val_fraction: float = _flag(0.2, "share of each class held out for validation when data_dir has no val/",
                                 check=lambda x: 0 < x < 1, must="be between 0 and 1", group="data", roles=TRAINING)
     num_classes: int | None = _flag(None, "expected number of classes (checked against the data)",

@@ -1,135 +1,29 @@
-"""ImageFolder data: layout detection and checks, transforms, the DataModule, the demo dataset."""
+"""Data for training: the seeded dataset and sampler, transforms, the DataModule, and make_datamodule(config).
+
+Where images come from is a dataset source's business (:mod:`kd.datasets`); this module only sees
+its class names and two :class:`~kd.datasets.Split` objects.
+"""
 
 from __future__ import annotations
 
-import colorsys
-import json
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, ImageDraw
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from kd.config import Config
-from kd.errors import KDError, warn
-from kd.files import written_atomically
-
-if TYPE_CHECKING:
-    from kd.image_cache import ImageCache
+from kd.errors import KDError
+from kd.image_cache import ImageCache
+from kd.datasets import DatasetLayout, Split, open_source
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
-Sample = tuple[str, int]
-
-
-@dataclass
-class ImageFolderLayout:
-    """What was found under a data directory: class names and (path, label) samples per split."""
-
-    classes: list[str]
-    train: list[Sample]
-    val: list[Sample]
-
-
-def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
-    """Class names and samples of one ImageFolder-style folder, refusing empty classes."""
-    try:
-        found, class_to_idx = find_classes(str(folder))
-    except FileNotFoundError:
-        raise KDError(f"--data_dir: {folder} has no class folders (expected {folder}/<class>/<image>)") from None
-    if classes is not None and found != classes:
-        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-        raise KDError(f"--data_dir: the class folders of {folder} differ from train/: "
-                      f"missing {missing or 'none'}, extra {extra or 'none'}")
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    others = [p for name in found for p in sorted((folder / name).rglob("*"))
-              if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(IMG_EXTENSIONS)]
-    if others:
-        warn(f"--data_dir: ignoring {len(others)} file(s) under {folder} that are not images by their "
-             f"extension, e.g. {others[0]}")
-    counts = np.bincount([label for _, label in samples], minlength=len(found))
-    empty = [found[i] for i in np.flatnonzero(counts == 0)]
-    if len(samples) == 0:
-        raise KDError(f"--data_dir: no images ({', '.join(IMG_EXTENSIONS)}) under {folder}")
-    if empty:
-        raise KDError(f"--data_dir: class folder {folder / empty[0]} has no images"
-                      + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""))
-    return found, samples
-
-
-def _split(samples: list[Sample], classes: list[str], val_fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """A stratified train/val split with a fixed seed: every class keeps images on both sides."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    train, val = [], []
-    for label, name in enumerate(classes):
-        own = [s for s in samples if s[1] == label]
-        order = rng.permutation(len(own))
-        n_val = min(max(1, round(len(own) * val_fraction)), len(own) - 1)
-        if n_val < 1:
-            raise KDError(f"--val_fraction: class {name} has {len(own)} image, too few to split into train and val")
-        val += [own[i] for i in sorted(order[:n_val])]
-        train += [own[i] for i in sorted(order[n_val:])]
-    return train, val
-
-
-def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2,
-                      num_classes: int | None = None) -> ImageFolderLayout:
-    """Find the classes and images under ``data_dir``: ``train/`` + ``val/``, or one folder to split."""
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise KDError(f"--data_dir: {root} does not exist or is not a folder")
-    if (root / "train").is_dir():
-        if not (root / "val").is_dir():
-            raise KDError(f"--data_dir: {root} has train/ but no val/ folder")
-        classes, train = _scan(root / "train")
-        _, val = _scan(root / "val", classes)
-    else:
-        classes, samples = _scan(root)
-        train, val = _split(samples, classes, val_fraction)
-    if num_classes is not None and num_classes != len(classes):
-        raise KDError(f"--num_classes is {num_classes} but {root} holds {len(classes)} classes: "
-                      f"{', '.join(classes)}")
-    return ImageFolderLayout(classes, train, val)
-
-
-def find_bad_images(samples: list[Sample], decode: bool) -> list[tuple[str, str]]:
-    """(path, reason) of every image that cannot be read: header only, or fully decoded with a progress bar."""
-    bad = []
-    for path, _ in tqdm(samples, desc="checking images", unit="img", disable=not decode, file=sys.stderr):
-        try:
-            if decode:
-                load_rgb(path)
-            else:
-                with Image.open(path):
-                    pass
-        except (KDError, OSError, SyntaxError, ValueError) as exc:
-            bad.append((path, str(exc).removeprefix(f"cannot read image {path}: ")))
-    return bad
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as 8-bit RGB, with an error that names the file when it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            if image.mode.startswith("I"):  # 16- or 32-bit greyscale: PIL's convert would clip it to white
-                pixels = np.asarray(image, dtype=np.float64)
-                scale = 255 / 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 1.0
-                image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8))
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise KDError(f"cannot read image {path}: {exc}") from None
 
 
 def draw_seed(*parts: int) -> int:
@@ -138,20 +32,19 @@ def draw_seed(*parts: int) -> int:
 
 
 class ImageListDataset(Dataset):
-    """(image, label, index) triples from a list of (path, label) samples.
+    """(image, label, index) triples from a :class:`~kd.datasets.Split`.
 
     Indexed by ``(index, epoch)`` (see :class:`EpochSampler`), the random transform of a sample is a
     pure function of (seed, epoch, index): an interrupted run resumes with the very same crops, and
     a teacher-output cache replays them. The index lets losses (CRD) and caches address samples.
-    Images come decoded from ``images`` (an :class:`ImageCache`) when given, else from their files.
+    Images come decoded from ``images`` (an :class:`ImageCache` of the split) when given, else from the split.
     """
 
-    def __init__(self, samples: list[Sample], transform: v2.Transform, seed: int = 0,
-                 images: ImageCache | None = None) -> None:
-        self.samples, self.transform, self.seed, self.images = samples, transform, seed, images
+    def __init__(self, split: Split, transform: v2.Transform, seed: int = 0, images: ImageCache | None = None) -> None:
+        self.split, self.transform, self.seed, self.images = split, transform, seed, images
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.split)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         if get_worker_info() is not None:  # a DataLoader worker: PyTorch already runs it on one thread
@@ -167,8 +60,7 @@ class ImageListDataset(Dataset):
 
     def _sample(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, epoch = item if isinstance(item, tuple) else (item, None)
-        path, label = self.samples[index]
-        image = self.images[index] if self.images is not None else load_rgb(path)
+        image = self.images[index] if self.images is not None else self.split.image(index)
         if epoch is None:  # validation: a fixed transform, nothing to seed
             pixels = self.transform(image)
         else:
@@ -177,7 +69,7 @@ class ImageListDataset(Dataset):
                 pixels = self.transform(image)
         # Decoded pixels arrive channels-last (HWC); collating those into a batch was 300× slower than
         # collating contiguous ones, so the copy is made here, on this one thread.
-        return pixels.contiguous(), label, index
+        return pixels.contiguous(), self.split.labels[index], index
 
 
 class EpochSampler(Sampler):
@@ -232,25 +124,14 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
-    """Train and validation loaders over an ImageFolder, scanned and checked on construction."""
+class ImageDataModule(pl.LightningDataModule):
+    """Train and validation loaders over a dataset's two splits (see :func:`make_datamodule`)."""
 
-    def __init__(self, data_dir: str | Path, image_size: int = 224, batch_size: int = 64,
-                 num_workers: int = 2, val_fraction: float = 0.2, num_classes: int | None = None,
+    def __init__(self, layout: DatasetLayout, image_size: int = 224, batch_size: int = 64, num_workers: int = 2,
                  min_crop_scale: float = 0.08, hflip: bool = True, seed: int = 0,
-                 skip_bad_images: bool = False, image_cache: str | Path | None = None) -> None:
+                 image_cache: str | Path | None = None) -> None:
         super().__init__()
-        self.layout = scan_image_folder(data_dir, val_fraction, num_classes)
-        self.skipped = find_bad_images(self.layout.train + self.layout.val, decode=skip_bad_images)
-        if self.skipped and not skip_bad_images:
-            path, reason = self.skipped[0]
-            raise KDError(f"--data_dir: cannot read image {path} ({reason}); remove it, or pass --skip_bad_images "
-                          "to check every image and train on the rest")
-        if self.skipped:
-            bad = {path for path, _ in self.skipped}
-            self.layout.train = [s for s in self.layout.train if s[0] not in bad]
-            self.layout.val = [s for s in self.layout.val if s[0] not in bad]
-            warn(f"--skip_bad_images: skipping {len(bad)} unreadable image(s), e.g. {self.skipped[0][0]}")
+        self.layout = layout
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.min_crop_scale, self.hflip, self.seed = min_crop_scale, hflip, seed
         self.sampler = EpochSampler(0, seed)  # replaced by each train_dataloader()
@@ -270,10 +151,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open (building if needed) the decoded-image caches of both splits."""
         if self.image_cache is not None and not self.images:
-            from kd.image_cache import ImageCache  # here: kd.image_cache imports kd.data (load_rgb)
-            self.images = {split: ImageCache.build([path for path, _ in samples], self.cache_short_side,
-                                                   self.image_cache)
-                           for split, samples in (("train", self.layout.train), ("val", self.layout.val))}
+            self.images = {name: ImageCache.build(split, self.cache_short_side, self.image_cache)
+                           for name, split in (("train", self.layout.train), ("val", self.layout.val))}
 
     def set_seed(self, seed: int) -> None:
         """Draw batch orders and augmentations from ``seed`` (one DataModule serves every seed of a run)."""
@@ -287,13 +166,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def classes(self) -> list[str]:
         return self.layout.classes
 
-    def _loader(self, samples: list[Sample], transform: v2.Transform, train: bool) -> DataLoader:
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(sample, reason) of each unreadable image left out with --skip_bad_images."""
+        return self.layout.skipped
+
+    def _loader(self, split: Split, transform: v2.Transform, train: bool) -> DataLoader:
         # A last training batch of one image would break BatchNorm: drop it (it is reshuffled next epoch).
-        dataset = ImageListDataset(samples, transform, self.seed, self.images.get("train" if train else "val"))
+        dataset = ImageListDataset(split, transform, self.seed, self.images.get("train" if train else "val"))
         return DataLoader(dataset, batch_size=self.batch_size,
                           sampler=self.sampler if train else self._val_sampler(dataset), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                          drop_last=train and len(samples) % self.batch_size == 1)
+                          drop_last=train and len(split) % self.batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
         transform = train_transform(self.image_size, self.min_crop_scale, self.hflip)
@@ -315,75 +199,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return UnrepeatedDistributedSampler(dataset, shuffle=False) if torch.distributed.get_world_size() > 1 else None
 
 
-def prepare_data(c: Config) -> ImageFolderDataModule:
-    """The DataModule of ``--data_dir`` (generating the demo dataset first when it is ``demo``)."""
-    data_dir = Path(c.output_dir) / "demo_data" if c.data_dir == "demo" else c.data_dir
-    if c.data_dir == "demo":
-        make_demo_dataset(data_dir)
-    return ImageFolderDataModule(data_dir, c.image_size, c.batch_size, c.num_workers, c.val_fraction,
-                                 c.num_classes, c.min_crop_scale, c.hflip, c.seed, c.skip_bad_images, c.image_cache)
-
-
-
-# The demo dataset: shapes in colours. Classes that share a shape or a near hue look alike, so a
-# teacher's soft targets carry which classes resemble one another, the case distillation is for.
-DEMO_SHAPES = ("circle", "ring", "square", "triangle")
-DEMO_HUES = {"red": 0.0, "orange": 0.07, "blue": 0.6}
-DEMO_VERSION = 1
-
-
-def _draw_demo_image(shape: str, hue: float, size: int, rng: np.random.Generator) -> Image.Image:
-    """One noisy picture of a coloured shape at a random place and scale."""
-    base = rng.uniform(0.25, 0.75, 3) * 255
-    smooth = np.kron(rng.normal(0, 30, (5, 5, 3)), np.ones((size // 5 + 1, size // 5 + 1, 1)))[:size, :size]
-    pixels = np.clip(base + smooth + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    colour = colorsys.hsv_to_rgb((hue + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
-    fill = tuple(int(c * 255) for c in colour)
-    r = rng.uniform(0.18, 0.32) * size
-    cx, cy = rng.uniform(r, size - r, 2)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "ring":
-        draw.ellipse(box, outline=fill, width=max(2, int(r / 2.5)))
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return image
-
-
-def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class: int = 50,
-                      image_size: int = 40, seed: int = 0) -> Path:
-    """Write the demo ImageFolder (train/ and val/ of PNGs) under ``root`` once; reuse it after.
-
-    The images are a pure function of the arguments. The folder is built beside ``root`` and renamed
-    into place when complete, so an interrupted generation never leaves a partial dataset behind.
-    """
-    root = Path(root)
-    params = {"version": DEMO_VERSION, "train_per_class": train_per_class, "val_per_class": val_per_class,
-              "image_size": image_size, "seed": seed}
-    marker = root / "demo.json"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return root
-    if root.exists():
-        raise KDError(f"--data_dir demo: {root} exists but is not this demo dataset; move it away")
-    classes = [f"{colour}_{shape}" for colour in DEMO_HUES for shape in DEMO_SHAPES]
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with written_atomically(root) as tmp:
-            for split, count, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
-                for label, name in enumerate(classes):
-                    folder = tmp / split / name
-                    folder.mkdir(parents=True)
-                    colour, shape = name.split("_")
-                    rng = np.random.default_rng([split_seed, label])
-                    for i in range(count):
-                        _draw_demo_image(shape, DEMO_HUES[colour], image_size, rng).save(folder / f"{i:04d}.png")
-            (tmp / "demo.json").write_text(json.dumps(params))
-    except OSError:  # another process (a DDP rank) finished the same dataset first
-        if not (marker.is_file() and json.loads(marker.read_text()) == params):
-            raise
-    return root
+def make_datamodule(c: Config) -> ImageDataModule:
+    """The DataModule of ``--data_dir``: its source's classes and splits, checked, with the loader settings."""
+    layout = open_source(c.data_dir).load(c)
+    if c.num_classes is not None and c.num_classes != len(layout.classes):
+        raise KDError(f"--num_classes is {c.num_classes} but {c.data_dir} holds {len(layout.classes)} classes: "
+                      f"{', '.join(layout.classes)}")
+    return ImageDataModule(layout, c.image_size, c.batch_size, c.num_workers, c.min_crop_scale, c.hflip, c.seed,
+                           c.image_cache)

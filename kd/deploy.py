@@ -12,7 +12,7 @@ from torch import nn
 from kd.config import Config
 from kd.evaluate import confusion_figure, evaluate, format_evaluation
 from kd.export import export_model, format_profiles, profile_model
-from kd.data import prepare_data
+from kd.data import make_datamodule
 from kd.models import load_network, read_checkpoint
 from kd.results import StageResult
 
@@ -39,7 +39,7 @@ def evaluate_checkpoint(config: Config) -> Path:
     # A kd checkpoint names its network and image size; a bare state_dict takes --student_arch/--image_size.
     arch = meta.get("arch", config.student_arch)
     config = replace(config, image_size=int(meta.get("image_size", config.image_size)))
-    data = prepare_data(config)
+    data = make_datamodule(config)
     model = load_network(path, arch, data.classes, config.image_size, "--evaluate")
     result = evaluate(model, data.val_dataloader(), data.classes, _device(config))
     logger = TensorBoardLogger(Path(config.output_dir) / config.experiment_name, name="evaluate",

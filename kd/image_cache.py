@@ -1,10 +1,11 @@
-"""A decoded-image cache: every image of a sample list decoded once into a memory-mapped uint8 file.
+"""A decoded-image cache: every image of a split decoded once into a memory-mapped uint8 file.
 
 Training then augments from raw pixels instead of decoding JPEG/PNG every epoch. Images keep their
 aspect ratio, so they are stored ragged: ``pixels.u8`` holds each image as HWC uint8 with its short side
 resized to ``short_side``, one after another; ``index.npy`` holds (offset, height, width) per image;
-``meta.json`` holds the key inputs and is written last. A cache folder is built under a temporary name
-and renamed into place when complete, so an interrupted build never leaves a folder that looks complete.
+``meta.json`` holds the key inputs and is written last. The folder is named by a key of the split's
+fingerprint (which changes with its files) and the short side. A cache folder is built under a temporary
+name and renamed into place when complete, so an interrupted build never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -19,56 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from kd.data import load_rgb
 from kd.errors import KDError
 from kd.files import written_atomically
+from kd.datasets.base import Split
 
 FORMAT_VERSION = 1  # bump when the stored pixels change for the same inputs (filter, layout, draft use)
 BUILD_CHUNK = 256  # images decoded per parallel batch: bounds the memory held by decoded images
 MAX_THREADS = 8
-DRAFT_GAP = 2.0  # libjpeg may decode a JPEG at 1/2, 1/4 or 1/8 scale while both sides stay >= 2x the target
 
 
-def image_cache_key(paths: list[str], short_side: int) -> str:
-    """Hex digest over the files' paths, sizes and mtimes (ns) and the short side and a format version."""
+def image_cache_key(split: Split, short_side: int) -> str:
+    """Hex digest over the split's fingerprint, the short side and a format version."""
     digest = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "short_side": short_side}).encode())
-    for path in paths:
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            raise KDError(f"cannot read image {path}: {exc.strerror or exc}") from None
-        digest.update(json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns]).encode() + b"\n")
+    digest.update(split.fingerprint().encode())
     return digest.hexdigest()
-
-
-def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side at ``short_side`` and the aspect ratio kept (rounded)."""
-    if width <= height:
-        return short_side, max(1, round(height * short_side / width))
-    return max(1, round(width * short_side / height)), short_side
-
-
-def decode_resized(path: str, short_side: int) -> np.ndarray:
-    """One image as HWC uint8 RGB with its short side resized to ``short_side`` (bilinear, antialiased).
-
-    A JPEG is decoded by libjpeg at a reduced scale (``Image.draft``) that keeps both sides at least
-    twice the target (as Pillow's ``thumbnail`` does): about 2x faster on large photos, within about
-    1 grey level on average of a full decode. Other images go through :func:`kd.data.load_rgb`, as in
-    training. Errors are KDErrors naming the file.
-    """
-    try:
-        with Image.open(path) as image:
-            size = resized_size(*image.size, short_side)
-            if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
-                image.draft("RGB", (int(size[0] * DRAFT_GAP), int(size[1] * DRAFT_GAP)))
-                if image.size[0] >= size[0] and image.size[1] >= size[1]:  # always, by draft's rounding
-                    return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise KDError(f"cannot read image {path}: {exc}") from None
-    return np.asarray(load_rgb(path).resize(size, Image.Resampling.BILINEAR))
 
 
 def _human(nbytes: int) -> str:
@@ -76,7 +43,7 @@ def _human(nbytes: int) -> str:
 
 
 class ImageCache:
-    """Decoded images of one sample list, memory-mapped read-only.
+    """Decoded images of one split, memory-mapped read-only.
 
     ``cache[i]`` is image ``i`` as a uint8 CHW tensor (a private copy, channels-last in memory).
     The mapping is opened lazily in each process and never pickled, so DataLoader workers, forked
@@ -94,14 +61,14 @@ class ImageCache:
         self._index: np.ndarray | None = None
 
     @classmethod
-    def build(cls, paths: list[str], short_side: int, root: str | Path) -> ImageCache:
-        """The cache of ``paths`` under ``root/<key>``: opened if complete, else decoded once first."""
+    def build(cls, split: Split, short_side: int, root: str | Path) -> ImageCache:
+        """The cache of ``split``'s images under ``root/<key>``: opened if complete, else decoded once first."""
         if short_side < 1:
             raise KDError(f"--image_cache: the short side must be at least 1 pixel, not {short_side}")
         root = Path(root).expanduser()
-        key = image_cache_key(paths, short_side)
+        key = image_cache_key(split, short_side)
         folder = root / key
-        expected = {"version": FORMAT_VERSION, "key": key, "short_side": short_side, "count": len(paths)}
+        expected = {"version": FORMAT_VERSION, "key": key, "short_side": short_side, "count": len(split)}
         if _read_meta(folder, expected) is not None:
             return cls(folder)
         try:
@@ -111,13 +78,13 @@ class ImageCache:
         try:
             with written_atomically(folder) as tmp:
                 tmp.mkdir()
-                nbytes = _write(tmp, paths, short_side, expected)
+                nbytes = _write(tmp, split, short_side, expected)
                 if folder.exists() and _read_meta(folder, expected) is None:
                     shutil.rmtree(folder)  # a damaged folder under our key (complete ones only appear by rename)
         except OSError as exc:
             if _read_meta(folder, expected) is None:  # not another process that finished first
                 raise KDError(f"--image_cache: cannot write {folder}: {exc.strerror or exc}") from None
-        print(f"image cache: {len(paths)} images at short side {short_side}, {_human(nbytes)} in {folder}",
+        print(f"image cache: {len(split)} images at short side {short_side}, {_human(nbytes)} in {folder}",
               file=sys.stderr, flush=True)
         return cls(folder)
 
@@ -171,18 +138,18 @@ def _read_meta(folder: Path, expected: dict | None = None) -> dict | None:
     return meta
 
 
-def _write(folder: Path, paths: list[str], short_side: int, meta: dict) -> int:
-    """Decode ``paths`` into ``folder`` (pixels, index, then meta.json last); the number of pixel bytes."""
-    index = np.zeros((len(paths), 3), dtype=np.int64)
+def _write(folder: Path, split: Split, short_side: int, meta: dict) -> int:
+    """Decode ``split``'s images into ``folder`` (pixels, index, then meta.json last); the number of pixel bytes."""
+    index = np.zeros((len(split), 3), dtype=np.int64)
     offset = 0
     threads = max(1, min(MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
-    bar = tqdm(total=len(paths), desc="caching images", unit="img", file=sys.stderr)
+    bar = tqdm(total=len(split), desc="caching images", unit="img", file=sys.stderr)
     # PIL releases the GIL while decoding and resizing, so threads decode in parallel; map keeps the order.
     with open(folder / "pixels.u8", "wb") as out, ThreadPoolExecutor(threads) as pool, bar:
-        for start in range(0, len(paths), BUILD_CHUNK):
-            chunk = paths[start:start + BUILD_CHUNK]
-            for i, pixels in enumerate(pool.map(decode_resized, chunk, [short_side] * len(chunk)), start):
+        for start in range(0, len(split), BUILD_CHUNK):
+            chunk = range(start, min(start + BUILD_CHUNK, len(split)))
+            for i, pixels in zip(chunk, pool.map(split.resized, chunk, [short_side] * len(chunk))):
                 out.write(np.ascontiguousarray(pixels).data)
                 index[i] = (offset, pixels.shape[0], pixels.shape[1])
                 offset += pixels.nbytes

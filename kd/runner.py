@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from kd.checks import STAGES, Plan, check_experiment
 from kd.config import Config, Role, identity, save_config
-from kd.data import ImageFolderDataModule, draw_seed, prepare_data
+from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
 from kd.errors import Interrupted, KDError
 from kd.files import write_text, written_atomically
@@ -63,7 +63,7 @@ class EpochSeeding(pl.Callback):
     An epoch then runs the same whether the run went straight through or was resumed before it.
     """
 
-    def __init__(self, data: ImageFolderDataModule, seed: int) -> None:
+    def __init__(self, data: ImageDataModule, seed: int) -> None:
         self.data, self.seed = data, seed
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -278,7 +278,7 @@ def _report_folder(config: Config) -> Path:
 
 def run_experiment(config: Config) -> list[StageResult]:
     """Check ``config``, run its stages, write a report when there is something to compare, print a summary."""
-    data = prepare_data(config)
+    data = make_datamodule(config)
     build = StageBuilder(config, data)
     runner = StageRunner(config, build, check_experiment(config, build))
     results = runner.run()

@@ -15,7 +15,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from kd.config import Config, cache_settings
-from kd.data import ImageFolderDataModule
+from kd.data import ImageDataModule
 from kd.distiller import Distiller
 from kd.errors import KDError
 from kd.hooks import feature_shapes
@@ -42,7 +42,7 @@ def _devices(devices: str) -> Any:
 class StageBuilder:
     """Builds the parts of a stage from the run's configuration and data."""
 
-    def __init__(self, config: Config, data: ImageFolderDataModule) -> None:
+    def __init__(self, config: Config, data: ImageDataModule) -> None:
         self.config, self.data = config, data
         self._cache_keys: dict[tuple[Path, int], str] = {}  # hashing the teacher and every file once per run
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 
 from kd.errors import KDError
 from kd.files import written_atomically
+from kd.datasets.base import Split
 
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
@@ -33,19 +33,17 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(teacher_checkpoint: Path, samples: dict[str, list[tuple[str, int]]], settings: dict[str, Any]) -> str:
-    """The cache folder's name: a digest of the teacher's content, every file (path, label, size, mtime) and settings.
+def cache_key(teacher_checkpoint: Path, splits: dict[str, Split], settings: dict[str, Any]) -> str:
+    """The cache folder's name: a digest of the teacher's content, each split's fingerprint and settings.
 
-    ``settings`` holds everything else that changes the teacher's outputs: architecture, transforms,
-    seed, precision, the image cache, the storage format.
+    A split's fingerprint changes with its images and labels (for files: each one's path, label,
+    size and mtime). ``settings`` holds everything else that changes the teacher's outputs:
+    architecture, transforms, seed, precision, the image cache, the storage format.
     """
     digest = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "teacher": file_digest(teacher_checkpoint),
                                         "settings": settings}, sort_keys=True).encode())
-    for split, items in samples.items():
-        digest.update(split.encode())
-        for path, label in items:
-            stat = os.stat(path)
-            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for name, split in splits.items():
+        digest.update(f"{name}\0{split.fingerprint()}\n".encode())
     return digest.hexdigest()[:24]
 
 

@@ -55,6 +55,7 @@ from kd.losses.objective import build_objective  # noqa: E402
 from kd.models import build_model  # noqa: E402
 from kd.distiller import Distiller  # noqa: E402
 from kd.module import KDModule  # noqa: E402
+from kd.datasets.folder import FileSplit  # noqa: E402
 from kd.tables import text_table  # noqa: E402
 from kd.teacher_cache import TeacherCache  # noqa: E402
 
@@ -173,9 +174,9 @@ def make_jpegs(folder: Path, count: int, num_classes: int = 4) -> list[tuple[str
 
 def bench_pipeline(args, tmp: Path, results: dict) -> float:
     """images/s of an epoch decoded by PIL vs read from the image cache; returns the cache build's seconds."""
-    samples = make_jpegs(tmp / "images", args.images)
+    samples = FileSplit(make_jpegs(tmp / "images", args.images))
     start = time.perf_counter()
-    images = ImageCache.build([path for path, _ in samples], round(args.image_size * 256 / 224), tmp / "image_cache")
+    images = ImageCache.build(samples, round(args.image_size * 256 / 224), tmp / "image_cache")
     build_s = time.perf_counter() - start
     loaders = {f"pipeline_{source}_w{workers}": DataLoader(
         ImageListDataset(samples, train_transform(args.image_size), 0, cached), batch_size=args.batch_size,

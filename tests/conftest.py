@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.data import make_demo_dataset
+from kd.datasets.demo import make_demo_dataset
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The data module: layout detection, class checks, the fixed split, transforms and the demo set."""
+"""ImageFolder data and the DataModule: layout detection, class checks, the fixed split, transforms, the demo set."""
 
 from __future__ import annotations
 
@@ -11,8 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule, load_rgb, make_demo_dataset, scan_image_folder
+from kd.config import Config
+from kd.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule, make_datamodule
 from kd.errors import KDError
+from kd.images import load_rgb
+from kd.datasets.demo import make_demo_dataset
+from kd.datasets.folder import FileSplit, scan_image_folder
+
+
+def _data(data_dir: Path, **flags) -> ImageDataModule:
+    """The DataModule of ``--data_dir data_dir`` with these flags, as a run makes it."""
+    return make_datamodule(Config(data_dir=str(data_dir), num_workers=0, **flags))
 
 
 def _flatten(root: Path, dest: Path) -> Path:
@@ -25,7 +34,7 @@ def test_train_val_layout_detects_classes(tiny_data):
     layout = scan_image_folder(tiny_data)
     assert len(layout.classes) == 12 and layout.classes == sorted(layout.classes)
     assert len(layout.train) == 12 * 6 and len(layout.val) == 12 * 3
-    assert {label for _, label in layout.val} == set(range(12))
+    assert set(layout.val.labels) == set(range(12)) and len(layout.val.labels) == len(layout.val)
 
 
 def test_single_folder_is_split_stratified_and_fixed(tiny_data, tmp_path):
@@ -33,17 +42,17 @@ def test_single_folder_is_split_stratified_and_fixed(tiny_data, tmp_path):
     first = scan_image_folder(root, val_fraction=0.5)
     again = scan_image_folder(root, val_fraction=0.5)
     assert first.train == again.train and first.val == again.val
-    assert not {p for p, _ in first.train} & {p for p, _ in first.val}
+    assert not {p for p, _ in first.train.samples} & {p for p, _ in first.val.samples}
     assert len(first.train) + len(first.val) == 12 * 6
     for label in range(12):  # every class on both sides, half of each held out
-        assert sum(lab == label for _, lab in first.val) == 3
-        assert sum(lab == label for _, lab in first.train) == 3
+        assert first.val.labels.count(label) == 3
+        assert first.train.labels.count(label) == 3
 
 
 def test_num_classes_must_agree(tiny_data):
-    assert len(scan_image_folder(tiny_data, num_classes=12).classes) == 12
+    assert len(_data(tiny_data, num_classes=12).classes) == 12
     with pytest.raises(KDError, match=r"--num_classes is 5 but .* holds 12 classes: blue_circle"):
-        scan_image_folder(tiny_data, num_classes=5)
+        _data(tiny_data, num_classes=5)
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -85,16 +94,17 @@ def test_unreadable_image_error_names_the_file(tiny_data, tmp_path):
     bad = sorted((root / "train" / "blue_ring").iterdir())[0]
     bad.write_bytes(b"not a png")
     with pytest.raises(KDError, match=f"--data_dir: cannot read image {bad} .*--skip_bad_images"):
-        ImageFolderDataModule(root, image_size=16, batch_size=4, num_workers=0)
+        _data(root, image_size=16, batch_size=4)
     with pytest.raises(KDError, match=f"cannot read image {bad}"):
         load_rgb(str(bad))
-    data = ImageFolderDataModule(root, image_size=16, batch_size=4, num_workers=0, skip_bad_images=True)
-    assert [p for p, _ in data.skipped] == [str(bad)] and str(bad) not in {p for p, _ in data.layout.train}
+    data = _data(root, image_size=16, batch_size=4, skip_bad_images=True)
+    assert [p for p, _ in data.skipped] == [str(bad)] and str(bad) not in {p for p, _ in data.layout.train.samples}
+    assert len(data.layout.train) == 12 * 6 - 1 and len(data.layout.val) == 12 * 3
 
 
 def test_an_epoch_is_a_pure_function_of_seed_and_epoch(tiny_data):
     def batches(seed, epochs):
-        data = ImageFolderDataModule(tiny_data, image_size=12, batch_size=8, num_workers=0, seed=seed)
+        data = _data(tiny_data, image_size=12, batch_size=8, seed=seed)
         loader = data.train_dataloader()
         out = []
         for epoch in epochs:
@@ -109,7 +119,7 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(tiny_data):
 
 
 def test_loaders_yield_pixel_batches_of_the_crop_size_normalised_on_the_device(tiny_data):
-    data = ImageFolderDataModule(tiny_data, image_size=12, batch_size=5, num_workers=0)
+    data = _data(tiny_data, image_size=12, batch_size=5)
     for loader in (data.train_dataloader(), data.val_dataloader()):
         x, y, indices = next(iter(loader))
         assert x.shape == (5, 3, 12, 12) and x.dtype == torch.uint8  # pixels: a quarter of float32's bytes
@@ -148,7 +158,7 @@ def test_sixteen_bit_greyscale_keeps_its_levels(tmp_path):
 
 @pytest.mark.parametrize("n_train, batches", [(73, 4), (74, 5)])
 def test_a_last_training_batch_of_one_image_is_dropped(tiny_data, n_train, batches):
-    data = ImageFolderDataModule(tiny_data, image_size=12, batch_size=18, num_workers=0)
-    data.layout.train = (data.layout.train * 2)[:n_train]
+    data = _data(tiny_data, image_size=12, batch_size=18)
+    data.layout.train = FileSplit((data.layout.train.samples * 2)[:n_train])
     assert len(data.train_dataloader()) == batches  # 73 = 4×18 + 1: the lone image would break BatchNorm
     assert len(data.val_dataloader()) == 2

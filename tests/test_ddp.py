@@ -8,7 +8,8 @@ import shutil
 import torch
 
 from conftest import FAST, run_cli
-from kd.data import ImageFolderDataModule, normalize
+from kd.config import Config
+from kd.data import make_datamodule, normalize
 from kd.models import load_network
 
 
@@ -29,7 +30,7 @@ def test_ddp_run_writes_once_and_syncs_validation_metrics(tiny_data, tmp_path):
     assert len(writers) == 1  # TensorBoard files come from one process
 
     # The reported top-1 must be the whole validation set's (35 images, none counted twice), not rank 0's share.
-    data = ImageFolderDataModule(data_dir, image_size=16, batch_size=35, num_workers=0)
+    data = make_datamodule(Config(data_dir=str(data_dir), image_size=16, batch_size=35, num_workers=0))
     for stage, arch in (("teacher", "cnn_small"), ("distill", "cnn_tiny")):
         reported = json.loads((root / stage / "version_0" / "result.json").read_text())["best_top1"]
         model = load_network(root / stage / "version_0" / "checkpoints" / "best.ckpt", arch, data.classes, 16).eval()

@@ -1,8 +1,9 @@
-"""The decoded-image cache: sizes, pixels, reuse, keys, interrupted builds, pickling, unwritable roots."""
+"""The decoded-image cache of image files: sizes, pixels, reuse, keys, interrupted builds, pickling, bad roots."""
 
 from __future__ import annotations
 
 import os
+import ast
 import pickle
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from PIL.JpegImagePlugin import JpegImageFile
 from torch.utils.data import DataLoader
 
 import kd.image_cache as image_cache
-from kd.data import load_rgb
 from kd.errors import KDError
 from kd.image_cache import ImageCache, image_cache_key
+from kd.images import load_rgb, resized_size
+from kd.datasets.folder import FileSplit
 
 SHORT = 24
 # (width, height, format): landscape, portrait, square, smaller than SHORT (upscaled), a JPEG big enough to draft
@@ -36,6 +38,11 @@ def _make_images(folder: Path, sizes=SIZES) -> list[str]:
     return paths
 
 
+def _files(paths: list[str]) -> FileSplit:
+    """The split of these image files (their labels do not matter to the cache)."""
+    return FileSplit([(path, 0) for path in paths])
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> list[str]:
     return _make_images(tmp_path / "images")
@@ -45,11 +52,11 @@ def _reference(path: str, short_side: int = SHORT) -> np.ndarray:
     """The image decoded in full and resized with PIL's antialiased bilinear filter."""
     with Image.open(path) as image:
         image = image.convert("RGB")
-        return np.asarray(image.resize(image_cache.resized_size(*image.size, short_side), Image.Resampling.BILINEAR))
+        return np.asarray(image.resize(resized_size(*image.size, short_side), Image.Resampling.BILINEAR))
 
 
 def test_shapes_keep_the_aspect_ratio(images, tmp_path):
-    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    cache = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     assert len(cache) == len(images)
     for i, (width, height, _) in enumerate(SIZES):
         image = cache[i]
@@ -60,14 +67,14 @@ def test_shapes_keep_the_aspect_ratio(images, tmp_path):
         assert (h >= w) == (height >= width)
         assert cache.shape(i) == tuple(image.shape)
     assert cache.nbytes == sum(cache[i].numel() for i in range(len(cache)))
-    assert cache.folder == tmp_path / "cache" / image_cache_key(images, SHORT)
+    assert cache.folder == tmp_path / "cache" / image_cache_key(_files(images), SHORT)
     assert torch.equal(cache[-1], cache[len(cache) - 1])
     with pytest.raises(IndexError):
         cache[len(cache)]
 
 
 def test_pixels_match_a_pil_resize(images, tmp_path):
-    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    cache = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     for i, (path, (_, _, fmt)) in enumerate(zip(images, SIZES)):
         ours, ref = cache[i].permute(1, 2, 0).numpy().astype(int), _reference(path).astype(int)
         assert ours.shape == ref.shape
@@ -88,7 +95,7 @@ def test_large_jpegs_decode_at_reduced_scale(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(JpegImageFile, "draft", spy)
-    cache = ImageCache.build(paths, SHORT, tmp_path / "cache")
+    cache = ImageCache.build(_files(paths), SHORT, tmp_path / "cache")
     # 400x200 to 48x24: decoded at 1/4 scale, still twice the target; 100x60 to 40x24: no room, full size
     assert sorted(drafted) == [("0.jpg", (100, 50)), ("1.jpg", (100, 60))]
     assert cache.shape(0) == cache.shape(2) == (3, SHORT, 48)
@@ -96,47 +103,47 @@ def test_large_jpegs_decode_at_reduced_scale(tmp_path, monkeypatch):
 
 
 def test_second_build_reuses_the_cache(images, tmp_path, monkeypatch):
-    first = ImageCache.build(images, SHORT, tmp_path / "cache")
+    first = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     pixels = first.folder / "pixels.u8"
     stamp = pixels.stat().st_mtime_ns
 
     def refuse(*args):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(image_cache, "decode_resized", refuse)
-    second = ImageCache.build(images, SHORT, tmp_path / "cache")
+    monkeypatch.setattr(FileSplit, "resized", refuse)
+    second = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     assert second.folder == first.folder and pixels.stat().st_mtime_ns == stamp
     assert all(torch.equal(first[i], second[i]) for i in range(len(first)))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.folder.name]
 
 
 def test_two_builds_give_identical_bytes(images, tmp_path):
-    a = ImageCache.build(images, SHORT, tmp_path / "a")
-    b = ImageCache.build(images, SHORT, tmp_path / "b")
+    a = ImageCache.build(_files(images), SHORT, tmp_path / "a")
+    b = ImageCache.build(_files(images), SHORT, tmp_path / "b")
     for name in ("pixels.u8", "index.npy", "meta.json"):
         assert (a.folder / name).read_bytes() == (b.folder / name).read_bytes()
 
 
 def test_key_follows_files_and_short_side(images):
-    key = image_cache_key(images, SHORT)
-    assert key == image_cache_key(list(images), SHORT)
-    assert key != image_cache_key(images, SHORT + 1)
-    assert key != image_cache_key(images[::-1], SHORT)
-    assert key != image_cache_key(images[:-1], SHORT)
+    key = image_cache_key(_files(images), SHORT)
+    assert key == image_cache_key(_files(list(images)), SHORT)
+    assert key != image_cache_key(_files(images), SHORT + 1)
+    assert key != image_cache_key(_files(images[::-1]), SHORT)
+    assert key != image_cache_key(_files(images[:-1]), SHORT)
     stat = os.stat(images[0])
     os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched
-    touched = image_cache_key(images, SHORT)
+    touched = image_cache_key(_files(images), SHORT)
     assert touched != key
     Image.new("RGB", (64, 48), "red").save(images[0])  # new content
     os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # even with the same mtime
-    assert image_cache_key(images, SHORT) not in (key, touched)
+    assert image_cache_key(_files(images), SHORT) not in (key, touched)
 
 
 def test_changed_file_builds_a_new_cache(images, tmp_path):
-    first = ImageCache.build(images, SHORT, tmp_path / "cache")
+    first = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     Image.new("RGB", (64, 48), "red").save(images[0])
     os.utime(images[0], ns=(0, os.stat(images[0]).st_mtime_ns + 1_000_000_000))
-    second = ImageCache.build(images, SHORT, tmp_path / "cache")
+    second = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     assert second.folder != first.folder
     assert torch.all(second[0][0] == 255) and torch.all(second[0][1:] == 0)
     assert torch.equal(second[1], first[1])
@@ -144,28 +151,28 @@ def test_changed_file_builds_a_new_cache(images, tmp_path):
 
 @pytest.mark.parametrize("error", [KDError, KeyboardInterrupt])
 def test_interrupted_build_leaves_nothing_complete(images, tmp_path, monkeypatch, error):
-    decode = image_cache.decode_resized
+    decode = FileSplit.resized
 
-    def fail_on_third(path, short_side):
-        if path == images[2]:
-            raise error(f"cannot read image {path}: broken")
-        return decode(path, short_side)
+    def fail_on_third(split, index, short_side):
+        if split.describe(index) == images[2]:
+            raise error(f"cannot read image {images[2]}: broken")
+        return decode(split, index, short_side)
 
-    monkeypatch.setattr(image_cache, "decode_resized", fail_on_third)
+    monkeypatch.setattr(FileSplit, "resized", fail_on_third)
     root = tmp_path / "cache"
     with pytest.raises(error, match=f"cannot read image {images[2]}"):
-        ImageCache.build(images, SHORT, root)
+        ImageCache.build(_files(images), SHORT, root)
     assert list(root.iterdir()) == []  # no cache folder, no temporary folder
-    monkeypatch.setattr(image_cache, "decode_resized", decode)
-    assert len(ImageCache.build(images, SHORT, root)) == len(images)
+    monkeypatch.setattr(FileSplit, "resized", decode)
+    assert len(ImageCache.build(_files(images), SHORT, root)) == len(images)
 
 
 def test_16_bit_images_decode_as_in_training(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)).save(path)
-    cache = ImageCache.build([str(path)], SHORT, tmp_path / "cache")
+    cache = ImageCache.build(_files([str(path)]), SHORT, tmp_path / "cache")
     image = load_rgb(str(path))
-    expected = np.asarray(image.resize(image_cache.resized_size(*image.size, SHORT), Image.Resampling.BILINEAR))
+    expected = np.asarray(image.resize(resized_size(*image.size, SHORT), Image.Resampling.BILINEAR))
     assert np.array_equal(cache[0].permute(1, 2, 0).numpy(), expected)
     assert cache[0].max() > 200  # not clipped to white, not crushed to black
 
@@ -173,21 +180,21 @@ def test_16_bit_images_decode_as_in_training(tmp_path):
 def test_unreadable_image_names_the_file(images, tmp_path):
     Path(images[1]).write_bytes(b"not an image")
     with pytest.raises(KDError, match=f"cannot read image {images[1]}"):
-        ImageCache.build(images, SHORT, tmp_path / "cache")
+        ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_damaged_cache_is_rebuilt(images, tmp_path):
-    first = ImageCache.build(images, SHORT, tmp_path / "cache")
+    first = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     expected = [first[i] for i in range(len(first))]
     with open(first.folder / "pixels.u8", "r+b") as f:
         f.truncate(10)
-    second = ImageCache.build(images, SHORT, tmp_path / "cache")
+    second = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     assert all(torch.equal(a, second[i]) for i, a in enumerate(expected))
 
 
 def test_pickled_cache_reads_the_same_pixels(images, tmp_path):
-    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    cache = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     before = cache[1]  # maps the file in this process
     data = pickle.dumps(cache)
     assert len(data) < 2000  # the mapping and the index are not pickled
@@ -201,14 +208,14 @@ def test_pickled_cache_reads_the_same_pixels(images, tmp_path):
 
 
 def test_dataloader_workers_read_the_cache(images, tmp_path):
-    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    cache = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     expected = [cache[i] for i in range(len(cache))]  # mapped in the parent before the workers fork
     loader = DataLoader(cache, batch_size=None, num_workers=2)
     assert all(torch.equal(a, b) for a, b in zip(loader, expected, strict=True))
 
 
 def test_empty_list(tmp_path):
-    cache = ImageCache.build([], SHORT, tmp_path / "cache")
+    cache = ImageCache.build(_files([]), SHORT, tmp_path / "cache")
     assert len(cache) == 0 and cache.nbytes == 0
     assert len(pickle.loads(pickle.dumps(cache))) == 0
 
@@ -218,7 +225,7 @@ def test_unwritable_root_names_it(images, tmp_path):
     blocker.write_text("")
     root = blocker / "cache"
     with pytest.raises(KDError, match=f"^--image_cache: cannot write {root}: ") as info:
-        ImageCache.build(images, SHORT, root)
+        ImageCache.build(_files(images), SHORT, root)
     assert "\n" not in str(info.value)
 
 
@@ -229,13 +236,39 @@ def test_read_only_root_names_it(images, tmp_path):
     root.chmod(0o500)
     try:
         with pytest.raises(KDError, match=f"^--image_cache: cannot write {root}: "):
-            ImageCache.build(images, SHORT, root)
+            ImageCache.build(_files(images), SHORT, root)
     finally:
         root.chmod(0o700)
 
 
 def test_complete_cache_opens_in_a_read_only_root(images, tmp_path, monkeypatch):
-    cache = ImageCache.build(images, SHORT, tmp_path / "cache")
+    cache = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     monkeypatch.setattr(Path, "mkdir", lambda *a, **k: (_ for _ in ()).throw(PermissionError("read-only")))
-    again = ImageCache.build(images, SHORT, tmp_path / "cache")
+    again = ImageCache.build(_files(images), SHORT, tmp_path / "cache")
     assert torch.equal(again[2], cache[2])
+
+
+def _kd_imports(module: str) -> set[str]:
+    """The kd modules importing ``module`` loads, directly or through others (read from the source, not run)."""
+    package = Path(image_cache.__file__).parent.parent
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = package / (name.replace(".", "/") + ".py")
+        path = path if path.is_file() else path.with_suffix("") / "__init__.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        todo.append(name.rpartition(".")[0])  # a module's package runs first
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.startswith("kd.")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kd."):
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]  # or submodules
+    return seen
+
+
+def test_the_cache_does_not_import_the_data_module():
+    """kd.data uses kd.image_cache; the other way round would be an import circle again."""
+    imported = _kd_imports("kd.image_cache")
+    assert {"kd.images", "kd.datasets.base"} <= imported and "kd.data" not in imported

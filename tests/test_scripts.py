@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kd.data import scan_image_folder
+from kd.datasets.folder import scan_image_folder
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_digits.py"
 
@@ -23,8 +23,8 @@ def test_digits_become_a_train_val_image_folder(tmp_path):
     layout = scan_image_folder(tmp_path / "digits")
     assert layout.classes == [str(d) for d in range(10)]
     assert (len(layout.train), len(layout.val)) == (1347, 450)  # all 1,797 scans, a quarter of each class held out
-    assert not {p for p, _ in layout.train} & {p for p, _ in layout.val}
-    with Image.open(layout.val[0][0]) as image:
+    assert not {p for p, _ in layout.train.samples} & {p for p, _ in layout.val.samples}
+    with Image.open(layout.val.describe(0)) as image:
         assert image.size == (8, 8) and image.mode == "L"
 
 

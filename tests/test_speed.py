@@ -7,21 +7,22 @@ import torch
 
 from conftest import FAST
 from kd.cli import main
-from kd.data import ImageFolderDataModule, normalize
+from kd.config import Config
+from kd.data import ImageDataModule, make_datamodule, normalize
 from kd.losses.objective import build_objective
 from kd.models import build_model
 from kd.distiller import Distiller
 
 
-def _batches(data: ImageFolderDataModule, train: bool) -> list[tuple[torch.Tensor, ...]]:
+def _batches(data: ImageDataModule, train: bool) -> list[tuple[torch.Tensor, ...]]:
     data.set_epoch(1)
     return list(data.train_dataloader() if train else data.val_dataloader())
 
 
 def test_image_cache_feeds_the_same_samples_as_decoding(tiny_data, tmp_path):
-    plain = ImageFolderDataModule(tiny_data, image_size=16, batch_size=8, num_workers=0)
-    cached = ImageFolderDataModule(tiny_data, image_size=16, batch_size=8, num_workers=0,
-                                   image_cache=tmp_path / "images")
+    settings = {"data_dir": str(tiny_data), "image_size": 16, "batch_size": 8, "num_workers": 0}
+    plain = make_datamodule(Config(**settings))
+    cached = make_datamodule(Config(**settings, image_cache=str(tmp_path / "images")))
     cached.prepare_data()
     cached.setup()
     assert len(list((tmp_path / "images").iterdir())) == 2  # train and val

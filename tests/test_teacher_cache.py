@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import kd.runner
 from conftest import FAST
 from kd.cli import main
-from kd.teacher_cache import TeacherCache
+from kd.datasets.folder import FileSplit
+from kd.teacher_cache import TeacherCache, cache_key
 
 
 def _teacher(tiny_data: Path, out: Path) -> Path:
@@ -163,3 +165,27 @@ def test_an_epoch_saved_with_a_gap_counts_as_missing(tmp_path):
     cache.record(0, torch.arange(5), torch.randn(5, 5))
     cache.commit(0)
     assert cache.has(0) and not cache.complete(0) and "epoch_0000" in cache.missing(1)
+
+
+def test_key_follows_the_teacher_the_files_their_labels_and_the_settings(tiny_data, tmp_path):
+    teacher = tmp_path / "teacher.ckpt"
+    teacher.write_bytes(b"weights")
+    samples = []
+    for i, image in enumerate(sorted((tiny_data / "val").rglob("*.png"))[:4]):
+        samples.append((str(tmp_path / f"{i}.png"), i % 2))
+        Path(samples[-1][0]).write_bytes(image.read_bytes())
+
+    def key(items=samples, settings=None) -> str:
+        return cache_key(teacher, {"train": FileSplit(items), "val": FileSplit(items[:1])}, settings or {"seed": 0})
+
+    first = key()
+    assert key() == first and len(first) == 24
+    assert key(settings={"seed": 1}) != first
+    assert key([(path, 1 - label) for path, label in samples]) != first
+    assert key(samples[::-1]) != first
+    stat = os.stat(samples[2][0])
+    os.utime(samples[2][0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched
+    touched = key()
+    assert touched != first
+    teacher.write_bytes(b"other weights")
+    assert key() not in (first, touched)

@@ -1,0 +1,151 @@
+"""ImageFolder data: a folder of class folders, its layout detection and checks; ``demo`` generates one."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from tqdm import tqdm
+
+from kd.config import Config
+from kd.errors import KDError, warn
+from kd.images import decode_resized, load_rgb
+from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
+from kd.datasets.demo import make_demo_dataset
+
+SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
+Sample = tuple[str, int]
+
+
+@dataclass
+class FileSplit(Split):
+    """Images in files: the (path, label) samples of an ImageFolder."""
+
+    samples: list[Sample]
+    labels: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.labels = [label for _, label in self.samples]
+
+    def image(self, index: int) -> Image.Image:
+        return load_rgb(self.samples[index][0])
+
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def fingerprint(self) -> str:
+        """A digest of every file's path, size and modification time, and of the labels in order."""
+        stamps = file_stamps((path for path, _ in self.samples), "image")
+        return hashlib.sha256(f"{stamps}\0{self.labels}".encode()).hexdigest()
+
+    def resized(self, index: int, short_side: int) -> np.ndarray:
+        """Decoded at reduced scale when a JPEG allows it (see :func:`kd.images.decode_resized`)."""
+        return decode_resized(self.samples[index][0], short_side)
+
+
+def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
+    """Class names and samples of one ImageFolder-style folder, refusing empty classes."""
+    try:
+        found, class_to_idx = find_classes(str(folder))
+    except FileNotFoundError:
+        raise KDError(f"--data_dir: {folder} has no class folders (expected {folder}/<class>/<image>)") from None
+    if classes is not None and found != classes:
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise KDError(f"--data_dir: the class folders of {folder} differ from train/: "
+                      f"missing {missing or 'none'}, extra {extra or 'none'}")
+    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    others = [p for name in found for p in sorted((folder / name).rglob("*"))
+              if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(IMG_EXTENSIONS)]
+    if others:
+        warn(f"--data_dir: ignoring {len(others)} file(s) under {folder} that are not images by their "
+             f"extension, e.g. {others[0]}")
+    counts = np.bincount([label for _, label in samples], minlength=len(found))
+    empty = [found[i] for i in np.flatnonzero(counts == 0)]
+    if len(samples) == 0:
+        raise KDError(f"--data_dir: no images ({', '.join(IMG_EXTENSIONS)}) under {folder}")
+    if empty:
+        raise KDError(f"--data_dir: class folder {folder / empty[0]} has no images"
+                      + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""))
+    return found, samples
+
+
+def _split(samples: list[Sample], classes: list[str], val_fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """A stratified train/val split with a fixed seed: every class keeps images on both sides."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    train, val = [], []
+    for label, name in enumerate(classes):
+        own = [s for s in samples if s[1] == label]
+        order = rng.permutation(len(own))
+        n_val = min(max(1, round(len(own) * val_fraction)), len(own) - 1)
+        if n_val < 1:
+            raise KDError(f"--val_fraction: class {name} has {len(own)} image, too few to split into train and val")
+        val += [own[i] for i in sorted(order[:n_val])]
+        train += [own[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2) -> DatasetLayout:
+    """Find the classes and images under ``data_dir``: ``train/`` + ``val/``, or one folder to split."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise KDError(f"--data_dir: {root} does not exist or is not a folder")
+    if (root / "train").is_dir():
+        if not (root / "val").is_dir():
+            raise KDError(f"--data_dir: {root} has train/ but no val/ folder")
+        classes, train = _scan(root / "train")
+        _, val = _scan(root / "val", classes)
+    else:
+        classes, samples = _scan(root)
+        train, val = _split(samples, classes, val_fraction)
+    return DatasetLayout(classes, FileSplit(train), FileSplit(val))
+
+
+def find_bad_images(samples: list[Sample], decode: bool) -> list[tuple[str, str]]:
+    """(path, reason) of every image that cannot be read: header only, or fully decoded with a progress bar."""
+    bad = []
+    for path, _ in tqdm(samples, desc="checking images", unit="img", disable=not decode, file=sys.stderr):
+        try:
+            if decode:
+                load_rgb(path)
+            else:
+                with Image.open(path):
+                    pass
+        except (KDError, OSError, SyntaxError, ValueError) as exc:
+            bad.append((path, str(exc).removeprefix(f"cannot read image {path}: ")))
+    return bad
+
+
+def without_bad_images(layout: DatasetLayout, skip: bool) -> DatasetLayout:
+    """``layout`` after checking every image: an error naming the first unreadable one, or (``skip``) without them.
+
+    Without ``skip`` only the headers are read (fast); with it every image is decoded, so that none
+    can fail in the middle of training.
+    """
+    skipped = find_bad_images(layout.train.samples + layout.val.samples, decode=skip)
+    if skipped and not skip:
+        path, reason = skipped[0]
+        raise KDError(f"--data_dir: cannot read image {path} ({reason}); remove it, or pass --skip_bad_images "
+                      "to check every image and train on the rest")
+    if not skipped:
+        return layout
+    bad = {path for path, _ in skipped}
+    warn(f"--skip_bad_images: skipping {len(bad)} unreadable image(s), e.g. {skipped[0][0]}")
+    return DatasetLayout(layout.classes, *(FileSplit([s for s in split.samples if s[0] not in bad])
+                                           for split in (layout.train, layout.val)), skipped)
+
+
+@SOURCES.register("folder")
+class ImageFolderSource(DataSource):
+    """A folder of class folders, with ``train/`` and ``val/`` or split by --val_fraction; ``demo`` generates one.
+
+    Any ``--data_dir`` without a registered prefix is one (``folder:PATH`` says so explicitly).
+    """
+
+    def load(self, config: Config) -> DatasetLayout:
+        root = make_demo_dataset(Path(config.output_dir) / "demo_data") if self.spec == "demo" else self.spec
+        return without_bad_images(scan_image_folder(root, config.val_fraction), config.skip_bad_images)

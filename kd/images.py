@@ -1,0 +1,60 @@
+"""Image decoding shared by the data sources and the image cache: any image as 8-bit RGB, resized by its short side."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from kd.errors import KDError
+
+DRAFT_GAP = 2.0  # libjpeg may decode a JPEG at 1/2, 1/4 or 1/8 scale while both sides stay >= 2x the target
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; 16- and 32-bit greyscale scaled to 8 bits (PIL's convert would clip it to white)."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 255 / 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as 8-bit RGB, with an error that names the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise KDError(f"cannot read image {path}: {exc}") from None
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at ``short_side`` and the aspect ratio kept (rounded)."""
+    if width <= height:
+        return short_side, max(1, round(height * short_side / width))
+    return max(1, round(width * short_side / height)), short_side
+
+
+def resize_short(image: Image.Image, short_side: int) -> np.ndarray:
+    """An RGB image as HWC uint8 with its short side resized to ``short_side`` (bilinear, antialiased)."""
+    return np.asarray(image.resize(resized_size(*image.size, short_side), Image.Resampling.BILINEAR))
+
+
+def decode_resized(path: str, short_side: int) -> np.ndarray:
+    """One image file as HWC uint8 RGB with its short side resized to ``short_side`` (bilinear, antialiased).
+
+    A JPEG is decoded by libjpeg at a reduced scale (``Image.draft``) that keeps both sides at least
+    twice the target (as Pillow's ``thumbnail`` does): about 2x faster on large photos, within about
+    1 grey level on average of a full decode. Other images go through :func:`load_rgb`, as in
+    training. Errors are KDErrors naming the file.
+    """
+    try:
+        with Image.open(path) as image:
+            size = resized_size(*image.size, short_side)
+            if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+                image.draft("RGB", (int(size[0] * DRAFT_GAP), int(size[1] * DRAFT_GAP)))
+                if image.size[0] >= size[0] and image.size[1] >= size[1]:  # always, by draft's rounding
+                    return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise KDError(f"cannot read image {path}: {exc}") from None
+    return resize_short(load_rgb(path), short_side)
