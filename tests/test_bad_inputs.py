@@ -17,6 +17,8 @@ from conftest import FAST, run_cli
 from kd.cli import main
 from kd.models import build_model
 
+pytestmark = pytest.mark.slow  # every case runs experiment.py as a subprocess (~10 s each)
+
 
 @pytest.fixture(scope="module")
 def earlier(tiny_data, tmp_path_factory) -> Path:

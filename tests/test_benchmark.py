@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 TINY = ["--teacher", "cnn_small", "--student", "cnn_tiny", "--image_size", "32", "--batch_size", "8", "--steps", "2",
         "--warmup", "1", "--rounds", "1", "--images", "16", "--workers", "1", "--accelerator", "cpu"]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_reports_every_variant_and_ratio(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--json", str(out)], capture_output=True,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
 from conftest import FAST, run_cli
 from kd.config import Config
 from kd.data import make_datamodule, normalize
 from kd.models import load_network
+
+pytestmark = pytest.mark.slow  # two processes train together
 
 
 def test_ddp_run_writes_once_and_syncs_validation_metrics(tiny_data, tmp_path):

@@ -36,6 +36,7 @@ def full_run(tiny_data, tmp_path_factory):
     return out / "e2e", result
 
 
+@pytest.mark.slow
 def test_every_stage_writes_checkpoints_config_and_tensorboard_logs(full_run):
     root, _ = full_run
     for stage in ("teacher", "baseline", "distill"):
@@ -50,6 +51,7 @@ def test_every_stage_writes_checkpoints_config_and_tensorboard_logs(full_run):
     assert {"train/kd/kl_softmax_step", "val/teacher_agreement", "val/teacher_kl"} <= distill_tags
 
 
+@pytest.mark.slow
 def test_student_checkpoint_holds_no_teacher_and_knows_its_classes(full_run, tiny_data):
     root, _ = full_run
     checkpoint = torch.load(root / "distill" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -60,6 +62,7 @@ def test_student_checkpoint_holds_no_teacher_and_knows_its_classes(full_run, tin
     assert meta["class_names"] == sorted(p.name for p in (tiny_data / "train").iterdir())
 
 
+@pytest.mark.slow
 def test_summary_table_compares_the_stages(full_run):
     root, result = full_run
     lines = result.stdout.splitlines()
@@ -75,6 +78,7 @@ def test_summary_table_compares_the_stages(full_run):
     assert f"report: {root}/report/version_0/report.md" in result.stdout
 
 
+@pytest.mark.slow
 def test_run_writes_a_report_with_table_and_plot(full_run):
     root, _ = full_run
     report = (root / "report" / "version_0" / "report.md").read_text()
@@ -84,6 +88,7 @@ def test_run_writes_a_report_with_table_and_plot(full_run):
     assert (root / "report" / "version_0" / "report.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_an_earlier_one(full_run, tiny_data):
     root, _ = full_run
     before = _snapshot(root)
@@ -107,6 +112,7 @@ def _broken_images(tiny_data: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
     return root, garbage, truncated
 
 
+@pytest.mark.slow
 def test_skip_bad_images_trains_on_the_rest_and_lists_them(tiny_data, tmp_path):
     root, garbage, truncated = _broken_images(tiny_data, tmp_path)
     result = run_cli([*FAST, "--data_dir", str(root), "--output_dir", str(tmp_path / "runs"), "--baseline",
@@ -117,6 +123,7 @@ def test_skip_bad_images_trains_on_the_rest_and_lists_them(tiny_data, tmp_path):
     assert sorted(line.split("\t")[0] for line in listed.splitlines()) == sorted([str(garbage), str(truncated)])
 
 
+@pytest.mark.slow
 def test_non_image_files_are_named_in_a_warning(tiny_data, tmp_path):
     root = _tiny_copy(tiny_data, tmp_path)
     (root / "train" / "blue_ring" / "notes.txt").write_text("not an image")
@@ -134,6 +141,7 @@ def _readme_loss(tmp_path: Path) -> str:
     return f"{tmp_path / 'my_losses.py'}:SoftCE"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["kl_softmax", "mse_logits", "ce", "readme example"])
 def test_distill_with_each_loss_logs_its_terms(loss, full_run, tiny_data, tmp_path):
     root, _ = full_run
@@ -145,6 +153,7 @@ def test_distill_with_each_loss_logs_its_terms(loss, full_run, tiny_data, tmp_pa
     assert f"train/kd/{term}_step" in _tags(tmp_path / "kd" / "distill" / "version_0")
 
 
+@pytest.mark.slow
 def test_loaded_teacher_holds_exactly_the_checkpoint_weights(full_run, tiny_data):
     root, _ = full_run
     path = root / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
@@ -155,6 +164,7 @@ def test_loaded_teacher_holds_exactly_the_checkpoint_weights(full_run, tiny_data
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in saved.items())  # BN statistics included
 
 
+@pytest.mark.slow
 def test_evaluate_prints_and_logs_accuracy_per_class_and_confusion(full_run, tiny_data, tmp_path, capsys):
     root, _ = full_run
     best = root / "distill" / "version_0" / "checkpoints" / "best.ckpt"
@@ -168,6 +178,7 @@ def test_evaluate_prints_and_logs_accuracy_per_class_and_confusion(full_run, tin
     assert "eval/confusion_matrix" in events.Tags()["images"] and "eval/top1" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".torchscript.pt")])
 def test_export_writes_students_beside_their_checkpoints_and_compares_costs(fmt, suffix, full_run, tiny_data,
                                                                            tmp_path, capsys):

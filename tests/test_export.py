@@ -36,6 +36,7 @@ def _run_exported(fmt: str, path, images: torch.Tensor) -> torch.Tensor:
     return torch.jit.load(str(path))(images)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # from _run_exported
 @pytest.mark.parametrize("arch", ["cnn_tiny", "resnet18"])
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -205,6 +205,7 @@ FLAGS_BYTES = st.one_of(
 FLAGS_CONTENT = st.integers(0, 3).flatmap(lambda i: FLAGS_BYTES if i == 0 else FLAGS_TEXT)
 
 
+@pytest.mark.slow
 @settings(max_examples=800, **SETTINGS)
 @given(content=FLAGS_CONTENT)
 @example(content="--config " + NO_USER)  # RuntimeError from Path.expanduser in _find
@@ -247,6 +248,7 @@ FLAG_FILES = st.tuples(st.lists(flag_line(), max_size=6), st.sampled_from(["\n",
                        st.booleans()).map(lambda p: p[1].join(p[0]) + (p[1] if p[2] else ""))
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, **SETTINGS)
 @given(content=FLAG_FILES, preset=st.sampled_from([SMALL_PRESET, "", "epochs: x\n", "[1]\n"]))
 @example(content="--config " + NO_USER, preset="")  # RuntimeError from Path.expanduser in _find
@@ -264,6 +266,7 @@ def test_structured_flags_file_gives_config_or_one_line_error(content: str, pres
                               "int ", "str ", "&a ", "*a", "[", "]", "{", "}", ", ", "~", "? ", "'", "--"]),
              max_size=20).map("".join),  # near-presets
 ))
+@pytest.mark.slow
 @example(content="!!int x")  # ValueError from yaml.safe_load in read_preset
 @example(content="!!bool x")  # KeyError from yaml.safe_load in read_preset
 @example(content="!!timestamp x")  # AttributeError from yaml.safe_load in read_preset
@@ -331,6 +334,7 @@ def preset_text(draw) -> str:
     return head + body + tail
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, **SETTINGS)
 @given(first=preset_text(), second=st.one_of(st.none(), preset_text()))
 @example(first="lr: 1" + "0" * 309, second=None)  # OverflowError: float(int) in _convert_one
@@ -370,6 +374,7 @@ ARGV = st.lists(st.integers(0, 2).flatmap(lambda i: TOKENS.map(lambda t: [t]) if
 @settings(max_examples=800, **SETTINGS)
 @given(argv=ARGV,
        flags=st.sampled_from(["", SMALL_FLAGS, "--epochs x\n", "--config\n"]))
+@pytest.mark.slow
 @example(argv=["--config", NO_USER], flags="")  # RuntimeError from Path.expanduser in _find
 @example(argv=["--flags_file", LONG_NAME], flags="")  # OSError ENAMETOOLONG from Path.is_file in _find
 def test_any_command_line_gives_config_or_one_line_error(argv: list[str], flags: str) -> None:

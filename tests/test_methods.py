@@ -390,6 +390,7 @@ def _scalars(log_dir: Path) -> dict[str, list[float]]:
     return {tag: [s.value for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_dkd_distills_end_to_end_with_its_options_and_paper_weights(tiny_data, teacher, tmp_path):
     result = run_cli(_distill(tiny_data, tmp_path, teacher, "--kd_loss", "dkd", "--loss_options", "dkd.warmup=1"),
                      cwd=tmp_path)
@@ -405,6 +406,7 @@ def test_dkd_distills_end_to_end_with_its_options_and_paper_weights(tiny_data, t
     assert json.loads((stage / "result.json").read_text())["kd_loss"] == "dkd"
 
 
+@pytest.mark.slow
 def test_feature_methods_distill_end_to_end_and_keep_connectors_out_of_the_student(tiny_data, teacher, tmp_path):
     result = run_cli(_distill(tiny_data, tmp_path, teacher, "--kd_loss", "at", "fitnets", "--student_layers",
                               *LAYERS, "--teacher_layers", *LAYERS), cwd=tmp_path)
@@ -437,6 +439,7 @@ def test_a_user_feature_loss_gets_the_hooked_features_by_name(tiny_data, teacher
     assert {"train/kd/Seen_step", "train/kd/Connected_step"} <= tags
 
 
+@pytest.mark.slow
 def test_assistant_is_distilled_first_and_teaches_the_student(tiny_data, teacher, tmp_path, capsys):
     flags = _distill(tiny_data, tmp_path, teacher, "--assistant_arch", "cnn_small")
     result = run_cli(flags, cwd=tmp_path)

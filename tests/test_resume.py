@@ -62,6 +62,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tiny_data, tmp_path):
     flags = _flags(tiny_data, tmp_path, "killed")
     stage = tmp_path / "killed" / "kd" / "baseline" / "version_0"
@@ -82,6 +83,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tiny_data, tmp_p
     assert not list(stage.parent.glob("version_1"))  # resumed in place, not started again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_data, tmp_path, signum):
     flags = _flags(tiny_data, tmp_path, "runs")
@@ -103,6 +105,7 @@ def _versions(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.slow
 def test_resume_reuses_matching_stages_and_starts_the_others_anew(tiny_data, tmp_path, capsys):
     flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--baseline",
              "--distill", "--teacher_arch", "cnn_small"]
@@ -123,6 +126,7 @@ def test_resume_reuses_matching_stages_and_starts_the_others_anew(tiny_data, tmp
     assert (root / "teacher" / "version_0" / "result.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_resume_never_reuses_a_student_distilled_from_another_teacher(tiny_data, tmp_path):
     flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--distill"]
     assert main([*flags, "--seeds", "1", "2"]) == 0  # one teacher (seed 1), students for seeds 1 and 2

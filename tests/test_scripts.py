@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from kd.datasets.folder import scan_image_folder
@@ -17,6 +18,7 @@ def _make(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_digits_become_a_train_val_image_folder(tmp_path):
     result = _make(tmp_path / "digits")
     assert result.returncode == 0, result.stderr

@@ -43,6 +43,7 @@ def _run(out: Path) -> tuple[dict, dict[str, torch.Tensor], list[float]]:
     return result, weights, [e.value for tag in ("train/loss_step", "train/loss_epoch") for e in events.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_cached_run_equals_online_run_and_never_loads_the_teacher(tiny_data, teacher, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     float32 = ["--teacher_cache_dtype", "float32"]
@@ -140,6 +141,7 @@ def test_unwritable_cache_folder_is_one_line_error_before_training(tiny_data, te
     assert not (tmp_path / "out" / "kd").exists()
 
 
+@pytest.mark.slow
 def test_each_seed_has_its_own_cache_and_the_filling_run_trains_on_the_stored_values(tiny_data, teacher, tmp_path,
                                                                                     monkeypatch):
     """float16 storage: the run that fills the cache must see the rounded logits later runs read back."""
