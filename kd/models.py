@@ -1,7 +1,8 @@
-"""Networks by name: kd's small CNNs, torchvision's and timm's models, and the user's own.
+"""Networks by name: kd's small CNNs, torchvision's, timm's and the CIFAR tables' models, and the user's own.
 
 Each name comes from a model source (kd/model_sources.py) chosen by its prefix: bare names are kd's CNNs
-or torchvision's models, ``timm:NAME`` is a timm model, ``module:Name`` a user's class or function.
+or torchvision's models, ``timm:NAME`` is a timm model, ``cifar:NAME`` one of RepDistiller's and
+mdistiller's CIFAR networks, ``module:Name`` a user's class or function.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kd import timm_models  # noqa: F401 - registers the timm: source
+from kd import cifar, timm_models  # noqa: F401 - registers the cifar: and timm: sources
 from kd.errors import KDError
 from kd.registry import Registry, did_you_mean
 from kd.model_sources import USER, ModelSource, downloading, find_models, find_source, register_source
