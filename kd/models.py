@@ -154,7 +154,12 @@ def _replace_heads(model: nn.Module, old_classes: int, num_classes: int) -> None
 
 
 def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights (``model.*`` of a kd checkpoint, a state_dict or a .safetensors file) and the hyper-parameters saved."""
+    """The weights and hyper-parameters saved in a weights file of any format kd reads.
+
+    ``model.*`` of a kd checkpoint; the ``model`` entry of a RepDistiller or mdistiller file (``{'model':
+    state_dict, 'epoch', 'optimizer', 'best_acc'}``: how their released teachers are saved); a state_dict;
+    a .safetensors file.
+    """
     if path.is_dir():
         raise KDError(f"{flag}: {path} is a folder, not a weights file")
     if not path.is_file():
@@ -175,6 +180,8 @@ def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dic
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         meta = data.get("hyper_parameters") if isinstance(data.get("hyper_parameters"), dict) else {}
         data = {k.removeprefix("model."): v for k, v in data["state_dict"].items() if k.startswith("model.")}
+    elif isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise KDError(f"{flag}: {path} holds no state_dict of tensors")
     return data, meta

@@ -1,8 +1,10 @@
 """Tests of the cifar: model source (kd/cifar/): RepDistiller's and mdistiller's CIFAR-100 networks with their
-parameter counts and state_dict keys, feature hooks by name, and a distillation run end to end. The expected
-counts were computed from the references' code (see kd/cifar/*.py), not from kd's."""
+parameter counts and state_dict keys, their released teacher files, feature hooks by name, and a distillation run
+end to end. The expected counts were computed from the references' code (see kd/cifar/*.py), not from kd's."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +137,56 @@ def test_list_models_lists_the_cifar_networks(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("cifar: ") and f"({len(NETWORKS)}; write cifar:NAME)" in lines[0]
     assert sorted(line.strip() for line in lines[1:]) == sorted(f"cifar:{name}" for name in NETWORKS)
+
+
+# ---------------------------------------------------------------- released teachers
+
+def released_teacher(path: Path, arch: str = "resnet8", extras: tuple[str, ...] = ("epoch", "best_acc", "optimizer"),
+                     zipped: bool = True) -> torch.nn.Module:
+    """A file as RepDistiller's train_teacher.py saves it (``model`` beside ``extras``), and the network in it."""
+    torch.manual_seed(0)
+    model = MODELS.get(arch)()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model(images(1)).logsumexp(dim=1).mean().backward()
+    optimizer.step()  # momentum buffers in the optimizer state, BatchNorm statistics moved
+    entries = {"epoch": 240, "best_acc": torch.tensor(73.1), "accuracy": torch.tensor(72.9),
+               "optimizer": optimizer.state_dict()}
+    torch.save({"model": model.state_dict(), **{key: entries[key] for key in extras}}, path,
+               _use_new_zipfile_serialization=zipped)
+    return model.eval()
+
+
+@pytest.mark.parametrize("file, extras, zipped", [
+    ("ckpt_epoch_240.pth", ("epoch", "accuracy", "optimizer"), False),  # RepDistiller's released teachers (2019)
+    ("resnet8_best.pth", ("epoch", "best_acc", "optimizer"), True),  # RepDistiller's best teacher
+    ("student_best", (), True),  # mdistiller's students: {'model': state_dict}, no suffix
+])
+def test_a_released_file_loads_as_it_is(tmp_path, file, extras, zipped):
+    path = tmp_path / file
+    saved = released_teacher(path, extras=extras, zipped=zipped)
+    teacher = load_network(path, "cifar:resnet8", CLASSES, 32).eval()
+    student = build_model("cifar:resnet8", len(CLASSES), weights=str(path), flag="--student_weights").eval()
+    with torch.no_grad():
+        expected = saved(images(2))
+        torch.testing.assert_close(teacher(images(2)), expected, rtol=0, atol=0)
+        torch.testing.assert_close(student(images(2)), expected, rtol=0, atol=0)
+
+
+def test_a_released_file_of_another_network_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "ckpt_epoch_240.pth"
+    released_teacher(path, "resnet8")
+    with pytest.raises(KDError) as info:
+        load_network(path, "cifar:resnet14", CLASSES, 32)
+    assert str(info.value).startswith(f"--teacher_checkpoint: {path} does not fit this model (missing layer1.1.")
+    assert "\n" not in str(info.value)
+
+
+def test_a_released_teacher_for_other_classes_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "ckpt_epoch_240.pth"
+    released_teacher(path, "resnet8")
+    with pytest.raises(KDError, match=r"^--teacher_checkpoint: .* fc.weight has shape \(100, 64\), "
+                                      r"the model expects \(10, 64\)$"):
+        load_network(path, "cifar:resnet8", CLASSES[:10], 32)
 
 
 # ---------------------------------------------------------------- end to end
