@@ -1,7 +1,8 @@
-"""Networks by name: kd's small CNNs, torchvision's and timm's models, and the user's own.
+"""Networks by name: kd's small CNNs, torchvision's, timm's and the CIFAR tables' models, and the user's own.
 
 Each name comes from a model source (kd/model_sources.py) chosen by its prefix: bare names are kd's CNNs
-or torchvision's models, ``timm:NAME`` is a timm model, ``module:Name`` a user's class or function.
+or torchvision's models, ``timm:NAME`` is a timm model, ``cifar:NAME`` one of RepDistiller's and
+mdistiller's CIFAR networks, ``module:Name`` a user's class or function.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kd import timm_models  # noqa: F401 - registers the timm: source
+from kd import cifar, timm_models  # noqa: F401 - registers the cifar: and timm: sources
 from kd.errors import KDError
 from kd.registry import Registry, did_you_mean
 from kd.model_sources import USER, ModelSource, downloading, find_models, find_source, register_source
@@ -153,7 +154,12 @@ def _replace_heads(model: nn.Module, old_classes: int, num_classes: int) -> None
 
 
 def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights (``model.*`` of a kd checkpoint, a state_dict or a .safetensors file) and the hyper-parameters saved."""
+    """The weights and hyper-parameters saved in a weights file of any format kd reads.
+
+    ``model.*`` of a kd checkpoint; the ``model`` entry of a RepDistiller or mdistiller file (``{'model':
+    state_dict, 'epoch', 'optimizer', 'best_acc'}``: how their released teachers are saved); a state_dict;
+    a .safetensors file.
+    """
     if path.is_dir():
         raise KDError(f"{flag}: {path} is a folder, not a weights file")
     if not path.is_file():
@@ -174,6 +180,8 @@ def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dic
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         meta = data.get("hyper_parameters") if isinstance(data.get("hyper_parameters"), dict) else {}
         data = {k.removeprefix("model."): v for k, v in data["state_dict"].items() if k.startswith("model.")}
+    elif isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise KDError(f"{flag}: {path} holds no state_dict of tensors")
     return data, meta

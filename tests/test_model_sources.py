@@ -1,4 +1,4 @@
-"""Tests of the model sources (kd/model_sources.py): kd, torchvision, timm and user networks by prefix, timm's
+"""Tests of the model sources (kd/model_sources.py): kd, torchvision, cifar, timm and user networks by prefix, timm's
 DEFAULT weights from a fake local Hugging Face cache, the offline error, --list_models, and a timm
 teacher distilled into a timm student end to end. Nothing is downloaded."""
 
@@ -16,6 +16,7 @@ import torchvision
 from huggingface_hub import close_session, constants
 
 from conftest import FAST, run_cli
+from kd.cifar import MODELS as CIFAR_MODELS
 from kd.cli import main
 from kd.errors import KDError
 from kd.hooks import FeatureHooks
@@ -257,7 +258,8 @@ def test_unknown_layer_of_a_timm_model_suggests_its_modules():
     ("timm:resnet10t.c3_in1kk", "--x", "--x: timm:resnet10t has no pretrained tag 'c3_in1kk' (did you mean c3_in1k?)"),
     ("timm:", "--x", "--x: unknown timm model '' (see --list_models 'timm:*')"),
     ("timn:resnet18", "--student_arch", "--student_arch: 'timn:resnet18': 'timn' is neither a model source (did you "
-                                        "mean timm?) nor an importable module (the sources are kd, torchvision, timm"),
+                                        "mean timm?) nor an importable module (the sources are kd, torchvision, cifar, "
+                                        "timm)"),
     ("no_such_module:Net", "--x", "'no_such_module' is neither a model source nor an importable module"),
     ("no/such/file.py:Net", "--x", "--x: 'no/such/file.py:Net': file no/such/file.py does not exist"),
     ("convnext_nano", "--student_arch", "--student_arch: unknown model 'convnext_nano' (did you mean "
@@ -288,10 +290,11 @@ def listed(capsys, *pattern):
 def test_list_models_alone_lists_every_source(capsys):
     lines = listed(capsys)
     headers = [line.split(":")[0] for line in lines if not line.startswith(" ")]
-    assert headers == ["kd", "torchvision", "timm", "user"]
+    assert headers == ["kd", "torchvision", "cifar", "timm", "user"]
     names = {line.strip() for line in lines if line.startswith(" ")}
     assert {"cnn_tiny", "resnet18", "timm:resnet18", "timm:convnext_nano", "timm:mobilenetv3_small_100"} <= names
-    assert len(names) == len(timm.list_models()) + len(torchvision.models.list_models(module=torchvision.models)) + 3
+    assert len(names) == (len(timm.list_models()) + len(torchvision.models.list_models(module=torchvision.models)) + 3
+                          + len(CIFAR_MODELS.names()))
 
 
 def test_list_models_with_a_timm_pattern(capsys):
@@ -309,7 +312,7 @@ def test_list_models_pattern_without_a_prefix_filters_every_source(capsys):
 def test_list_models_with_an_unknown_source(capsys):
     assert main(["--flags_file", "none", "--list_models", "timn:*"]) == 2
     assert capsys.readouterr().err == ("error: --list_models timn:*: 'timn' is not a model source (did you mean "
-                                       "timm?); the sources are kd, torchvision, timm\n")
+                                       "timm?); the sources are kd, torchvision, cifar, timm\n")
 
 
 # ---------------------------------------------------------------- end to end
