@@ -41,6 +41,11 @@ def check_stages(c: Config) -> list[str]:
         raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
     if c.assistant_arch and not c.distill:
         raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
+    if c.milestones and c.scheduler != "multistep":
+        raise KDError(f"--milestones {' '.join(map(str, c.milestones))}: they are for --scheduler multistep, "
+                      f"not {c.scheduler}")
+    if c.scheduler == "multistep" and not c.milestones:
+        raise KDError("--scheduler multistep needs --milestones: the epochs after which the learning rate decays")
     return stages
 
 

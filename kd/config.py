@@ -97,6 +97,10 @@ class Config:
                                        check=_positive, must="be positive", group="data", roles=(R.RECORDED,))
     image_size: int = _flag(224, "side of the square crop fed to the networks",
                             check=lambda x: x >= 8, must="be at least 8", group="data", roles=(*TRAINING, R.CACHE_KEY))
+    augment: str = _flag("imagenet", "image recipe: 'imagenet' trains on random resized crops and validates on a "
+                         "256/224 centre crop, ImageNet-normalised; 'cifar' trains on random crops of the image padded "
+                         "by 4 px, validates on the image itself, CIFAR-100-normalised (RepDistiller's recipe)",
+                         choices=("imagenet", "cifar"), group="data", roles=(*TRAINING, R.CACHE_KEY))
     min_crop_scale: float = _flag(0.08, "smallest area share of a training crop (RandomResizedCrop scale)",
                                   check=lambda x: 0 < x <= 1, must="be in (0, 1]",
                                   group="data", roles=(*TRAINING, R.CACHE_KEY))
@@ -167,8 +171,14 @@ class Config:
                             must="be in [0, 1)", group="training", roles=TRAINING)
     weight_decay: float = _flag(5e-4, "weight decay", check=lambda x: x >= 0, must="be 0 or more",
                                 group="training", roles=TRAINING)
-    scheduler: str = _flag("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "none"),
-                           group="training", roles=TRAINING)
+    scheduler: str = _flag("cosine", "learning-rate schedule after warm-up (step: /10 at 1/2 and 3/4 of the run; "
+                           "multistep: x --lr_decay at each of --milestones)",
+                           choices=("cosine", "step", "multistep", "none"), group="training", roles=TRAINING)
+    milestones: list[int] = _flag([], "epochs after which --scheduler multistep multiplies the learning rate by "
+                                  "--lr_decay, e.g. 150 180 210", check=_positive, must="be positive",
+                                  group="training", roles=TRAINING)
+    lr_decay: float = _flag(0.1, "factor of the learning rate at each of --milestones", check=lambda x: 0 < x <= 1,
+                            must="be in (0, 1]", group="training", roles=TRAINING)
     warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up", check=lambda x: x >= 0,
                                  must="be 0 or more", group="training", roles=TRAINING)
     resume: bool = _flag(False, "continue this experiment: reuse finished stages, resume unfinished ones from "
@@ -238,10 +248,11 @@ def _normal_path(value: Any) -> Any:
 def identity(values: dict[str, Any], role: Role) -> dict[str, Any]:
     """``values`` (a Config's, or a saved config.yaml's) restricted to the flags of ``role``, paths normalised.
 
-    A flag missing from ``values`` (a file saved by an older kd) reads as None, so it never matches a set flag.
+    A flag missing from ``values`` (a file saved before kd had it) reads as its default: the behaviour it kept.
     """
-    return {name: _normal_path(values.get(name)) if FIELDS[name].metadata["path"] else values.get(name)
-            for name in sorted(with_role(role))}
+    defaults = dataclasses.asdict(Config())
+    found = {name: values.get(name, defaults[name]) for name in sorted(with_role(role))}
+    return {name: _normal_path(value) if FIELDS[name].metadata["path"] else value for name, value in found.items()}
 
 
 def cache_settings(config: Config) -> dict[str, Any]:

@@ -6,7 +6,8 @@ its class names and two :class:`~kd.datasets.Split` objects.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from kd.datasets import DatasetLayout, Split, open_source
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # RepDistiller's dataset/cifar100.py
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 def draw_seed(*parts: int) -> int:
@@ -113,15 +116,51 @@ def val_transform(image_size: int) -> v2.Transform:
     ])
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """A batch of uint8 pixels as the networks' input: floats in [0, 1], ImageNet-normalised.
+def cifar_train_transform(image_size: int, min_crop_scale: float = 0.08, hflip: bool = True) -> v2.Transform:
+    """RepDistiller's CIFAR augmentation: a random crop of the image zero-padded by 4 px, and a flip; no resizing.
+
+    (``min_crop_scale`` is for the resized crop of the other recipe and does nothing here.)
+    """
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomCrop(image_size, padding=4, pad_if_needed=True, fill=0),
+        v2.RandomHorizontalFlip(0.5 if hflip else 0.0),
+        v2.ToPureTensor(),
+    ])
+
+
+def cifar_val_transform(image_size: int) -> v2.Transform:
+    """The image itself (its centre ``image_size`` square, padded if smaller), as uint8 pixels; no resizing."""
+    return v2.Compose([v2.ToImage(), v2.CenterCrop(image_size), v2.ToPureTensor()])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How images become the networks' input (--augment): training and validation transforms, normalisation."""
+
+    train: Callable[[int, float, bool], v2.Transform]
+    val: Callable[[int], v2.Transform]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resized: bool  # whether it resizes images: if not, the image cache keeps them at --image_size
+
+
+RECIPES = {
+    "imagenet": Recipe(train_transform, val_transform, IMAGENET_MEAN, IMAGENET_STD, resized=True),
+    "cifar": Recipe(cifar_train_transform, cifar_val_transform, CIFAR100_MEAN, CIFAR100_STD, resized=False),
+}
+
+
+def normalize(images: torch.Tensor, augment: str = "imagenet") -> torch.Tensor:
+    """A batch of uint8 pixels as the networks' input: floats in [0, 1], normalised as recipe ``augment`` says.
 
     Loaders ship uint8 (a quarter of the bytes of float32 to collate and copy to the GPU) and this
     runs after the copy, on the device. Float batches are taken as already normalised.
     """
     if images.dtype != torch.uint8:
         return images
-    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+    recipe = RECIPES[augment]
+    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), recipe.mean, recipe.std)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -129,9 +168,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def __init__(self, layout: DatasetLayout, image_size: int = 224, batch_size: int = 64, num_workers: int = 2,
                  min_crop_scale: float = 0.08, hflip: bool = True, seed: int = 0,
-                 image_cache: str | Path | None = None) -> None:
+                 image_cache: str | Path | None = None, augment: str = "imagenet") -> None:
         super().__init__()
-        self.layout = layout
+        self.layout, self.augment, self.recipe = layout, augment, RECIPES[augment]
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.min_crop_scale, self.hflip, self.seed = min_crop_scale, hflip, seed
         self.sampler = EpochSampler(0, seed)  # replaced by each train_dataloader()
@@ -140,8 +179,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def cache_short_side(self) -> int:
-        """The short side images are cached at: the validation resize, so crops keep their detail."""
-        return round(self.image_size * 256 / 224)
+        """The short side images are cached at: the validation resize, so crops keep their detail.
+
+        A recipe that does not resize caches them at --image_size (CIFAR's 32 px stay as they are).
+        """
+        return round(self.image_size * 256 / 224) if self.recipe.resized else self.image_size
 
     def prepare_data(self) -> None:
         """Decode the images into --image_cache once (Lightning calls this on one process per machine)."""
@@ -180,17 +222,17 @@ class ImageDataModule(pl.LightningDataModule):
                           drop_last=train and len(split) % self.batch_size == 1)
 
     def train_dataloader(self) -> DataLoader:
-        transform = train_transform(self.image_size, self.min_crop_scale, self.hflip)
+        transform = self.recipe.train(self.image_size, self.min_crop_scale, self.hflip)
         self.sampler = EpochSampler(len(self.layout.train), self.seed)
         return self._loader(self.layout.train, transform, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.layout.val, val_transform(self.image_size), train=False)
+        return self._loader(self.layout.val, self.recipe.val(self.image_size), train=False)
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, ...], dataloader_idx: int) -> tuple[torch.Tensor, ...]:
         """Normalise the uint8 images on the device they were copied to."""
         images, *rest = batch
-        return (normalize(images), *rest)
+        return (normalize(images, self.augment), *rest)
 
     def _val_sampler(self, dataset: Dataset) -> Sampler | None:
         """Under DDP, each rank validates its own share with no image repeated (Lightning's default pads)."""
@@ -206,4 +248,4 @@ def make_datamodule(c: Config) -> ImageDataModule:
         raise KDError(f"--num_classes is {c.num_classes} but {c.data_dir} holds {len(layout.classes)} classes: "
                       f"{', '.join(layout.classes)}")
     return ImageDataModule(layout, c.image_size, c.batch_size, c.num_workers, c.min_crop_scale, c.hflip, c.seed,
-                           c.image_cache)
+                           c.image_cache, c.augment)

@@ -38,10 +38,11 @@ def evaluate_checkpoint(config: Config) -> Path:
     _, meta = read_checkpoint(path, "--evaluate")
     # A kd checkpoint names its network and image size; a bare state_dict takes --student_arch/--image_size.
     arch = meta.get("arch", config.student_arch)
-    config = replace(config, image_size=int(meta.get("image_size", config.image_size)))
+    config = replace(config, image_size=int(meta.get("image_size", config.image_size)),
+                     augment=meta.get("augment", config.augment))
     data = make_datamodule(config)
     model = load_network(path, arch, data.classes, config.image_size, "--evaluate")
-    result = evaluate(model, data.val_dataloader(), data.classes, _device(config))
+    result = evaluate(model, data.val_dataloader(), data.classes, _device(config), config.augment)
     logger = TensorBoardLogger(Path(config.output_dir) / config.experiment_name, name="evaluate",
                                default_hp_metric=False)
     logger.log_metrics({"eval/top1": result.top1, "eval/top5": result.top5}, step=0)

@@ -44,9 +44,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def evaluate(model: nn.Module, loader: DataLoader, class_names: list[str],
-             device: torch.device | str = "cpu") -> Evaluation:
-    """Run ``model`` (moved to ``device``, in eval mode) over ``loader``'s (images, labels, ...) batches."""
+def evaluate(model: nn.Module, loader: DataLoader, class_names: list[str], device: torch.device | str = "cpu",
+             augment: str = "imagenet") -> Evaluation:
+    """Run ``model`` (moved to ``device``, in eval mode) over ``loader``'s (images, labels, ...) batches.
+
+    uint8 batches are normalised as the --augment recipe the model was trained with says.
+    """
     num_classes = len(class_names)
     top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
@@ -55,7 +58,7 @@ def evaluate(model: nn.Module, loader: DataLoader, class_names: list[str],
     model.to(device)
     with eval_mode(model), torch.inference_mode():
         for images, labels, *_ in loader:
-            logits, labels = model(normalize(images.to(device))), labels.to(device)
+            logits, labels = model(normalize(images.to(device), augment)), labels.to(device)
             for metric in (top1, top5, per_class, confusion):
                 metric.update(logits, labels)
     matrix = confusion.compute().cpu()

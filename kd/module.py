@@ -31,11 +31,11 @@ class KDModule(pl.LightningModule):
     """
 
     def __init__(self, distiller: Distiller, arch: str, class_names: list[str], *, image_size: int = 224,
-                 optim: OptimSettings | None = None) -> None:
+                 augment: str = "imagenet", optim: OptimSettings | None = None) -> None:
         super().__init__()
         optim = optim or OptimSettings()
         self.save_hyperparameters({"arch": arch, "class_names": list(class_names), "image_size": image_size,
-                                   "optim": asdict(optim)}, logger=False)
+                                   "augment": augment, "optim": asdict(optim)}, logger=False)
         self.distiller, self.optim = distiller, optim
         num_classes = len(class_names)
         top5 = min(5, num_classes)

@@ -88,7 +88,8 @@ class StageBuilder:
 
     def module(self, distiller: Distiller, arch: str, c: Config) -> KDModule:
         """The LightningModule that trains ``distiller``'s student, an ``arch``, with the settings ``c``."""
-        return KDModule(distiller, arch, self.classes, image_size=c.image_size, optim=OptimSettings.from_config(c))
+        return KDModule(distiller, arch, self.classes, image_size=c.image_size, augment=c.augment,
+                        optim=OptimSettings.from_config(c))
 
     def trainer(self, **options: Any) -> pl.Trainer:
         """A Trainer on the configured hardware; Lightning's refusals become one-line errors."""

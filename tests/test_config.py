@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd.config import Config, Role, cache_settings, help_text, resolve, save_config, with_role
+from kd.config import Config, Role, cache_settings, help_text, identity, resolve, save_config, with_role
 from kd.errors import KDError
 from kd.losses import LOSSES
 from kd.models import check_model_name
@@ -380,3 +380,11 @@ def test_invocation_flags_are_not_saved():
     saved = Config().to_dict()
     assert not set(saved) & with_role(Role.INVOCATION)
     assert {"resume", "config", "print_config", "report", "evaluate"} <= with_role(Role.INVOCATION)
+
+
+def test_a_flag_a_saved_config_lacks_reads_as_its_default():
+    """A stage saved before kd had a flag ran with that flag's default behaviour: --resume may reuse it."""
+    saved = Config().to_dict()
+    del saved["augment"], saved["milestones"]
+    assert identity(saved, Role.TEACHER) == Config().identity(Role.TEACHER)
+    assert identity(saved, Role.TEACHER) != Config(augment="cifar").identity(Role.TEACHER)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from kd.config import Config
-from kd.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule, make_datamodule
+from kd.data import (CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, RECIPES, ImageDataModule,
+                     make_datamodule, normalize)
 from kd.errors import KDError
 from kd.images import load_rgb
 from kd.datasets.demo import make_demo_dataset
@@ -162,3 +163,26 @@ def test_a_last_training_batch_of_one_image_is_dropped(tiny_data, n_train, batch
     data.layout.train = FileSplit((data.layout.train.samples * 2)[:n_train])
     assert len(data.train_dataloader()) == batches  # 73 = 4×18 + 1: the lone image would break BatchNorm
     assert len(data.val_dataloader()) == 2
+
+
+def test_cifar_recipe_crops_padded_images_without_resizing():
+    """--augment cifar: RepDistiller's 4 px zero-padded random crop and flip; validation sees the image itself."""
+    image = torch.arange(3 * 32 * 32, dtype=torch.int32).reshape(3, 32, 32).remainder(251).to(torch.uint8)
+    torch.manual_seed(0)
+    crops = [RECIPES["cifar"].train(32, 0.08, False)(image) for _ in range(20)]
+    assert all(c.shape == (3, 32, 32) for c in crops)
+    # every crop is the image shifted by at most 4 px, zeros where it left the image: pixels are never resampled
+    for crop in crops:
+        shifts = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                  if torch.equal(crop, _shifted(image, dy, dx))]
+        assert shifts, "a crop that is not a shift of the padded image"
+    assert any(not torch.equal(c, image) for c in crops)
+    assert torch.equal(RECIPES["cifar"].val(32)(image), image)
+    x = normalize(image.unsqueeze(0), "cifar")
+    torch.testing.assert_close(x[0, :, 0, 0], (image[:, 0, 0] / 255 - torch.tensor(CIFAR100_MEAN))
+                               / torch.tensor(CIFAR100_STD))
+
+
+def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+    return padded[:, 4 + dy:36 + dy, 4 + dx:36 + dx]

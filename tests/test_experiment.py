@@ -198,3 +198,12 @@ def test_a_run_that_fails_its_checks_writes_nothing(tiny_data, tmp_path, capsys)
                  "--distill", "--kd_loss", "fitnets"])
     assert code == 2 and "feature losses need --student_layers" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--milestones", "3"], "--milestones 3: they are for --scheduler multistep, not cosine"),
+    (["--scheduler", "multistep"], "--scheduler multistep needs --milestones"),
+])
+def test_schedule_flags_that_do_not_fit_are_refused(flags, message, tiny_data, tmp_path, capsys):
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--baseline", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -78,10 +78,12 @@ def test_training_loss_is_weighted_sum_of_distillation_and_cross_entropy():
     assert all(p.grad is not None for p in module.model.parameters())
 
 
-@pytest.mark.parametrize("scheduler, warmup", [("cosine", 0.0), ("cosine", 1.0), ("step", 0.0), ("none", 0.5)])
+@pytest.mark.parametrize("scheduler, warmup", [("cosine", 0.0), ("cosine", 1.0), ("step", 0.0), ("multistep", 0.0),
+                                               ("none", 0.5)])
 def test_learning_rate_schedules(scheduler, warmup):
+    milestones = (2, 3) if scheduler == "multistep" else ()  # epochs: the same steps as "step" over 4 epochs
     module = KDModule(Distiller(build_model("cnn_tiny", len(CLASSES))), "cnn_tiny", CLASSES,
-                      optim=OptimSettings(lr=0.1, scheduler=scheduler, warmup_epochs=warmup))
+                      optim=OptimSettings(lr=0.1, scheduler=scheduler, warmup_epochs=warmup, milestones=milestones))
     rates = LearningRates()
     _fit(module, epochs=4, callbacks=[rates])
     lr, total = rates.values, 16  # 4 epochs of 4 batches
@@ -93,7 +95,7 @@ def test_learning_rate_schedules(scheduler, warmup):
     if scheduler == "cosine":
         assert math.isclose(after[0], 0.1) and all(a > b for a, b in zip(after, after[1:]))
         assert after[-1] < 0.01
-    elif scheduler == "step":
+    elif scheduler in ("step", "multistep"):
         assert lr[:8] == [0.1] * 8 and all(math.isclose(v, 0.01) for v in lr[8:12])
         assert all(math.isclose(v, 0.001) for v in lr[12:])
     else:
@@ -134,3 +136,14 @@ def test_checkpoints_keep_the_flat_layout_and_resume_into_the_distiller(tmp_path
                          enable_progress_bar=False, enable_model_summary=False)
     resumed.fit(again, train_dataloaders=_loader(), val_dataloaders=_loader(16), ckpt_path=tmp_path / "a.ckpt")
     assert resumed.current_epoch == 2
+
+
+def test_multistep_milestones_count_epochs_from_the_start_warm_up_included():
+    module = KDModule(Distiller(build_model("cnn_tiny", len(CLASSES))), "cnn_tiny", CLASSES,
+                      optim=OptimSettings(lr=0.1, scheduler="multistep", warmup_epochs=1, milestones=(3,),
+                                          lr_decay=0.5))
+    rates = LearningRates()
+    _fit(module, epochs=4, callbacks=[rates])
+    lr = rates.values  # 4 batches per epoch
+    assert lr[0] < lr[3] < 0.1 and all(math.isclose(v, 0.1) for v in lr[4:12])
+    assert all(math.isclose(v, 0.05) for v in lr[12:])
