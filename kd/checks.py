@@ -15,8 +15,8 @@ from kd.errors import KDError
 from kd.files import check_writable
 from kd.losses import LOSSES
 from kd.losses.base import loss_property
-from kd.models import check_forward, load_network
-from kd.stage import StageBuilder, Teacher
+from kd.models import check_forward
+from kd.stage import StageBuilder, Teacher, teacher_archs
 
 STAGES = ("teacher", "baseline", "distill")
 
@@ -27,7 +27,7 @@ class Plan:
 
     stages: list[str]
     world_size: int
-    teacher: Teacher | None  # --teacher_checkpoint, loaded unless the teacher cache holds all its outputs
+    teacher: Teacher | None  # --teacher_checkpoint(s), loaded unless the teacher cache holds all their outputs
 
 
 def check_stages(c: Config) -> list[str]:
@@ -41,12 +41,29 @@ def check_stages(c: Config) -> list[str]:
         raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
     if c.assistant_arch and not c.distill:
         raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
+    _check_teachers(c)
     if c.milestones and c.scheduler != "multistep":
         raise KDError(f"--milestones {' '.join(map(str, c.milestones))}: they are for --scheduler multistep, "
                       f"not {c.scheduler}")
     if c.scheduler == "multistep" and not c.milestones:
         raise KDError("--scheduler multistep needs --milestones: the epochs after which the learning rate decays")
     return stages
+
+
+def _check_teachers(c: Config) -> None:
+    """One --teacher_arch to train, or one per --teacher_checkpoint (or one for all); ensemble weights to match."""
+    count = len(c.teacher_checkpoint)
+    if not c.teacher_arch:
+        raise KDError("--teacher_arch names no network")
+    if c.train_teacher and len(c.teacher_arch) != 1:
+        raise KDError(f"--train_teacher trains one teacher, but --teacher_arch names {len(c.teacher_arch)}: "
+                      f"{' '.join(c.teacher_arch)}")
+    if count and len(c.teacher_arch) not in (1, count):
+        raise KDError(f"--teacher_arch names {len(c.teacher_arch)} networks for {count} --teacher_checkpoint "
+                      "files: give one for all, or one per checkpoint")
+    if c.ensemble_weights and (count < 2 or len(c.ensemble_weights) != count or not sum(c.ensemble_weights)):
+        raise KDError(f"--ensemble_weights {' '.join(map(str, c.ensemble_weights))}: give one weight per "
+                      f"--teacher_checkpoint ({count}), for an ensemble of two or more, not all zero")
 
 
 def check_experiment(c: Config, build: StageBuilder) -> Plan:
@@ -58,8 +75,8 @@ def check_experiment(c: Config, build: StageBuilder) -> Plan:
     classes = build.classes
     # Build and run each network once now, so a bad name, weights file or input size fails before training.
     if c.train_teacher:
-        model = build.network(c.teacher_arch, c.teacher_weights, "--teacher_weights", c.seed)
-        check_forward(model, c.teacher_arch, c.image_size, len(classes), "--teacher_arch")
+        model = build.network(c.teacher_arch[0], c.teacher_weights, "--teacher_weights", c.seed)
+        check_forward(model, c.teacher_arch[0], c.image_size, len(classes), "--teacher_arch")
     if c.baseline or c.distill:
         model = build.network(c.student_arch, c.student_weights, "--student_weights", c.seed)
         check_forward(model, c.student_arch, c.image_size, len(classes), "--student_arch")
@@ -73,6 +90,9 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
     Returns the --teacher_checkpoint teacher (its network None when the cache holds everything).
     """
     features = any(loss_property(LOSSES.get(spec), "features") for spec in c.kd_loss)
+    if features and len(c.teacher_checkpoint) > 1:
+        raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses compare one teacher's features; an "
+                      "ensemble of --teacher_checkpoint files has logits only")
     if features and not (c.student_layers and c.teacher_layers):
         raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses need --student_layers and "
                       "--teacher_layers (module names, e.g. layer3 layer4)")
@@ -88,20 +108,19 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
         raise KDError(f"--teacher_cache: {why}")
     if c.teacher_cache:
         check_writable(c.teacher_cache, "--teacher_cache")
-    path = Path(c.teacher_checkpoint).expanduser().resolve() if c.teacher_checkpoint else None
-    if c.teacher_cache_only and path is None:
+    paths = tuple(Path(p).expanduser().resolve() for p in c.teacher_checkpoint)
+    if c.teacher_cache_only and not paths:
         raise KDError("--teacher_cache_only needs --teacher_checkpoint: the cache is keyed by its content")
-    caches = [build.teacher_cache(path, seed) for seed in c.seeds or [c.seed]] if c.teacher_cache and path else []
+    caches = [build.teacher_cache(paths, seed) for seed in c.seeds or [c.seed]] if c.teacher_cache and paths else []
     missing = [(cache, split) for cache in caches for split in cache.missing(c.epochs)]
     teacher = None
-    if path is not None:
+    if paths:
         if c.teacher_cache_only and missing:
             splits = [split for _, split in missing]
             raise KDError(f"--teacher_cache_only: {missing[0][0].folder} lacks {', '.join(splits[:3])}"
                           f"{' ...' if len(splits) > 3 else ''} for this teacher, data, transforms and seed")
-        network = load_network(path, c.teacher_arch, build.classes, c.image_size) if not caches or missing else None
-        teacher = Teacher(c.teacher_arch, path, network)
-    chain = [c.teacher_arch, *c.assistant_arch, c.student_arch]
+        teacher = build.teacher(tuple(teacher_archs(c)), paths, tuple(c.ensemble_weights), load=not caches or missing)
+    chain = [c.teacher_arch[0], *c.assistant_arch, c.student_arch]
     trial = replace(c, compile=False)
     for index, (teacher_arch, student_arch) in enumerate(zip(chain, chain[1:])):
         network = (teacher.network if index == 0 and teacher is not None and teacher.network is not None

@@ -82,9 +82,9 @@ class Config:
     baseline: bool = _flag(False, "train the student on labels alone", group="stages", roles=(R.RECORDED,))
     distill: bool = _flag(False, "train the student with distillation from the teacher",
                           group="stages", roles=(R.RECORDED,))
-    teacher_checkpoint: str | None = _flag(
-        None, "teacher checkpoint to distill from (default: the teacher trained in this run)",
-        group="stages", roles=(R.DISTILL,), path=True)
+    teacher_checkpoint: list[str] = _flag(
+        [], "teacher checkpoint(s) to distill from (default: the teacher trained in this run); several distill from "
+        "their ensemble: the teachers' logits averaged", group="stages", roles=(R.DISTILL,), path=True)
     # Data
     data_dir: str = _flag("demo", "ImageFolder root (train/ and val/ inside, or class folders); 'demo' generates the "
                           "built-in demo dataset; torchvision:NAME:ROOT reads torchvision's dataset NAME (CIFAR10, "
@@ -112,8 +112,12 @@ class Config:
     num_workers: int = _flag(2, "DataLoader worker processes (0 loads in the main process)",
                              check=lambda x: x >= 0, must="be 0 or more", group="data", roles=(R.RECORDED,))
     # Models
-    teacher_arch: str = _flag("resnet50", "teacher network: a kd or torchvision name, timm:NAME or module:Class "
-                              "(see --list_models)", group="models", roles=(R.TEACHER, R.DISTILL, R.CACHE_KEY))
+    teacher_arch: list[str] = _flag(["resnet50"], "teacher network: a kd or torchvision name, timm:NAME or "
+                                    "module:Class (see --list_models); one per --teacher_checkpoint, or one for all",
+                                    group="models", roles=(R.TEACHER, R.DISTILL, R.CACHE_KEY))
+    ensemble_weights: list[float] = _flag([], "weights of the teachers' logits in an ensemble's average, one per "
+                                          "--teacher_checkpoint (default: equal)", check=lambda x: x >= 0,
+                                          must="be 0 or more", group="models", roles=(R.DISTILL, R.CACHE_KEY))
     student_arch: str = _flag("resnet18", "student network: a kd or torchvision name, timm:NAME or module:Class "
                               "(see --list_models)", group="models", roles=(R.BASELINE, R.DISTILL))
     teacher_weights: str | None = _flag(
@@ -241,7 +245,9 @@ def with_role(role: Role) -> frozenset[str]:
 
 
 def _normal_path(value: Any) -> Any:
-    """A path as compared: ``~`` expanded, ``data/`` and ``./data`` read as ``data``; other values as they are."""
+    """A path (or list of paths) as compared: ``~`` expanded, ``data/`` and ``./data`` read as ``data``."""
+    if isinstance(value, list):
+        return [_normal_path(item) for item in value]
     return os.path.normpath(os.path.expanduser(value)) if isinstance(value, str) else value
 
 
@@ -252,6 +258,8 @@ def identity(values: dict[str, Any], role: Role) -> dict[str, Any]:
     """
     defaults = dataclasses.asdict(Config())
     found = {name: values.get(name, defaults[name]) for name in sorted(with_role(role))}
+    found |= {name: [] if value is None else [value] for name, value in found.items()  # saved when it took one
+              if _is_list(name) and not isinstance(value, list)}
     return {name: _normal_path(value) if FIELDS[name].metadata["path"] else value for name, value in found.items()}
 
 
@@ -260,7 +268,7 @@ def cache_settings(config: Config) -> dict[str, Any]:
 
     (A folder such as --image_cache has its own content key: where it lies does not change the pixels.)
     """
-    return {name: value is not None if FIELDS[name].metadata["path"] else value
+    return {name: bool(value) if FIELDS[name].metadata["path"] else value
             for name, value in identity(config.to_dict(), Role.CACHE_KEY).items()}
 TYPES = get_type_hints(Config)
 # Flags that only the command line understands: they choose which flags file is read.
@@ -331,6 +339,7 @@ def _convert(setting: Setting) -> Any:
     name, values, where = setting.name, setting.values, setting.where
     meta = FIELDS[name].metadata
     if _is_list(name):
+        values = [] if values == [None] else values  # an empty YAML value: no items
         value = [_convert_one(name, v, where) for v in values]
         items = value
     else:

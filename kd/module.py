@@ -11,12 +11,18 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd.distiller import Distiller
+from kd.ensemble import TeacherEnsemble
 from kd.errors import KDError
 from kd.losses.logits import kl_softmax
 from kd.optim import OptimSettings
 
 DISTILLER_PREFIX = "distiller."
 TEACHER_PREFIX = "teacher."
+
+
+def _agreement(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The share of samples whose top class is the target's: ``targets`` are labels, or other logits."""
+    return (logits.argmax(1) == (targets.argmax(1) if targets.dim() == 2 else targets)).float().mean()
 
 
 class NonFiniteLoss(KDError):
@@ -91,10 +97,16 @@ class KDModule(pl.LightningModule):
         self.log("val/top1", self.val_top1, prog_bar=True, **log)
         self.log("val/top5", self.val_top5, **log)
         if self.distiller.has_teacher:
+            ensemble = self.distiller.teacher if isinstance(self.distiller.teacher, TeacherEnsemble) else None
+            if ensemble is not None:
+                ensemble.member_logits = []  # refilled only if the teachers run (not when their logits are cached)
             teacher, _ = self.distiller.teacher_outputs(x, indices, None)
-            agreement = (logits.argmax(1) == teacher.argmax(1)).float().mean()
-            self.log("val/teacher_agreement", agreement, **log)
+            self.log("val/teacher_agreement", _agreement(logits, teacher), **log)
             self.log("val/teacher_kl", kl_softmax(logits, teacher, 1.0), **log)
+            self.log("val/teacher_top1", _agreement(teacher, y), **log)
+            for number, member in enumerate(ensemble.member_logits if ensemble is not None else [], start=1):
+                self.log(f"val/teacher{number}_agreement", _agreement(logits, member), **log)
+                self.log(f"val/teacher{number}_top1", _agreement(member, y), **log)
 
     def on_validation_epoch_end(self) -> None:
         if self.distiller.teacher_cache is not None and not self.trainer.sanity_checking:

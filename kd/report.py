@@ -80,6 +80,19 @@ def comparison_table(results: list[StageResult], markdown: bool = False) -> str:
     return text_table(header, rows, markdown)
 
 
+def ensemble_lines(results: list[StageResult], markdown: bool = False) -> list[str]:
+    """For each stage distilled from an ensemble: the ensemble's validation top-1 and each teacher's own."""
+    lines = []
+    for r in results:
+        if len(r.teachers) > 1:
+            own = ", ".join(f"{t['arch']} {'-' if t['top1'] is None else format(t['top1'], '.2f')} %"
+                            for t in r.teachers)
+            seen = r.teacher_top1
+            lines.append(f"{'- ' if markdown else ''}{r.label}, seed {r.seed}: an ensemble of {len(r.teachers)} "
+                         f"teachers{'' if seen is None else f' ({seen:.2f} % top-1)'}; each alone: {own}")
+    return lines
+
+
 def plot(results: list[StageResult], path: Path) -> None:
     """Validation top-1 per epoch of every student group (mean ± std band), teachers' best as lines."""
     figure, axes = plt.subplots(figsize=(8, 5))
@@ -123,6 +136,7 @@ def write_report(results: list[StageResult], folder: Path) -> Path:
         "![validation top-1 per epoch](report.png)", "",
         "## Stages", "",
         stage_table(results, markdown=True), "",
+        *(["## Ensembles", "", *ensemble_lines(results, markdown=True), ""] if ensemble_lines(results) else []),
     ])
     write_text(folder / "report.md", text)
     return folder / "report.md"

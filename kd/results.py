@@ -6,6 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kd.errors import KDError
 from kd.files import write_text
@@ -30,6 +31,8 @@ class StageResult:
     best_checkpoint: Path
     kd_loss: str = ""  # the distillation loss, for distill stages
     val_top1: list[float] = field(default_factory=list)  # percent, one per epoch
+    teachers: list[dict[str, Any]] = field(default_factory=list)  # arch, checkpoint, own top-1 of each teacher
+    teacher_top1: float | None = None  # percent: the teacher (or the ensemble) the student learned from
 
     @property
     def label(self) -> str:

@@ -27,11 +27,10 @@ from kd.deploy import deploy_students
 from kd.errors import Interrupted, KDError
 from kd.files import write_text, written_atomically
 from kd.losses.objective import loss_key
-from kd.models import load_network
 from kd.module import KDModule, NonFiniteLoss
-from kd.report import comparison_table, gains, group_results, stage_table, write_report
+from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
-from kd.stage import StageBuilder, Teacher
+from kd.stage import StageBuilder, Teacher, teacher_archs
 
 
 def stage_role(stage: str) -> Role:
@@ -104,8 +103,8 @@ class StageRunner:
         c, results = self.config, []
         for index, seed in enumerate(c.seeds or [c.seed]):
             if "teacher" in self.plan.stages and (index == 0 or c.repeat_teacher):
-                results.append(self._stage("teacher", seed, c.teacher_arch))
-                self.teacher = self._load_teacher(c.teacher_arch, results[-1])
+                results.append(self._stage("teacher", seed, c.teacher_arch[0]))
+                self.teacher = self._load_teacher(c.teacher_arch[0], results[-1])
             if "baseline" in self.plan.stages:
                 results.append(self._stage("baseline", seed, c.student_arch))
             if "distill" in self.plan.stages:
@@ -118,16 +117,16 @@ class StageRunner:
 
     def _load_teacher(self, arch: str, result: StageResult) -> Teacher:
         """The network a finished stage trained, as the teacher of the stages after it."""
-        path = result.best_checkpoint.resolve()
-        return Teacher(arch, path, load_network(path, arch, self.build.classes, self.config.image_size))
+        return self.build.teacher((arch,), (result.best_checkpoint.resolve(),))
 
     def _stage(self, stage: str, seed: int, arch: str, teacher: Teacher | None = None) -> StageResult:
         """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new."""
         c = self.config
         config = replace(c, seed=seed)
         if teacher is not None:  # record the very teacher used, so --resume never mixes teachers up
-            config = replace(config, train_teacher=False, teacher_arch=teacher.arch,
-                             teacher_checkpoint=str(teacher.checkpoint), student_arch=arch, assistant_arch=[],
+            config = replace(config, train_teacher=False, teacher_arch=list(teacher.archs),
+                             teacher_checkpoint=[str(path) for path in teacher.checkpoints],
+                             ensemble_weights=list(teacher.weights), student_arch=arch, assistant_arch=[],
                              student_weights=c.student_weights if stage == "distill" else None)
         earlier = self._earlier(stage, config) if config.resume else None
         if isinstance(earlier, StageResult):
@@ -136,7 +135,7 @@ class StageRunner:
             return earlier
         weights = c.teacher_weights if stage == "teacher" else c.student_weights if stage in STAGES else None
         model = self.build.network(arch, weights, f"--{'teacher' if stage == 'teacher' else 'student'}_weights", seed)
-        cache = self.build.teacher_cache(teacher.checkpoint, seed) if teacher is not None and c.teacher_cache else None
+        cache = self.build.teacher_cache(teacher.checkpoints, seed) if teacher is not None and c.teacher_cache else None
         distiller = self.build.distiller(model, config, teacher.network if teacher else None, cache)
         result = self._fit(stage, arch, self.build.module(distiller, arch, config), config, earlier)
         if cache is not None and is_main_process():
@@ -220,10 +219,21 @@ class StageRunner:
                              100 * best["val/top5"], int(best["epoch"]), timer.time_elapsed("train"), log_dir,
                              Path(checkpoint.best_model_path),
                              self.kd_loss_name if module.distiller.distilling else "",
-                             [100 * e["val/top1"] for e in history.epochs])
+                             [100 * e["val/top1"] for e in history.epochs], _teachers(c, history.epochs[-1]),
+                             100 * history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None)
         if is_main_process():
             result.save()
         return result
+
+
+def _teachers(c: Config, metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """Each teacher a stage learned from, with its own validation top-1 (percent; None when only cached logits ran)."""
+    if not c.teacher_checkpoint or "val/teacher_top1" not in metrics:
+        return []
+    many = len(c.teacher_checkpoint) > 1
+    keys = [f"val/teacher{n}_top1" if many else "val/teacher_top1" for n in range(1, 1 + len(c.teacher_checkpoint))]
+    return [{"arch": arch, "checkpoint": path, "top1": 100 * metrics[key] if key in metrics else None}
+            for arch, path, key in zip(teacher_archs(c), c.teacher_checkpoint, keys)]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -258,6 +268,7 @@ def format_summary(results: list[StageResult], report: Path | None = None) -> st
         lines.append(f"{label} gain over the baseline: {statistics.fmean(values):+.2f} top-1 points{spread}")
     if any(len(runs) > 1 for runs in groups.values()):
         lines += ["", comparison_table(results)]
+    lines += ensemble_lines(results)
     if report is not None:
         lines.append(f"report: {report} (and report.png beside it)")
     lines.append("each stage's best and last checkpoints are in <logs>/checkpoints; "

@@ -20,7 +20,8 @@ from kd.distiller import Distiller
 from kd.errors import KDError
 from kd.hooks import feature_shapes
 from kd.losses.objective import build_objective
-from kd.models import build_model
+from kd.ensemble import TeacherEnsemble
+from kd.models import build_model, load_network
 from kd.module import KDModule
 from kd.optim import OptimSettings
 from kd.teacher_cache import TeacherCache, cache_key
@@ -28,11 +29,17 @@ from kd.teacher_cache import TeacherCache, cache_key
 
 @dataclass(frozen=True)
 class Teacher:
-    """The network a distill or assistant stage learns from, and the checkpoint that holds it."""
+    """What a distill or assistant stage learns from: one network, or an ensemble, and their checkpoints."""
 
-    arch: str
-    checkpoint: Path
-    network: nn.Module | None  # None when the teacher cache holds every output the stage needs
+    archs: tuple[str, ...]
+    checkpoints: tuple[Path, ...]
+    network: nn.Module | None  # a TeacherEnsemble for several; None when the teacher cache holds every output
+    weights: tuple[float, ...] = ()  # an ensemble's --ensemble_weights (empty: equal)
+
+
+def teacher_archs(c: Config) -> list[str]:
+    """The architecture of each --teacher_checkpoint: one --teacher_arch for all, or one each."""
+    return c.teacher_arch * len(c.teacher_checkpoint) if len(c.teacher_arch) == 1 else list(c.teacher_arch)
 
 
 def _devices(devices: str) -> Any:
@@ -55,15 +62,25 @@ class StageBuilder:
         pl.seed_everything(seed, verbose=False)
         return build_model(arch, len(self.classes), weights, flag)
 
-    def teacher_cache(self, teacher_checkpoint: Path, seed: int) -> TeacherCache:
-        """The teacher-output cache of this run's data and transforms, ``seed`` and the teacher in the checkpoint."""
+    def teacher_cache(self, checkpoints: tuple[Path, ...], seed: int) -> TeacherCache:
+        """The teacher-output cache of this run's data, transforms and ``seed`` and the teachers in ``checkpoints``."""
         c, layout = self.config, self.data.layout
-        if (teacher_checkpoint, seed) not in self._cache_keys:
-            self._cache_keys[teacher_checkpoint, seed] = cache_key(
-                teacher_checkpoint, {"train": layout.train, "val": layout.val}, cache_settings(replace(c, seed=seed)))
+        if (checkpoints, seed) not in self._cache_keys:
+            self._cache_keys[checkpoints, seed] = cache_key(
+                list(checkpoints), {"train": layout.train, "val": layout.val}, cache_settings(replace(c, seed=seed)))
         sizes = {"train": len(layout.train), "val": len(layout.val)}
-        return TeacherCache(c.teacher_cache, self._cache_keys[teacher_checkpoint, seed], sizes, len(self.classes),
+        return TeacherCache(c.teacher_cache, self._cache_keys[checkpoints, seed], sizes, len(self.classes),
                             c.teacher_cache_dtype, c.teacher_cache_topk)
+
+    def teacher(self, archs: tuple[str, ...], checkpoints: tuple[Path, ...], weights: tuple[float, ...] = (),
+                load: bool = True) -> Teacher:
+        """The trained teacher(s) in ``checkpoints``: loaded (an ensemble for several) unless ``load`` is False."""
+        network = None
+        if load:
+            members = [load_network(path, arch, self.classes, self.config.image_size)
+                       for arch, path in zip(archs, checkpoints)]
+            network = members[0] if len(members) == 1 else TeacherEnsemble(members, list(weights) or None)
+        return Teacher(archs, checkpoints, network, weights)
 
     def distiller(self, model: nn.Module, c: Config, teacher: nn.Module | None,
                   cache: TeacherCache | None) -> Distiller:

@@ -33,15 +33,16 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(teacher_checkpoint: Path, splits: dict[str, Split], settings: dict[str, Any]) -> str:
-    """The cache folder's name: a digest of the teacher's content, each split's fingerprint and settings.
+def cache_key(teacher_checkpoints: list[Path], splits: dict[str, Split], settings: dict[str, Any]) -> str:
+    """The cache folder's name: a digest of the teachers' content (in order), each split's fingerprint and settings.
 
     A split's fingerprint changes with its images and labels (for files: each one's path, label,
     size and mtime). ``settings`` holds everything else that changes the teacher's outputs:
     architecture, transforms, seed, precision, the image cache, the storage format.
     """
-    digest = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "teacher": file_digest(teacher_checkpoint),
-                                        "settings": settings}, sort_keys=True).encode())
+    teachers = [file_digest(path) for path in teacher_checkpoints]
+    digest = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "teacher": teachers, "settings": settings},
+                                       sort_keys=True).encode())
     for name, split in splits.items():
         digest.update(f"{name}\0{split.fingerprint()}\n".encode())
     return digest.hexdigest()[:24]

@@ -149,7 +149,9 @@ def test_command_line_values(cwd, argv, name, expected):
 
 
 @pytest.mark.parametrize("text, name, expected", [
-    ("teacher_checkpoint: null\n", "teacher_checkpoint", None),
+    ("teacher_weights: null\n", "teacher_weights", None),
+    ("teacher_checkpoint: null\n", "teacher_checkpoint", []),  # a list flag: no items
+    ("teacher_checkpoint: a.ckpt\n", "teacher_checkpoint", ["a.ckpt"]),
     ("num_classes: 5\n", "num_classes", 5),
     ("temperature: 2\n", "temperature", 2.0),
     ("lr: 1.0e-4\n", "lr", 1e-4),
@@ -247,7 +249,8 @@ def test_preset_that_is_not_text_is_a_clear_error(cwd):
     assert "p.yaml" in resolve_error(NO_FILE + ["--config", "p.yaml"])
 
 
-@pytest.mark.parametrize("text, expected", [("teacher_checkpoint:\n", None), ("num_classes:  # unset\n", None),
+@pytest.mark.parametrize("text, expected", [("teacher_weights:\n", None), ("num_classes:  # unset\n", None),
+                                            ("teacher_checkpoint:\n", []),
                                             ("data_dir:\n", KDError)])
 def test_empty_preset_value_is_null(cwd, text, expected):
     write(cwd, {"p.yaml": text})
@@ -255,7 +258,7 @@ def test_empty_preset_value_is_null(cwd, text, expected):
         assert "p.yaml:1" in resolve_error(NO_FILE + ["--config", "p.yaml"])
     else:
         config = resolve(NO_FILE + ["--config", "p.yaml"]).config
-        assert getattr(config, text.partition(":")[0]) is expected
+        assert getattr(config, text.partition(":")[0]) == expected
 
 
 def test_flags_file_that_is_not_text_is_a_clear_error(cwd):
@@ -314,7 +317,8 @@ def test_help_shows_defaults_and_choices():
 
 def assert_runnable_names(config):
     """The architectures and loss a shipped file names exist (without building anything)."""
-    check_model_name(config.teacher_arch)
+    for arch in config.teacher_arch:
+        check_model_name(arch)
     check_model_name(config.student_arch)
     assert config.kd_loss and all(name in LOSSES for name in config.kd_loss)
 
@@ -367,7 +371,7 @@ def test_stage_identities_follow_the_roles():
     assert not (with_role(Role.INVOCATION) & (teacher | baseline | distill))
     assert "num_workers" not in teacher | baseline | distill | with_role(Role.CACHE_KEY)
     key = cache_settings(Config(image_cache="some/folder"))
-    assert key["image_cache"] is True and key["teacher_arch"] == "resnet50" and "epochs" not in key
+    assert key["image_cache"] is True and key["teacher_arch"] == ["resnet50"] and "epochs" not in key
 
 
 @pytest.mark.parametrize("a, b", [("data", "data/"), ("data", "./data"), ("runs/x/../data", "runs/data")])

@@ -151,7 +151,7 @@ def test_cache_keys_are_stable_and_follow_the_files(tmp_path, no_md5):
 
     def keys() -> tuple[str, str]:
         layout = _load(spec)
-        return cache_key(teacher, {"train": layout.train, "val": layout.val}, {}), image_cache_key(layout.train, 24)
+        return cache_key([teacher], {"train": layout.train, "val": layout.val}, {}), image_cache_key(layout.train, 24)
 
     first = keys()
     assert keys() == first

@@ -450,12 +450,12 @@ def test_assistant_is_distilled_first_and_teaches_the_student(tiny_data, teacher
     root = tmp_path / "kd"
     assert result.stdout.index("== assistant1: cnn_small") < result.stdout.index("== distill: cnn_tiny")
     assistant = yaml.safe_load((root / "assistant1" / "version_0" / "config.yaml").read_text())
-    assert (assistant["teacher_arch"], assistant["student_arch"]) == ("cnn_medium", "cnn_small")
-    assert assistant["teacher_checkpoint"] == str(teacher)
+    assert (assistant["teacher_arch"], assistant["student_arch"]) == (["cnn_medium"], "cnn_small")
+    assert assistant["teacher_checkpoint"] == [str(teacher)]
     distill = yaml.safe_load((root / "distill" / "version_0" / "config.yaml").read_text())
     assistant_best = (root / "assistant1" / "version_0" / "checkpoints" / "best.ckpt").resolve()
-    assert (distill["teacher_arch"], distill["student_arch"]) == ("cnn_small", "cnn_tiny")
-    assert distill["teacher_checkpoint"] == str(assistant_best) and assistant_best.is_file()
+    assert (distill["teacher_arch"], distill["student_arch"]) == (["cnn_small"], "cnn_tiny")
+    assert distill["teacher_checkpoint"] == [str(assistant_best)] and assistant_best.is_file()
     assert read_checkpoint(assistant_best, "--teacher_checkpoint")[1]["arch"] == "cnn_small"
 
     # --resume finds both stages finished: nothing is trained again, nothing rewritten.

@@ -178,7 +178,7 @@ def test_key_follows_the_teacher_the_files_their_labels_and_the_settings(tiny_da
         Path(samples[-1][0]).write_bytes(image.read_bytes())
 
     def key(items=samples, settings=None) -> str:
-        return cache_key(teacher, {"train": FileSplit(items), "val": FileSplit(items[:1])}, settings or {"seed": 0})
+        return cache_key([teacher], {"train": FileSplit(items), "val": FileSplit(items[:1])}, settings or {"seed": 0})
 
     first = key()
     assert key() == first and len(first) == 24
