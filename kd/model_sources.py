@@ -19,7 +19,7 @@ from urllib.error import URLError
 from torch import nn
 
 from kd.errors import KDError
-from kd.registry import did_you_mean, import_object
+from kd.registry import Registry, did_you_mean, import_object
 
 DOWNLOAD_TIMEOUT_S = 30
 
@@ -57,6 +57,21 @@ class ModelSource:
     def written(self, name: str) -> str:
         """``name`` as a user writes it: bare for sources that take bare names, else prefixed."""
         return name if self.bare else f"{self.prefix}:{name}"
+
+
+class RegistrySource(ModelSource):
+    """A source whose networks are the functions of a kd Registry, each called with ``num_classes``."""
+
+    registry: Registry
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return self.registry.names(pattern)
+
+    def has(self, name: str) -> bool:
+        return name in self.registry
+
+    def build(self, name: str, num_classes: int) -> nn.Module:
+        return self.registry.get(name)(num_classes=num_classes)
 
 
 SOURCES: dict[str, ModelSource] = {}  # by prefix: those taking bare names first, each kind in registration order

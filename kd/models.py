@@ -19,7 +19,7 @@ from torch import nn
 from kd import cifar, timm_models  # noqa: F401 - registers the cifar: and timm: sources
 from kd.errors import KDError
 from kd.registry import Registry, did_you_mean
-from kd.model_sources import USER, ModelSource, downloading, find_models, find_source, register_source
+from kd.model_sources import USER, ModelSource, RegistrySource, downloading, find_models, find_source, register_source
 
 MODELS: Registry = Registry("model")
 # Weights that name a file rather than a source's named weights (DEFAULT, IMAGENET1K_V1).
@@ -67,20 +67,11 @@ AUX_LOGITS = {"googlenet", "inception_v3"}
 
 
 @register_source
-class KdModels(ModelSource):
+class KdModels(RegistrySource):
     """kd's own CNNs (bare names, or kd:NAME)."""
 
-    prefix, bare = "kd", True
+    prefix, bare, registry = "kd", True, MODELS
     about = "kd's small CNNs, trained in seconds on a CPU"
-
-    def names(self, pattern: str = "*") -> list[str]:
-        return MODELS.names(pattern)
-
-    def has(self, name: str) -> bool:
-        return name in MODELS
-
-    def build(self, name: str, num_classes: int) -> nn.Module:
-        return MODELS.get(name)(num_classes=num_classes)
 
 
 @register_source

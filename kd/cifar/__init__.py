@@ -8,27 +8,16 @@ teachers those projects released (``ckpt_epoch_240.pth``) load as ``--teacher_ch
 
 from __future__ import annotations
 
-from torch import nn
-
 from kd.cifar import mobilenetv2, resnet, shufflenet, vgg, wrn
 from kd.cifar.base import MODELS
-from kd.model_sources import ModelSource, register_source
+from kd.model_sources import RegistrySource, register_source
 
 __all__ = ["MODELS", "CifarModels", "mobilenetv2", "resnet", "shufflenet", "vgg", "wrn"]
 
 
 @register_source
-class CifarModels(ModelSource):
+class CifarModels(RegistrySource):
     """RepDistiller's and mdistiller's CIFAR networks, written ``cifar:NAME`` (a bare ``vgg13`` stays torchvision's)."""
 
-    prefix = "cifar"
+    prefix, registry = "cifar", MODELS
     about = "the CIFAR-100 networks of RepDistiller and mdistiller, for 32 px images; their teachers load as files"
-
-    def names(self, pattern: str = "*") -> list[str]:
-        return MODELS.names(pattern)
-
-    def has(self, name: str) -> bool:
-        return name in MODELS
-
-    def build(self, name: str, num_classes: int) -> nn.Module:
-        return MODELS.get(name)(num_classes=num_classes)
