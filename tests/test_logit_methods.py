@@ -236,7 +236,7 @@ def test_defaults_and_weights_are_the_papers():
     weights = {name: (loss_property(LOSSES.get(name), "weight"), loss_property(LOSSES.get(name), "ce_weight"))
                for name in ["kl_softmax", "mse_logits", *NEW]}
     assert weights == {"kl_softmax": (0.9, 0.1), "mse_logits": (0.9, 0.1), "dkd": (1.0, 1.0),
-                       "dist": (1.0, 1.0), "logit_std": (9.0, 0.1)}
+                       "dist": (2.0, 1.0), "logit_std": (9.0, 0.1)}
 
 
 def test_only_dkd_asks_for_the_epoch():

@@ -75,7 +75,7 @@ def test_total_is_ce_weight_times_ce_plus_each_weighted_loss():
     (["mse_logits"], {"mse_logits": 0.9}, 0.1),
     (["dkd"], {"dkd": 1.0}, 1.0),
     (["kl_softmax", "at"], {"kl_softmax": 0.9, "at": 1000.0}, 0.1),  # the smallest CE weight of the two
-    (["fitnets", "dist"], {"fitnets": 100.0, "dist": 1.0}, 1.0),
+    (["fitnets", "dist"], {"fitnets": 100.0, "dist": 2.0}, 1.0),
 ])
 def test_default_weights_come_from_the_papers(losses, weights, ce_weight):
     objective = build_objective(losses, [], None, None, [], num_classes=7)

@@ -112,9 +112,15 @@ class DIST(DistillationLoss):
 
     ``inter``: τ²·(1 − mean Pearson over samples' class rows); ``intra``: the same over classes' batch columns.
     With one sample a column has no variance: its correlation is 0 and ``intra`` is the constant τ².
+
+    Weight 2 with β = γ = τ = 1 and CE weight 1, as torchdistill's DIST configuration has them
+    (yoshitomo-matsubara/torchdistill configs/sample/ilsvrc2012/dist/resnet18_from_resnet34.yaml: DISTLoss
+    beta = gamma = tau = 1.0 with weight 2.0, CrossEntropyLoss with weight 1.0). The official code
+    (hunto/image_classification_sota lib/models/losses/kd_loss.py) fixes β = γ = 1 and takes the weight from
+    its run configuration's ``kd_loss_weight``.
     """
 
-    weight = 1.0
+    weight = 2.0
     ce_weight = 1.0
     eps: float = 1e-8  # added to the product of norms, as in hunto/image_classification_sota's dist_kd.py
 

@@ -1,0 +1,149 @@
+"""The CIFAR-100 rows (configs/cifar100/) and scripts/reproduce.py: every row builds and takes a distillation step,
+has its published figures, runs end to end on a fake CIFAR-100, and is compared with what was published."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from fake_datasets import FAKES, skip_md5_check
+from kd.cli import main as kd_main
+from kd.config import resolve
+from kd.models import build_model
+from kd.stage import StageBuilder
+
+PROJECT = Path(__file__).resolve().parent.parent
+SCRIPT = PROJECT / "scripts" / "reproduce.py"
+_spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+reproduce = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reproduce)
+PUBLISHED = yaml.safe_load(reproduce.PUBLISHED.read_text())
+# A cheap stand-in for each pair's networks on a CPU: the resnet family has every layer the resnet rows hook.
+SMALL = ["--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--accelerator", "cpu",
+         "--teacher_arch", "cifar:resnet20", "--student_arch", "cifar:resnet8"]
+
+
+def _config(row: str):
+    return resolve(["--flags_file", "none", "--config", *map(str, reproduce.presets(row))]).config
+
+
+@pytest.fixture
+def cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake CIFAR-100 in torchvision's format (2 training and 1 test image per class), its MD5 check off."""
+    skip_md5_check(monkeypatch)
+    FAKES["CIFAR100"](tmp_path / "cifar")
+    return tmp_path / "cifar"
+
+
+def test_there_is_a_row_per_pair_and_method_of_the_tables():
+    pairs = {"res32x4_res8x4", "wrn40_2_wrn16_2", "res56_res20", "vgg13_vgg8", "res32x4_shuv2"}
+    methods = {"kl_softmax", "dkd", "crd", "fitnets", "at", "rkd", "pkt", "sp", "logit_std"}
+    assert {row.split("/")[0] for row in reproduce.ROWS} == pairs
+    assert {f"{pair}/{method}" for pair in pairs for method in methods} <= set(reproduce.ROWS)
+    assert {row for row in reproduce.ROWS if row.endswith("/dist")} == {  # DIST's README has these three
+        "res32x4_res8x4/dist", "res56_res20/dist", "res32x4_shuv2/dist"}
+
+
+@pytest.mark.parametrize("row", reproduce.ROWS)
+def test_a_row_builds_its_networks_and_takes_a_distillation_step(row, one_thread):
+    config = _config(row)
+    assert (config.epochs, config.milestones, config.augment, config.image_size) == (240, [150, 180, 210], "cifar", 32)
+    assert config.kd_loss == [row.split("/")[1]] and config.experiment_name == f"cifar100/{row.split('/')[0]}"
+    data = SimpleNamespace(classes=[str(c) for c in range(100)], layout=SimpleNamespace(train=range(50_000)))
+    student, teacher = build_model(config.student_arch, 100), build_model(config.teacher_arch, 100)
+    distiller = StageBuilder(config, data).distiller(student, config, teacher, None)
+    distiller.check_step(config.image_size, 100)  # kd's own trial step: every term depends on the student
+
+
+def test_every_row_has_its_published_figures_and_sources():
+    figures, sources = PUBLISHED["figures"], PUBLISHED["sources"]
+    for row in reproduce.ROWS:
+        pair, method = row.split("/")
+        assert {"teacher", "student", method} <= set(figures[pair])
+    for pair, row in figures.items():
+        assert {f"{pair}/{m}" for m in row if m not in ("teacher", "student")} <= set(reproduce.ROWS)
+        assert set(row) <= set(sources) and all(60 < figure < 80 for figure in row.values())
+    assert (figures["res32x4_res8x4"]["student"], figures["res32x4_res8x4"]["kl_softmax"],
+            figures["res32x4_res8x4"]["crd"], figures["res32x4_res8x4"]["dkd"]) == (72.50, 73.33, 75.51, 76.32)
+
+
+def test_help_lists_every_row():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.split("rows (PAIR/METHOD):")[1].splitlines()
+             if line.strip()}
+    assert {f"{pair}{method}" for pair, methods in lines.items() for method in methods} == set(reproduce.ROWS)
+
+
+@pytest.mark.parametrize("row, hint", [("res32x4_res8x/dkd", "did you mean res32x4_res8x4/dkd"),
+                                       ("res32x4_res8x4", "--help lists the rows")])
+def test_an_unknown_row_is_a_one_line_error(row, hint, capsys):
+    assert reproduce.main([row]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: row {row!r}") and hint in err and err.count("\n") == 1
+
+
+def test_the_script_translates_its_flags_for_kd():
+    args, extra = reproduce.parser().parse_known_args(["res56_res20/dkd", "--data", "cifar", "--seeds", "0", "1",
+                                                       "--teacher_checkpoint", "t.pth", "--epochs", "1"])
+    argv = reproduce.kd_arguments(args, extra)
+    assert argv[:2] == ["--flags_file", "none"] and "--resume" in argv and argv[-2:] == ["--epochs", "1"]
+    config = resolve(argv).config
+    assert (config.data_dir, config.seeds, config.teacher_checkpoint) == ("torchvision:CIFAR100:cifar", [0, 1], "t.pth")
+    assert not config.train_teacher and config.baseline and config.distill and config.kd_loss == ["dkd"]
+    assert config.loss_options == ["dkd.beta=2"]
+
+
+@pytest.mark.slow
+def test_a_feature_row_runs_end_to_end_on_a_fake_cifar100(cifar100, tmp_path, one_thread):
+    row = [str(path) for path in reproduce.presets("res56_res20/crd")]
+    # 16,384 negatives per image suit CIFAR-100's 50,000 images; the fake one has 200, so 199 span them all.
+    assert kd_main(["--flags_file", "none", "--config", *row, "--data_dir", f"torchvision:CIFAR100:{cifar100}",
+                    "--output_dir", str(tmp_path / "runs"), "--baseline", "false", "--loss_options", "crd.nce_k=199",
+                    *SMALL]) == 0
+    result = json.loads((tmp_path / "runs/cifar100/res56_res20/distill/version_0/result.json").read_text())
+    assert result["kd_loss"] == "crd" and result["arch"] == "cifar:resnet8" and len(result["val_top1"]) == 1
+
+
+def _table(output: str) -> dict[str, list[str]]:
+    """The comparison table's three rows (teacher, baseline, distill) by run label, cut into cells at its rule."""
+    lines = output.split("kd against the published CIFAR-100 top-1\n")[1].splitlines()
+    spans = [match.span() for match in re.finditer("-+", lines[1])]
+    rows = [[line[start:end].strip() for start, end in spans] for line in lines[2:5]]
+    return {cells[0]: cells for cells in rows}
+
+
+@pytest.mark.slow
+def test_reproduce_trains_a_row_then_reuses_its_teacher_and_baseline_for_another(cifar100, tmp_path, capsys,
+                                                                                  one_thread):
+    common = ["--data", str(cifar100), "--output_dir", str(tmp_path / "runs"), *SMALL]
+    assert reproduce.main(["res56_res20/dkd", *common]) == 0
+    dkd = _table(capsys.readouterr().out)
+    assert [cells[5] for cells in dkd.values()] == ["72.34", "69.06", "71.97"]  # resnet56, resnet20, DKD: published
+    assert list(dkd) == ["teacher", "baseline", "distill (dkd)"]
+
+    assert reproduce.main(["res56_res20/kl_softmax", *common]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 2  # the teacher and the baseline; the distilled student is new
+    kl = _table(out)
+    folder = tmp_path / "runs/cifar100/res56_res20"
+    student = json.loads((folder / "distill/version_1/result.json").read_text())
+    assert student["kd_loss"] == "kl_softmax" and kl["distill (kl_softmax)"][3] == f"{student['best_top1']:.2f}"
+    assert kl["distill (kl_softmax)"][5] == "70.66" and kl["teacher"][3] == dkd["teacher"][3]
+    assert kl["distill (kl_softmax)"][6] == f"{student['best_top1'] - 70.66:+.2f}"
+
+    teacher = folder / "teacher/version_0/checkpoints/best.ckpt"
+    assert reproduce.main(["res56_res20/kl_softmax", *common, "--teacher_checkpoint", str(teacher)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 2  # the same teacher file: the same distilled student
+    given = _table(out)
+    assert given["teacher"][3] == "given" and given["distill (kl_softmax)"] == kl["distill (kl_softmax)"]
+    assert f"teacher: given, {teacher}" in out
