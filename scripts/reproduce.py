@@ -89,10 +89,10 @@ def _version(result: StageResult) -> int:
     return int(result.log_dir.name.removeprefix("version_"))
 
 
-def _matches(result: StageResult, config: Config, role: Role, teacher: str | None) -> bool:
+def _matches(result: StageResult, config: Config, role: Role, teacher: list[str]) -> bool:
     """Whether ``result`` was trained with ``config``'s flags of ``role``, as --resume compares them.
 
-    ``teacher`` is the checkpoint a distill stage records as its --teacher_checkpoint (no other role has it).
+    ``teacher`` is the checkpoint(s) a distill stage records as its --teacher_checkpoint (no other role has it).
     """
     saved = result.log_dir / "config.yaml"
     if not saved.is_file():
@@ -112,7 +112,7 @@ def row_results(config: Config) -> dict[str, list[StageResult]]:
     found = find_results([str(Path(config.output_dir) / config.experiment_name)])
     seeds = config.seeds or [config.seed]
 
-    def latest(stage: str, stage_seeds: list[int], teachers: list[str | None]) -> list[StageResult]:
+    def latest(stage: str, stage_seeds: list[int], teachers: list[list[str]]) -> list[StageResult]:
         picked = []
         for seed in stage_seeds:
             same = [r for r in found if r.stage == stage and r.seed == seed
@@ -121,11 +121,11 @@ def row_results(config: Config) -> dict[str, list[StageResult]]:
         return picked
 
     if config.teacher_checkpoint:
-        teacher_runs, teachers = [], [str(Path(config.teacher_checkpoint).expanduser().resolve())]
+        teacher_runs, teachers = [], [[str(Path(path).expanduser().resolve()) for path in config.teacher_checkpoint]]
     else:
-        teacher_runs = latest("teacher", seeds if config.repeat_teacher else seeds[:1], [None])
-        teachers = [str(r.best_checkpoint.resolve()) for r in teacher_runs]
-    return {"teacher": teacher_runs, "baseline": latest("baseline", seeds, [None]),
+        teacher_runs = latest("teacher", seeds if config.repeat_teacher else seeds[:1], [[]])
+        teachers = [[str(r.best_checkpoint.resolve())] for r in teacher_runs]
+    return {"teacher": teacher_runs, "baseline": latest("baseline", seeds, [[]]),
             "distill": latest("distill", seeds, teachers)}
 
 
@@ -135,7 +135,8 @@ def comparison(row: str, config: Config, results: dict[str, list[StageResult]], 
 
     pair, method = row.split("/")
     figures = published["figures"][pair]
-    archs = {"teacher": config.teacher_arch, "baseline": config.student_arch, "distill": config.student_arch}
+    archs = {"teacher": " ".join(config.teacher_arch), "baseline": config.student_arch,
+             "distill": config.student_arch}
     rows, columns = [], []
     for stage in ("teacher", "baseline", "distill"):
         column = PUBLISHED_COLUMN.get(stage, method)
@@ -156,7 +157,7 @@ def comparison(row: str, config: Config, results: dict[str, list[StageResult]], 
         sources[published["sources"][column]].append(column)
     notes = [f"published ({', '.join(names)}): {source}" for source, names in sources.items()]
     if config.teacher_checkpoint:
-        notes.append(f"teacher: given, {config.teacher_checkpoint} (not trained in this run)")
+        notes.append(f"teacher: given, {' '.join(config.teacher_checkpoint)} (not trained in this run)")
     return "\n".join([f"row {row}: kd against the published CIFAR-100 top-1", text_table(header, rows), *notes])
 
 
