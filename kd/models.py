@@ -248,12 +248,23 @@ def check_forward(model: nn.Module, arch: str, image_size: int, num_classes: int
         raise KDError(f"{flag} {arch} returns {shape}, not logits of shape (batch, {num_classes})")
 
 
+def _same_network(saved: str, asked: str) -> bool:
+    """Whether two names mean one network: ``resnet18`` is ``torchvision:resnet18``, ``cnn_tiny`` is ``kd:cnn_tiny``."""
+    if saved == asked:
+        return True
+    try:
+        (source, name), (other, other_name) = find_source(saved, "--arch"), find_source(asked, "--arch")
+    except KDError:  # a name no source knows (any more): only the same spelling is the same network
+        return False
+    return source is other and name == other_name
+
+
 def load_network(path: str | Path, arch: str, class_names: list[str], image_size: int,
                  flag: str = "--teacher_checkpoint") -> nn.Module:
     """A trained network from a kd checkpoint (or a plain state_dict), refusing one that does not fit."""
     path = Path(path).expanduser()
     state, meta = read_checkpoint(path, flag)
-    if meta.get("arch", arch) != arch:
+    if not _same_network(meta.get("arch", arch), arch):
         raise KDError(f"{flag}: {path} holds a {meta['arch']}, not the {arch} asked for (--teacher_arch)")
     saved_classes = list(meta.get("class_names", class_names))
     if saved_classes != list(class_names):

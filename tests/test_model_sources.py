@@ -331,3 +331,15 @@ def test_timm_teacher_distilled_into_a_timm_student_with_hooked_layers(tiny_data
     checkpoint = tmp_path / "kd" / "distill" / "version_0" / "checkpoints" / "best.ckpt"
     classes = sorted(p.name for p in (tiny_data / "train").iterdir())
     assert load_network(checkpoint, f"timm:{TIMM}", classes, 32, "--evaluate")(images()).shape == (2, len(classes))
+
+
+def test_a_checkpoint_loads_under_either_spelling_of_its_network(tmp_path):
+    """``resnet18`` and ``torchvision:resnet18`` name one network: a checkpoint saved as one loads as the other."""
+    model = build_model("cnn_tiny", 3)
+    path = tmp_path / "a.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"arch": "cnn_tiny", "class_names": ["a", "b", "c"]}}, path)
+    loaded = load_network(path, "kd:cnn_tiny", ["a", "b", "c"], 16)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(KDError, match="holds a cnn_tiny, not the kd:cnn_small asked for"):
+        load_network(path, "kd:cnn_small", ["a", "b", "c"], 16)
