@@ -15,8 +15,8 @@ from kd.errors import KDError
 from kd.files import check_writable
 from kd.losses import LOSSES
 from kd.losses.base import loss_property
-from kd.models import check_forward
-from kd.stage import StageBuilder, Teacher, teacher_archs
+from kd.models import check_forward, require_file
+from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
 
 STAGES = ("teacher", "baseline", "distill")
 
@@ -53,7 +53,7 @@ def check_stages(c: Config) -> list[str]:
 def _check_teachers(c: Config) -> None:
     """One --teacher_arch to train, or one per --teacher_checkpoint (or one for all); ensemble weights to match."""
     count = len(c.teacher_checkpoint)
-    if not c.teacher_arch:
+    if not c.teacher_arch and (c.train_teacher or c.distill):
         raise KDError("--teacher_arch names no network")
     if c.train_teacher and len(c.teacher_arch) != 1:
         raise KDError(f"--train_teacher trains one teacher, but --teacher_arch names {len(c.teacher_arch)}: "
@@ -66,13 +66,18 @@ def _check_teachers(c: Config) -> None:
                       f"--teacher_checkpoint ({count}), for an ensemble of two or more, not all zero")
 
 
-def check_experiment(c: Config, build: StageBuilder) -> Plan:
-    """Check the whole run ``c`` with the data ``build`` holds; the plan it may then run."""
+def check_run(c: Config) -> Plan:
+    """What can be checked before the data is read (or generated, or downloaded): flags, hardware, output folder."""
     stages = check_stages(c)
     # Checks the hardware flags now; the process count sizes the logging interval.
-    world_size = build.trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
+    world_size = make_trainer(c, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
     check_writable(Path(c.output_dir) / c.experiment_name, "--output_dir")
-    classes = build.classes
+    return Plan(stages, world_size, None)
+
+
+def check_experiment(c: Config, build: StageBuilder, plan: Plan) -> Plan:
+    """Check the rest of run ``c`` with the data ``build`` holds: networks, losses, teacher, caches."""
+    stages, world_size, classes = plan.stages, plan.world_size, build.classes
     # Build and run each network once now, so a bad name, weights file or input size fails before training.
     if c.train_teacher:
         model = build.network(c.teacher_arch[0], c.teacher_weights, "--teacher_weights", c.seed)
@@ -109,6 +114,8 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
     if c.teacher_cache:
         check_writable(c.teacher_cache, "--teacher_cache")
     paths = tuple(Path(p).expanduser().resolve() for p in c.teacher_checkpoint)
+    for path in paths:  # before the teacher cache's key reads them
+        require_file(path, "--teacher_checkpoint")
     if c.teacher_cache_only and not paths:
         raise KDError("--teacher_cache_only needs --teacher_checkpoint: the cache is keyed by its content")
     caches = [build.teacher_cache(paths, seed) for seed in c.seeds or [c.seed]] if c.teacher_cache and paths else []

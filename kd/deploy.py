@@ -39,7 +39,7 @@ def evaluate_checkpoint(config: Config) -> Path:
     # A kd checkpoint names its network and image size; a bare state_dict takes --student_arch/--image_size.
     arch = meta.get("arch", config.student_arch)
     config = replace(config, image_size=int(meta.get("image_size", config.image_size)),
-                     augment=meta.get("augment", config.augment))
+                     augment=meta.get("augment", "imagenet" if meta else config.augment))  # older kd: imagenet
     data = make_datamodule(config)
     model = load_network(path, arch, data.classes, config.image_size, "--evaluate")
     result = evaluate(model, data.val_dataloader(), data.classes, _device(config), config.augment)

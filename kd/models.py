@@ -144,6 +144,14 @@ def _replace_heads(model: nn.Module, old_classes: int, num_classes: int) -> None
         setattr(parent, child, new)
 
 
+def require_file(path: Path, flag: str) -> None:
+    """Refuse a weights path that is a folder or does not exist, naming ``flag``."""
+    if path.is_dir():
+        raise KDError(f"{flag}: {path} is a folder, not a weights file")
+    if not path.is_file():
+        raise KDError(f"{flag}: file {path} does not exist")
+
+
 def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The weights and hyper-parameters saved in a weights file of any format kd reads.
 
@@ -151,10 +159,7 @@ def read_checkpoint(path: Path, flag: str) -> tuple[dict[str, torch.Tensor], dic
     state_dict, 'epoch', 'optimizer', 'best_acc'}``: how their released teachers are saved); a state_dict;
     a .safetensors file.
     """
-    if path.is_dir():
-        raise KDError(f"{flag}: {path} is a folder, not a weights file")
-    if not path.is_file():
-        raise KDError(f"{flag}: file {path} does not exist")
+    require_file(path, flag)
     try:
         data = (safetensors.torch.load_file(path) if path.suffix == ".safetensors"
                 else torch.load(path, map_location="cpu", weights_only=True))

@@ -99,8 +99,11 @@ class KDModule(pl.LightningModule):
         if self.distiller.has_teacher:
             ensemble = self.distiller.teacher if isinstance(self.distiller.teacher, TeacherEnsemble) else None
             if ensemble is not None:
-                ensemble.member_logits = []  # refilled only if the teachers run (not when their logits are cached)
+                ensemble.member_logits = []  # refilled by this batch's forward, never left from another
             teacher, _ = self.distiller.teacher_outputs(x, indices, None)
+            if ensemble is not None and not ensemble.member_logits:  # cached logits: run the loaded teachers anyway
+                with torch.inference_mode():
+                    ensemble(x)
             self.log("val/teacher_agreement", _agreement(logits, teacher), **log)
             self.log("val/teacher_kl", kl_softmax(logits, teacher, 1.0), **log)
             self.log("val/teacher_top1", _agreement(teacher, y), **log)

@@ -20,17 +20,25 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ti
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from kd.checks import STAGES, Plan, check_experiment
+from kd.checks import STAGES, Plan, check_experiment, check_run
 from kd.config import Config, Role, identity, save_config
 from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
 from kd.errors import Interrupted, KDError
 from kd.files import write_text, written_atomically
-from kd.losses.objective import loss_key
+from kd.losses import LOSSES
+from kd.losses.objective import loss_key, weights_in_force
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
 from kd.stage import StageBuilder, Teacher, teacher_archs
+
+
+def with_weights_in_force(c: Config) -> Config:
+    """``c`` with --kd_weights and --ce_weight as they apply (the papers' values where unset): what a distill
+    stage records, so that a changed default never lets --resume reuse a stage trained with the old one."""
+    weights, ce_weight = weights_in_force([LOSSES.get(spec) for spec in c.kd_loss], c.kd_weights, c.ce_weight)
+    return replace(c, kd_weights=weights, ce_weight=ce_weight)
 
 
 def stage_role(stage: str) -> Role:
@@ -123,8 +131,8 @@ class StageRunner:
         """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new."""
         c = self.config
         config = replace(c, seed=seed)
-        if teacher is not None:  # record the very teacher used, so --resume never mixes teachers up
-            config = replace(config, train_teacher=False, teacher_arch=list(teacher.archs),
+        if teacher is not None:  # record the very teacher and weights used, so --resume never mixes them up
+            config = replace(with_weights_in_force(config), train_teacher=False, teacher_arch=list(teacher.archs),
                              teacher_checkpoint=[str(path) for path in teacher.checkpoints],
                              ensemble_weights=list(teacher.weights), student_arch=arch, assistant_arch=[],
                              student_weights=c.student_weights if stage == "distill" else None)
@@ -289,9 +297,10 @@ def _report_folder(config: Config) -> Path:
 
 def run_experiment(config: Config) -> list[StageResult]:
     """Check ``config``, run its stages, write a report when there is something to compare, print a summary."""
+    plan = check_run(config)  # before the data, which may be generated or downloaded
     data = make_datamodule(config)
     build = StageBuilder(config, data)
-    runner = StageRunner(config, build, check_experiment(config, build))
+    runner = StageRunner(config, build, check_experiment(config, build, plan))
     results = runner.run()
     if is_main_process():
         report = None

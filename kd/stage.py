@@ -67,7 +67,8 @@ class StageBuilder:
         c, layout = self.config, self.data.layout
         if (checkpoints, seed) not in self._cache_keys:
             self._cache_keys[checkpoints, seed] = cache_key(
-                list(checkpoints), {"train": layout.train, "val": layout.val}, cache_settings(replace(c, seed=seed)))
+                list(checkpoints), {"train": layout.train, "val": layout.val},
+                cache_settings(replace(c, seed=seed, teacher_arch=teacher_archs(c))))
         sizes = {"train": len(layout.train), "val": len(layout.val)}
         return TeacherCache(c.teacher_cache, self._cache_keys[checkpoints, seed], sizes, len(self.classes),
                             c.teacher_cache_dtype, c.teacher_cache_topk)
@@ -109,11 +110,15 @@ class StageBuilder:
                         optim=OptimSettings.from_config(c))
 
     def trainer(self, **options: Any) -> pl.Trainer:
-        """A Trainer on the configured hardware; Lightning's refusals become one-line errors."""
-        c = self.config
-        try:
-            return pl.Trainer(accelerator=c.accelerator, devices=_devices(c.devices), num_nodes=c.num_nodes,
-                              strategy=c.strategy, precision=c.precision, enable_model_summary=False, **options)
-        except (MisconfigurationException, ValueError, RuntimeError) as exc:
-            raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --num_nodes {c.num_nodes} "
-                          f"--strategy {c.strategy} --precision {c.precision}: {str(exc).splitlines()[0]}") from None
+        """A Trainer on the configured hardware (see :func:`make_trainer`)."""
+        return make_trainer(self.config, **options)
+
+
+def make_trainer(c: Config, **options: Any) -> pl.Trainer:
+    """A Trainer on the hardware ``c`` names; Lightning's refusals become one-line errors."""
+    try:
+        return pl.Trainer(accelerator=c.accelerator, devices=_devices(c.devices), num_nodes=c.num_nodes,
+                          strategy=c.strategy, precision=c.precision, enable_model_summary=False, **options)
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+        raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --num_nodes {c.num_nodes} "
+                      f"--strategy {c.strategy} --precision {c.precision}: {str(exc).splitlines()[0]}") from None

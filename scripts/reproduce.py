@@ -59,9 +59,9 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("row", help="PAIR/METHOD, e.g. res32x4_res8x4/dkd (listed below)")
     parse.add_argument("--seeds", nargs="+", metavar="SEED",
                        help="train the baseline and the distilled student once per seed (default: seed 0)")
-    parse.add_argument("--teacher_checkpoint", metavar="FILE",
+    parse.add_argument("--teacher_checkpoint", metavar="FILE", nargs="+",
                        help="distill from this teacher instead of training one: a kd checkpoint, or a teacher that "
-                            "RepDistiller or mdistiller released (ckpt_epoch_240.pth)")
+                            "RepDistiller or mdistiller released (ckpt_epoch_240.pth); several: their ensemble")
     parse.add_argument("--data", metavar="ROOT", help="the folder holding cifar-100-python/ (default: data; "
                                                       "add --download_data to fetch it there)")
     return parse
@@ -81,7 +81,7 @@ def kd_arguments(args: argparse.Namespace, extra: list[str]) -> list[str]:
     if args.seeds:
         argv += ["--seeds", *args.seeds]
     if args.teacher_checkpoint:
-        argv += ["--teacher_checkpoint", args.teacher_checkpoint, "--train_teacher", "false"]
+        argv += ["--teacher_checkpoint", *args.teacher_checkpoint, "--train_teacher", "false"]
     return argv + extra
 
 
@@ -98,7 +98,12 @@ def _matches(result: StageResult, config: Config, role: Role, teacher: list[str]
     if not saved.is_file():
         return False
     values = yaml.safe_load(saved.read_text()) or {}
-    return identity(values, role) == replace(config, seed=result.seed, teacher_checkpoint=teacher).identity(role)
+    from kd.runner import with_weights_in_force  # imported here: it loads Lightning, which --help does without
+
+    stage_config = replace(config, seed=result.seed, teacher_checkpoint=teacher)
+    if role is Role.DISTILL:
+        stage_config = with_weights_in_force(stage_config)
+    return identity(values, role) == stage_config.identity(role)
 
 
 def row_results(config: Config) -> dict[str, list[StageResult]]:

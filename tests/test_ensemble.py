@@ -65,15 +65,18 @@ def test_a_student_distills_from_two_teachers_and_each_is_reported(tiny_data, te
 @pytest.mark.slow
 def test_an_ensemble_is_cached_like_one_teacher(tiny_data, teachers, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    assert _ensemble(tiny_data, teachers, tmp_path / "first", "--teacher_cache", str(cache)) == 0
+    assert _ensemble(tiny_data, teachers, tmp_path / "first", "--teacher_cache", str(cache), "--epochs", "2") == 0
     assert len(list(cache.iterdir())) == 1
+    # epoch 1 validates on cached ensemble logits; the loaded teachers still give their own top-1
+    result = json.loads((tmp_path / "first" / "kd" / "distill" / "version_0" / "result.json").read_text())
+    assert all(t["top1"] is not None for t in result["teachers"])
     import kd.stage  # a complete cache: the teachers are never loaded again
 
     monkeypatch.setattr(kd.stage, "load_network", lambda *a, **k: pytest.fail("a teacher was loaded"))
     assert _ensemble(tiny_data, teachers, tmp_path / "second", "--teacher_cache", str(cache),
-                     "--teacher_cache_only") == 0
+                     "--teacher_cache_only", "--epochs", "2") == 0
     assert _ensemble(tiny_data, teachers[::-1], tmp_path / "third", "--teacher_cache", str(cache),
-                     "--teacher_arch", "cnn_tiny", "cnn_small", "--teacher_cache_only") == 2  # another order
+                     "--teacher_arch", "cnn_tiny", "cnn_small", "--teacher_cache_only", "--epochs", "2") == 2
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -207,3 +207,17 @@ def test_a_run_that_fails_its_checks_writes_nothing(tiny_data, tmp_path, capsys)
 def test_schedule_flags_that_do_not_fit_are_refused(flags, message, tiny_data, tmp_path, capsys):
     assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--baseline", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_the_demo_data_is_written(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main([*FAST, "--data_dir", "demo", "--output_dir", str(tmp_path / "afile"), "--baseline"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output_dir: cannot create {tmp_path / 'afile' / 'kd'}") and err.count("\n") == 1
+
+
+def test_a_missing_teacher_checkpoint_is_named_before_the_cache_reads_it(tiny_data, tmp_path, capsys):
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--distill",
+                 "--teacher_checkpoint", str(tmp_path / "typo.ckpt"), "--teacher_cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --teacher_checkpoint: file {tmp_path / 'typo.ckpt'} does not exist\n"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import FAST, PROJECT
 from kd.cli import main
@@ -124,6 +125,23 @@ def test_resume_reuses_matching_stages_and_starts_the_others_anew(tiny_data, tmp
     assert main([*flags, "--resume", "--lr", "0.2"]) == 0
     assert all(_versions(root / s)[-1] in ("version_1", "version_2") for s in ("teacher", "baseline", "distill"))
     assert (root / "teacher" / "version_0" / "result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_a_distill_stage_records_the_weights_in_force_and_resume_compares_them(tiny_data, tmp_path, capsys):
+    """Unset --kd_weights/--ce_weight are saved as the papers' values: a changed default is never reused silently."""
+    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--distill"]
+    assert main(flags) == 0
+    saved = tmp_path / "kd" / "distill" / "version_0" / "config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    assert (config["kd_weights"], config["ce_weight"]) == ([0.9], 0.1)  # kl_softmax's paper weights
+    capsys.readouterr()
+    assert main([*flags, "--resume", "--kd_weights", "0.9", "--ce_weight", "0.1"]) == 0  # the same, written out
+    assert capsys.readouterr().out.count("finished earlier in") == 2
+    config["kd_weights"], config["ce_weight"] = [], None  # as a kd before this change saved it
+    saved.write_text(yaml.safe_dump(config))
+    assert main([*flags, "--resume"]) == 0
+    assert _versions(tmp_path / "kd" / "distill") == ["version_0", "version_1"]
 
 
 @pytest.mark.slow

@@ -60,8 +60,8 @@ def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class
     if root.exists():
         raise KDError(f"--data_dir demo: {root} exists but is not this demo dataset; move it away")
     classes = [f"{colour}_{shape}" for colour in DEMO_HUES for shape in DEMO_SHAPES]
-    root.parent.mkdir(parents=True, exist_ok=True)
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
         with written_atomically(root) as tmp:
             for split, count, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
                 for label, name in enumerate(classes):
@@ -72,7 +72,8 @@ def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class
                     for i in range(count):
                         _draw_demo_image(shape, DEMO_HUES[colour], image_size, rng).save(folder / f"{i:04d}.png")
             (tmp / "demo.json").write_text(json.dumps(params))
-    except OSError:  # another process (a DDP rank) finished the same dataset first
+    except OSError as exc:  # another process (a DDP rank) finished the same dataset first, or a disk problem
         if not (marker.is_file() and json.loads(marker.read_text()) == params):
-            raise
+            raise KDError(f"--data_dir demo: cannot write the demo dataset to {root} (under --output_dir): "
+                          f"{exc.strerror or exc}") from None
     return root

@@ -135,7 +135,16 @@ def build_objective(specs: list[str], weights: list[float], ce_weight: float | N
     if temperature is not None:
         shared.setdefault("temperature", temperature)
     losses = {key: build_loss(spec, **(settings | shared | own[key])) for spec, key in zip(specs, keys)}
-    chosen = dict(zip(keys, weights)) if weights else {k: float(loss_property(v, "weight")) for k, v in losses.items()}
+    chosen, ce_weight = weights_in_force(list(losses.values()), weights, ce_weight)
+    return Objective(losses, dict(zip(keys, chosen)), ce_weight)
+
+
+def weights_in_force(losses: list[Any], weights: list[float], ce_weight: float | None) -> tuple[list[float], float]:
+    """--kd_weights and --ce_weight as they apply: given, or each loss's paper value (the smallest paper CE weight).
+
+    ``losses`` are the losses or their classes (``LOSSES.get(spec)``): both declare ``weight`` and ``ce_weight``.
+    """
+    chosen = list(weights) if weights else [float(loss_property(loss, "weight")) for loss in losses]
     if ce_weight is None:
-        ce_weight = min(float(loss_property(loss, "ce_weight")) for loss in losses.values())
-    return Objective(losses, chosen, ce_weight)
+        ce_weight = min(float(loss_property(loss, "ce_weight")) for loss in losses)
+    return chosen, ce_weight
