@@ -77,7 +77,7 @@ def check_run(c: Config) -> Plan:
 
 def check_experiment(c: Config, build: StageBuilder, plan: Plan) -> Plan:
     """Check the rest of run ``c`` with the data ``build`` holds: networks, losses, teacher, caches."""
-    stages, world_size, classes = plan.stages, plan.world_size, build.classes
+    classes = build.classes
     # Build and run each network once now, so a bad name, weights file or input size fails before training.
     if c.train_teacher:
         model = build.network(c.teacher_arch[0], c.teacher_weights, "--teacher_weights", c.seed)
@@ -85,8 +85,7 @@ def check_experiment(c: Config, build: StageBuilder, plan: Plan) -> Plan:
     if c.baseline or c.distill:
         model = build.network(c.student_arch, c.student_weights, "--student_weights", c.seed)
         check_forward(model, c.student_arch, c.image_size, len(classes), "--student_arch")
-    teacher = _check_distillation(c, build, world_size) if c.distill else None
-    return Plan(stages, world_size, teacher)
+    return replace(plan, teacher=_check_distillation(c, build, plan.world_size) if c.distill else None)
 
 
 def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teacher | None:

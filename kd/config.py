@@ -45,9 +45,8 @@ class Role(str, Enum):
     INVOCATION = "invocation"  # what this invocation does (print, report, resume...): not saved
 
 
-STAGE_ROLES = (Role.TEACHER, Role.BASELINE, Role.DISTILL)
 R = Role  # short, for the field table below
-TRAINING = STAGE_ROLES  # flags of training itself: they make every stage what it is
+TRAINING = (R.TEACHER, R.BASELINE, R.DISTILL)  # flags of training itself: they make every stage what it is
 
 
 def _flag(default: Any, help: str, *, roles: tuple[Role, ...], choices: tuple = (),

@@ -31,7 +31,7 @@ from kd.losses.objective import loss_key, weights_in_force
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
-from kd.stage import StageBuilder, Teacher, teacher_archs
+from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
 
 
 def with_weights_in_force(c: Config) -> Config:
@@ -191,11 +191,11 @@ class StageRunner:
         # Replaced each epoch (save_last=True on the one above saves only when the best improves).
         every_epoch = ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="last")
         steps_per_epoch = max(1, len(data.layout.train) // (c.batch_size * self.plan.world_size))
-        trainer = self.build.trainer(max_epochs=c.epochs, logger=logger, log_every_n_steps=min(50, steps_per_epoch),
-                                     plugins=[AtomicCheckpointIO()],
-                                     callbacks=[checkpoint, every_epoch, history, timer, EpochSeeding(data, c.seed),
-                                                InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
-                                                LearningRateMonitor("step")])
+        trainer = make_trainer(c, max_epochs=c.epochs, logger=logger, log_every_n_steps=min(50, steps_per_epoch),
+                               plugins=[AtomicCheckpointIO()],
+                               callbacks=[checkpoint, every_epoch, history, timer, EpochSeeding(data, c.seed),
+                                          InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
+                                          LearningRateMonitor("step")])
         ckpt_path = last if resume_from and last.is_file() else None
         if is_main_process():
             how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resume_from else ""

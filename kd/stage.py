@@ -109,11 +109,6 @@ class StageBuilder:
         return KDModule(distiller, arch, self.classes, image_size=c.image_size, augment=c.augment,
                         optim=OptimSettings.from_config(c))
 
-    def trainer(self, **options: Any) -> pl.Trainer:
-        """A Trainer on the configured hardware (see :func:`make_trainer`)."""
-        return make_trainer(self.config, **options)
-
-
 def make_trainer(c: Config, **options: Any) -> pl.Trainer:
     """A Trainer on the hardware ``c`` names; Lightning's refusals become one-line errors."""
     try:
