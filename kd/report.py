@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kd.files import write_text, written_atomically  # noqa: E402
+from kd.provenance import settings_table  # noqa: E402
 from kd.results import StageResult  # noqa: E402
 from kd.tables import text_table  # noqa: E402
 
@@ -134,6 +135,10 @@ def write_report(results: list[StageResult], folder: Path) -> Path:
         "distilled student's top-1 minus its baseline's, paired seed by seed.", "",
         comparison_table(results, markdown=True), "",
         "![validation top-1 per epoch](report.png)", "",
+        "## How each stage was trained", "",
+        "The teacher each stage learned from (an assistant's own teacher before the arrow; paths relative to the",
+        "experiment folder), the softmax temperature, the loss weights in force, and the training settings.", "",
+        settings_table(results, markdown=True), "",
         "## Stages", "",
         stage_table(results, markdown=True), "",
         *(["## Ensembles", "", *ensemble_lines(results, markdown=True), ""] if ensemble_lines(results) else []),

@@ -6,10 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import FAST
 from kd.cli import main
 from kd.errors import KDError
+from kd.provenance import settings_table
 from kd.report import comparison_table, gains, group_results, write_report
 from kd.results import StageResult, find_results
 
@@ -47,7 +49,8 @@ def test_rows_name_their_experiment_when_several_are_compared(tmp_path):
     table = comparison_table(results, markdown=True)
     assert "| a/baseline |" in table and "| b/baseline |" in table
     report = write_report(results, tmp_path / "report")
-    assert report.read_text().count("/baseline |") == 2
+    text = report.read_text()
+    assert text.count("| a/baseline |") == text.count("| b/baseline |") == 2  # in the comparison and the settings
     with pytest.raises(FileExistsError):  # a report folder is never written twice
         write_report(results, tmp_path / "report")
 
@@ -96,3 +99,74 @@ def test_report_compares_finished_runs_without_training(seeded_run, tmp_path, ca
     assert (tmp_path / "cmp" / "report" / "version_0" / "report.png").is_file()
     assert sorted(seeded_run.rglob("*")) == before
     assert main(["--flags_file", "none", "--report", str(tmp_path / "missing")]) == 2
+
+
+def _stage(root: Path, stage: str, seed: int = 0, top1: float = 50.0, loss: str = "", arch: str = "cnn_tiny",
+           curve: list[float] | None = None, **config) -> StageResult:
+    """A finished stage written by hand under ``root/<stage>/version_<seed>``: config.yaml (``config``, if any)."""
+    log_dir = root / stage / f"version_{seed}"
+    log_dir.mkdir(parents=True)
+    if config:
+        (log_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    teachers = [{"arch": a, "checkpoint": c, "top1": 60.0} for a, c in zip(config.get("teacher_arch", []),
+                                                                           config.get("teacher_checkpoint", []))]
+    return StageResult(root.name, stage, arch, seed, 1620, top1, top1 + 10, 1, 2.0, log_dir,
+                       log_dir / "checkpoints" / "best.ckpt", loss, curve or [top1 - 5, top1], teachers)
+
+
+def _row(table: str, start: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(f"| {start}"))
+
+
+def test_settings_name_the_teacher_temperature_weights_lr_and_epochs(tmp_path):
+    root = tmp_path / "exp"
+    teacher = _stage(root, "teacher", arch="cnn_medium", lr=0.1, epochs=40)
+    distill = _stage(root, "distill", loss="kl_softmax", teacher_arch=["cnn_medium"],
+                     teacher_checkpoint=[str(teacher.best_checkpoint)], kd_loss=["kl_softmax"], kd_weights=[0.9],
+                     ce_weight=0.1, temperature=None, lr=0.05, epochs=30)
+    table = settings_table([teacher, distill], markdown=True)
+    assert _row(table, "teacher") == "| teacher | 0 | labels only | - | - | 0.1 | 40 | - |"
+    assert _row(table, "distill") == ("| distill (kl_softmax) | 0 | cnn_medium (teacher/version_0/checkpoints/best"
+                                      ".ckpt) | 4 (kl_softmax's default) | ce 0.1, kl_softmax 0.9 | 0.05 | 30 | - |")
+    assert "## How each stage was trained" in write_report([teacher, distill], tmp_path / "report").read_text()
+
+
+def test_settings_show_a_given_temperature_and_loss_options(tmp_path):
+    distill = _stage(tmp_path, "distill", loss="kl_softmax", teacher_arch=["r"], teacher_checkpoint=["/t.ckpt"],
+                     kd_loss=["kl_softmax"], temperature=2.0, loss_options=["kl_softmax.temperature=8"])
+    assert "| r (/t.ckpt) | 2; kl_softmax.temperature=8 |" in settings_table([distill], markdown=True)
+
+
+def test_settings_list_each_ensemble_member_and_the_assistant_chain(tmp_path):
+    root = tmp_path / "exp"
+    ensemble = _stage(root, "assistant1", loss="kl", teacher_arch=["a", "b"], teacher_checkpoint=["/a.ckpt",
+                      str(root / "teacher/version_0/checkpoints/best.ckpt")], ensemble_weights=[2.0, 1.0])
+    assistant = _stage(root, "assistant2", loss="kl", teacher_arch=["cnn_small"],
+                       teacher_checkpoint=[str(ensemble.best_checkpoint)])
+    student = _stage(root, "distill", loss="kl", teacher_arch=["cnn_mini"],
+                     teacher_checkpoint=[str(assistant.best_checkpoint)])
+    table = settings_table([ensemble, student], markdown=True)
+    members = "ensemble of 2: a (/a.ckpt) ×2, b (teacher/version_0/checkpoints/best.ckpt) ×1"
+    assert f"| assistant1 (kl) | 0 | {members} |" in table
+    assert (f"| distill (kl) | 0 | {members} → cnn_small (assistant1/version_0/checkpoints/best.ckpt) → "
+            "cnn_mini (assistant2/version_0/checkpoints/best.ckpt) |") in table
+
+
+def test_settings_read_old_or_newer_configs_leniently(tmp_path):
+    old = _stage(tmp_path, "baseline")  # no config.yaml at all
+    newer = _stage(tmp_path, "distill", loss="kl", teacher_arch=["r"], teacher_checkpoint=["/t.ckpt"],
+                   label_smoothing=0.1, mixup_alpha=0.0, ema_decay=0.999)  # no weights, lr, epochs; unknown flags
+    broken = _stage(tmp_path, "teacher")
+    (broken.log_dir / "config.yaml").write_text("[not: a mapping")
+    table = settings_table([old, broken, newer], markdown=True)
+    assert "| baseline | 0 | not recorded (no readable config.yaml) | - | - | - | - | - |" in table
+    assert "| teacher | 0 | not recorded (no readable config.yaml) |" in table
+    assert "| distill (kl) | 0 | r (/t.ckpt) | - | - | - | - | ema_decay=0.999, label_smoothing=0.1 |" in table
+
+
+def test_seeds_with_the_same_settings_share_a_row(tmp_path):
+    runs = [_stage(tmp_path, "baseline", seed, lr=0.1, epochs=5) for seed in (0, 1)]
+    runs.append(_stage(tmp_path, "baseline", 2, lr=0.2, epochs=5))
+    table = settings_table(runs, markdown=True)
+    assert "| baseline | 0 1 | labels only | - | - | 0.1 | 5 | - |" in table and "| baseline | 2 |" in table
+
