@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import FAST
 from kd.cli import main
 from kd.errors import KDError
 from kd.provenance import settings_table
-from kd.report import comparison_table, gains, group_results, write_report
+from kd.report import comparison_table, gains, group_results, stage_table, write_report
 from kd.results import StageResult, find_results
 
 
@@ -169,4 +170,13 @@ def test_seeds_with_the_same_settings_share_a_row(tmp_path):
     runs.append(_stage(tmp_path, "baseline", 2, lr=0.2, epochs=5))
     table = settings_table(runs, markdown=True)
     assert "| baseline | 0 1 | labels only | - | - | 0.1 | 5 | - |" in table and "| baseline | 2 |" in table
+
+def test_accuracies_read_as_fractions_or_percent_show_in_percent(tmp_path):
+    percent = _stage(tmp_path, "baseline", top1=45.0, curve=[40.0, 45.0])
+    fraction = dataclasses.replace(percent, best_top1=0.45, best_top5=0.55, val_top1=[0.40, 0.45])
+    twice = dataclasses.replace(percent, best_top1=4500.0, best_top5=5500.0, val_top1=[4000.0, 4500.0])
+    for result in (fraction, twice):
+        assert stage_table([result]) == stage_table([percent])
+        [shown] = group_results([result])[(tmp_path.name, "baseline")]
+        assert shown.val_top1 == pytest.approx([40.0, 45.0])
 
