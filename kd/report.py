@@ -17,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kd.files import write_text, written_atomically  # noqa: E402
@@ -121,35 +123,64 @@ def ensemble_lines(results: list[StageResult], markdown: bool = False) -> list[s
     return lines
 
 
-def plot(results: list[StageResult], path: Path) -> None:
-    """Validation top-1 per epoch of every student group (mean ± std band), teachers' best as lines."""
-    figure, axes = plt.subplots(figsize=(8, 5))
+TEACHER_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 3)))  # one per teacher, then again
+
+
+def _teacher_archs(runs: list[StageResult]) -> str:
+    return "+".join(t.get("arch", "?") for t in runs[0].teachers)
+
+
+def figure(results: list[StageResult]) -> Figure:
+    """Validation top-1 per epoch of every student group, teachers' best as horizontal lines.
+
+    Each group has its own colour; each teacher its own dash pattern. A group of several seeds draws
+    its mean with a band of ± one standard deviation, both named in one legend entry. The legend
+    sits right of the axes, where it covers no curve.
+    """
+    figure, axes = plt.subplots(figsize=(11, 5), layout="constrained")
     groups = group_results(results)
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
     many = len({experiment for experiment, _ in groups}) > 1
-    for (experiment, label), runs in groups.items():
-        name = f"{experiment}/{label}" if many else label
+    handles, labels, teachers = [], [], 0
+    for index, ((experiment, label), runs) in enumerate(groups.items()):
+        name, colour = f"{experiment}/{label}" if many else label, colours[index % len(colours)]
+        seeds = f"{len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
         if label == "teacher":
             best = statistics.fmean(r.best_top1 for r in runs)
-            axes.axhline(best, linestyle="--", color="gray", label=f"{name} best: {best:.1f} ({runs[0].arch})")
+            handles.append(axes.axhline(best, color=colour, linestyle=TEACHER_STYLES[teachers % len(TEACHER_STYLES)]))
+            labels.append(f"{name}: {runs[0].arch}, best {best:.1f} %{' (mean)' if len(runs) > 1 else ''}, {seeds}")
+            teachers += 1
             continue
         length = min(len(r.val_top1) for r in runs)
         epochs = range(length)  # 0-based, as in checkpoint names and Lightning's logs
         curves = [r.val_top1[:length] for r in runs]
         mean = [statistics.fmean(values) for values in zip(*curves)]
-        seeds = f"mean of {len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
-        (line,) = axes.plot(epochs, mean, label=f"{name}: {runs[0].arch}, {seeds}")
+        (line,) = axes.plot(epochs, mean, color=colour, marker="o" if length == 1 else None)
+        source = f" from {_teacher_archs(runs)}" if runs[0].teachers else ""
         if len(runs) > 1:
             spread = [statistics.stdev(values) for values in zip(*curves)]
-            axes.fill_between(epochs, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
-                              color=line.get_color(), alpha=0.2)
-    axes.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Validation accuracy with and without distillation")
+            band = axes.fill_between(epochs, [m - s for m, s in zip(mean, spread)],
+                                     [m + s for m, s in zip(mean, spread)], color=colour, alpha=0.2, linewidth=0)
+            handles.append((line, band))
+            labels.append(f"{name}: {runs[0].arch}{source}, mean ± std over {seeds}")
+        else:
+            handles.append(line)
+            labels.append(f"{name}: {runs[0].arch}{source}, {seeds}")
+    axes.set(xlabel="epoch (0 = the first)", ylabel="validation top-1 accuracy (%)",
+             title="Validation accuracy with and without distillation")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
+    axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small",
+                handler_map={tuple: HandlerTuple(ndivide=1)})
+    return figure
+
+
+def plot(results: list[StageResult], path: Path) -> None:
+    """Save :func:`figure` of ``results`` as a PNG at ``path``."""
+    drawn = figure(results)
     with written_atomically(path) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
-    plt.close(figure)
+        drawn.savefig(tmp, dpi=120, format="png")
+    plt.close(drawn)
 
 
 def write_report(results: list[StageResult], folder: Path) -> Path:

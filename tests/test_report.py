@@ -6,6 +6,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import yaml
 
@@ -13,7 +14,7 @@ from conftest import FAST
 from kd.cli import main
 from kd.errors import KDError
 from kd.provenance import settings_table
-from kd.report import comparison_table, gains, group_results, stage_table, write_report
+from kd.report import comparison_table, figure, gains, group_results, stage_table, write_report
 from kd.results import StageResult, find_results
 
 
@@ -179,4 +180,42 @@ def test_accuracies_read_as_fractions_or_percent_show_in_percent(tmp_path):
         assert stage_table([result]) == stage_table([percent])
         [shown] = group_results([result])[(tmp_path.name, "baseline")]
         assert shown.val_top1 == pytest.approx([40.0, 45.0])
+
+
+
+def _legend(fig: plt.Figure) -> dict[str, object]:
+    legend = fig.axes[0].get_legend()
+    return {text.get_text(): handle for text, handle in zip(legend.get_texts(), legend.legend_handles)}
+
+
+def test_plot_gives_each_teacher_its_own_colour_and_dashes(tmp_path):
+    teachers = [_stage(tmp_path / name, "teacher", arch=arch, top1=top1)
+                for name, arch, top1 in (("a", "resnet50", 70.0), ("b", "vit_b_16", 75.0))]
+    fig = figure(teachers)
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2
+    assert lines[0].get_color() != lines[1].get_color()
+    assert lines[0].get_linestyle() != lines[1].get_linestyle()
+    assert "-" not in {line.get_linestyle() for line in lines}  # dashed: a teacher's best, not a curve
+    assert list(_legend(fig)) == ["a/teacher: resnet50, best 70.0 %, seed 0",
+                                  "b/teacher: vit_b_16, best 75.0 %, seed 0"]
+    plt.close(fig)
+
+
+def test_plot_labels_the_band_units_and_keeps_the_legend_off_the_curves(tmp_path):
+    runs = [_stage(tmp_path, "distill", seed, top1=50.0 + seed, loss="kl", teacher_arch=["resnet50"],
+                   teacher_checkpoint=["/t.ckpt"]) for seed in (0, 1, 2)]
+    runs.append(_stage(tmp_path, "baseline", 0, top1=40.0))
+    fig = figure(runs)
+    axes = fig.axes[0]
+    entries = _legend(fig)
+    assert list(entries) == ["distill (kl): cnn_tiny from resnet50, mean ± std over 3 seeds",
+                             "baseline: cnn_tiny, seed 0"]
+    assert len(axes.collections) == 1  # the one band, that of the three seeds
+    assert axes.get_xlabel() == "epoch (0 = the first)" and axes.get_ylabel() == "validation top-1 accuracy (%)"
+    fig.canvas.draw()
+    legend, plot_area = axes.get_legend().get_window_extent(), axes.get_window_extent()
+    assert legend.x0 >= plot_area.x1  # beside the axes: it covers no curve's end
+    assert legend.x1 <= fig.bbox.x1  # and is not cut off by the figure's edge
+    plt.close(fig)
 
