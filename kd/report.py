@@ -8,9 +8,12 @@ show in percent whether a result saved them as fractions or percent (:func:`in_p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +24,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from kd.files import write_text, written_atomically  # noqa: E402
+from kd.errors import KDError  # noqa: E402
+from kd.files import written_atomically  # noqa: E402
 from kd.provenance import settings_table  # noqa: E402
 from kd.results import StageResult  # noqa: E402
 from kd.tables import text_table  # noqa: E402
@@ -137,7 +141,7 @@ def figure(results: list[StageResult]) -> Figure:
     its mean with a band of ± one standard deviation, both named in one legend entry. The legend
     sits right of the axes, where it covers no curve.
     """
-    figure, axes = plt.subplots(figsize=(11, 5), layout="constrained")
+    drawn, axes = plt.subplots(figsize=(11, 5), layout="constrained")
     groups = group_results(results)
     colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
     many = len({experiment for experiment, _ in groups}) > 1
@@ -172,22 +176,13 @@ def figure(results: list[StageResult]) -> Figure:
     axes.grid(alpha=0.3)
     axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small",
                 handler_map={tuple: HandlerTuple(ndivide=1)})
-    return figure
+    return drawn
 
 
-def plot(results: list[StageResult], path: Path) -> None:
-    """Save :func:`figure` of ``results`` as a PNG at ``path``."""
-    drawn = figure(results)
-    with written_atomically(path) as tmp:
-        drawn.savefig(tmp, dpi=120, format="png")
-    plt.close(drawn)
-
-
-def write_report(results: list[StageResult], folder: Path) -> Path:
-    """Write report.md (tables) and report.png (curves) into ``folder``; returns report.md's path."""
-    folder.mkdir(parents=True, exist_ok=False)
-    plot(results, folder / "report.png")
-    text = "\n".join([
+def report_text(results: list[StageResult]) -> str:
+    """report.md: the comparison, the plot, how each stage was trained, and each stage's own row."""
+    ensembles = ensemble_lines(results, markdown=True)
+    return "\n".join([
         "# kd report", "",
         "Best validation top-1 and top-5 of each stage (mean ± standard deviation over seeds). The gain is the",
         "distilled student's top-1 minus its baseline's, paired seed by seed.", "",
@@ -199,7 +194,43 @@ def write_report(results: list[StageResult], folder: Path) -> Path:
         settings_table(results, markdown=True), "",
         "## Stages", "",
         stage_table(results, markdown=True), "",
-        *(["## Ensembles", "", *ensemble_lines(results, markdown=True), ""] if ensemble_lines(results) else []),
+        *(["## Ensembles", "", *ensembles, ""] if ensembles else []),
     ])
-    write_text(folder / "report.md", text)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError in the block (a full disk, a read-only folder) as one line naming ``path`` and the reason."""
+    try:
+        yield
+    except OSError as exc:
+        raise KDError(f"report: cannot write {path}: {exc.strerror or exc}; no partial report is left") from None
+
+
+def write_report(results: list[StageResult], folder: Path) -> Path:
+    """Write report.md (tables) and report.png (curves) into ``folder``, all or nothing; returns report.md's path.
+
+    The folder is filled under a temporary name, then renamed. When a write fails (a full disk), nothing
+    is left, not even the empty folders made for the report, and the KDError names the file and why.
+    """
+    if folder.exists():
+        raise KDError(f"report: {folder} already exists; a report is never written over")
+    made = list(itertools.takewhile(lambda p: not p.exists(), folder.parents))  # deepest first
+    text, drawn = report_text(results), figure(results)
+    try:
+        with _writing(folder):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with written_atomically(folder) as tmp:
+                tmp.mkdir()
+                with _writing(folder / "report.png"):
+                    drawn.savefig(tmp / "report.png", dpi=120, format="png")
+                with _writing(folder / "report.md"):
+                    (tmp / "report.md").write_text(text)
+    except KDError:
+        for empty in made:
+            with contextlib.suppress(OSError):
+                empty.rmdir()  # only ever removes an empty folder
+        raise
+    finally:
+        plt.close(drawn)
     return folder / "report.md"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
+import signal
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -12,10 +14,12 @@ import yaml
 
 from conftest import FAST
 from kd.cli import main
+from kd.config import Config
 from kd.errors import KDError
 from kd.provenance import settings_table
 from kd.report import comparison_table, figure, gains, group_results, stage_table, write_report
 from kd.results import StageResult, find_results
+from kd.runner import report_and_summary
 
 
 def _result(stage: str, seed: int, top1: float, experiment: str = "e", kd_loss: str = "") -> StageResult:
@@ -53,7 +57,7 @@ def test_rows_name_their_experiment_when_several_are_compared(tmp_path):
     report = write_report(results, tmp_path / "report")
     text = report.read_text()
     assert text.count("| a/baseline |") == text.count("| b/baseline |") == 2  # in the comparison and the settings
-    with pytest.raises(FileExistsError):  # a report folder is never written twice
+    with pytest.raises(KDError, match="already exists"):  # a report folder is never written twice
         write_report(results, tmp_path / "report")
 
 
@@ -172,6 +176,7 @@ def test_seeds_with_the_same_settings_share_a_row(tmp_path):
     table = settings_table(runs, markdown=True)
     assert "| baseline | 0 1 | labels only | - | - | 0.1 | 5 | - |" in table and "| baseline | 2 |" in table
 
+
 def test_accuracies_read_as_fractions_or_percent_show_in_percent(tmp_path):
     percent = _stage(tmp_path, "baseline", top1=45.0, curve=[40.0, 45.0])
     fraction = dataclasses.replace(percent, best_top1=0.45, best_top5=0.55, val_top1=[0.40, 0.45])
@@ -180,7 +185,6 @@ def test_accuracies_read_as_fractions_or_percent_show_in_percent(tmp_path):
         assert stage_table([result]) == stage_table([percent])
         [shown] = group_results([result])[(tmp_path.name, "baseline")]
         assert shown.val_top1 == pytest.approx([40.0, 45.0])
-
 
 
 def _legend(fig: plt.Figure) -> dict[str, object]:
@@ -219,3 +223,51 @@ def test_plot_labels_the_band_units_and_keeps_the_legend_off_the_curves(tmp_path
     assert legend.x1 <= fig.bbox.x1  # and is not cut off by the figure's edge
     plt.close(fig)
 
+
+@pytest.fixture
+def full_disk():
+    """While the test runs, no file may grow past 2 kB: a full disk, as far as any write can tell."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_report_on_a_full_disk_names_the_file_and_leaves_no_folder(tmp_path, full_disk):
+    results = [_stage(tmp_path / "exp", "baseline", seed) for seed in (0, 1)]
+    folder = tmp_path / "out" / "cmp" / "report" / "version_0"
+    with pytest.raises(KDError, match=f"^report: cannot write {folder / 'report.png'}: File too large; "
+                                      "no partial report is left$"):
+        write_report(results, folder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_failing_on_its_markdown_keeps_the_folders_that_were_there(tmp_path, monkeypatch):
+    results = [_stage(tmp_path / "exp", "baseline", seed) for seed in (0, 1)]
+    (tmp_path / "exp" / "report" / "version_0").mkdir(parents=True)  # an earlier report, to be kept
+    real = Path.write_text
+
+    def no_space(path: Path, text: str, *args, **kwargs) -> int:
+        if path.name == "report.md":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    folder = tmp_path / "exp" / "report" / "version_1"
+    with pytest.raises(KDError, match=f"cannot write {folder / 'report.md'}: No space left on device"):
+        write_report(results, folder)
+    assert [p.name for p in (tmp_path / "exp" / "report").iterdir()] == ["version_0"]
+
+
+def test_summary_is_printed_before_a_report_that_cannot_be_written(tmp_path, full_disk, capsys):
+    results = [_stage(tmp_path / "kd", stage) for stage in ("baseline", "teacher")]
+    config = dataclasses.replace(Config(), output_dir=str(tmp_path), experiment_name="kd")
+    with pytest.raises(KDError, match="report.png: File too large"):
+        report_and_summary(results, config)
+    out = capsys.readouterr().out
+    assert "top-1 %" in out and "baseline" in out and "report:" not in out
+    assert not (tmp_path / "kd" / "report").exists()
