@@ -2,22 +2,31 @@
 
 Stages are grouped by experiment and label (teacher, baseline, distill (loss)); a group with several
 seeds shows mean ± standard deviation, and the gain of a distilled student over its baseline is
-paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the gain.
+paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the gain. Accuracies
+show in percent whether a result saved them as fractions or percent (:func:`in_percent`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from kd.files import write_text, written_atomically  # noqa: E402
+from kd.errors import KDError  # noqa: E402
+from kd.files import written_atomically  # noqa: E402
+from kd.provenance import settings_table  # noqa: E402
 from kd.results import StageResult  # noqa: E402
 from kd.tables import text_table  # noqa: E402
 
@@ -31,11 +40,35 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _percent_scale(values: list[float]) -> float:
+    """What brings one series of accuracies to percent: ×100 if all are at most 1 (fractions), ÷100 if one
+    exceeds 100 (percent scaled twice), else 1. A percent series never above 1 % would be misread."""
+    top = max(values, default=1.0)
+    return 100.0 if top <= 1 else 0.01 if top > 100 else 1.0
+
+
+def in_percent(result: StageResult) -> StageResult:
+    """``result`` with every accuracy in percent, whether it was saved as fractions or percent.
+
+    The scale is decided per series, so that runs logged before and after a change of units compare:
+    the curve on its own, the best top-1 and top-5 together, the teachers' top-1 together.
+    """
+    curve = _percent_scale(result.val_top1)
+    best = _percent_scale([result.best_top1, result.best_top5])
+    own = [value for value in [result.teacher_top1, *(t.get("top1") for t in result.teachers)] if value is not None]
+    teacher = _percent_scale(own)
+    return dataclasses.replace(
+        result, best_top1=best * result.best_top1, best_top5=best * result.best_top5,
+        val_top1=[curve * value for value in result.val_top1],
+        teacher_top1=None if result.teacher_top1 is None else teacher * result.teacher_top1,
+        teachers=[t | {"top1": teacher * t["top1"]} if t.get("top1") is not None else t for t in result.teachers])
+
+
 def group_results(results: list[StageResult]) -> dict[Group, list[StageResult]]:
-    """Results grouped by (experiment, label), in first-seen order."""
+    """Results grouped by (experiment, label), in first-seen order, accuracies in percent."""
     groups: dict[Group, list[StageResult]] = defaultdict(list)
     for result in results:
-        groups[(result.experiment, result.label)].append(result)
+        groups[(result.experiment, result.label)].append(in_percent(result))
     return dict(groups)
 
 
@@ -59,6 +92,7 @@ def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, list[float]]:
 def stage_table(results: list[StageResult], markdown: bool = False) -> str:
     """One row per trained stage, with where its logs and checkpoints are."""
     header = ("stage", "model", "seed", "top-1 %", "top-5 %", "best epoch", "time", "logs and checkpoints")
+    results = [in_percent(r) for r in results]
     rows = [(r.label, r.arch, str(r.seed), f"{r.best_top1:.2f}", f"{r.best_top5:.2f}", str(r.best_epoch),
              f"{r.seconds:.1f}s", str(r.log_dir)) for r in results]
     return text_table(header, rows, markdown)
@@ -83,7 +117,7 @@ def comparison_table(results: list[StageResult], markdown: bool = False) -> str:
 def ensemble_lines(results: list[StageResult], markdown: bool = False) -> list[str]:
     """For each stage distilled from an ensemble: the ensemble's validation top-1 and each teacher's own."""
     lines = []
-    for r in results:
+    for r in map(in_percent, results):
         if len(r.teachers) > 1:
             own = ", ".join(f"{t['arch']} {'-' if t['top1'] is None else format(t['top1'], '.2f')} %"
                             for t in r.teachers)
@@ -93,50 +127,110 @@ def ensemble_lines(results: list[StageResult], markdown: bool = False) -> list[s
     return lines
 
 
-def plot(results: list[StageResult], path: Path) -> None:
-    """Validation top-1 per epoch of every student group (mean ± std band), teachers' best as lines."""
-    figure, axes = plt.subplots(figsize=(8, 5))
+TEACHER_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 3)))  # one per teacher, then again
+
+
+def _teacher_archs(runs: list[StageResult]) -> str:
+    return "+".join(t.get("arch", "?") for t in runs[0].teachers)
+
+
+def figure(results: list[StageResult]) -> Figure:
+    """Validation top-1 per epoch of every student group, teachers' best as horizontal lines.
+
+    Each group has its own colour; each teacher its own dash pattern. A group of several seeds draws
+    its mean with a band of ± one standard deviation, both named in one legend entry. The legend
+    sits right of the axes, where it covers no curve.
+    """
+    drawn, axes = plt.subplots(figsize=(11, 5), layout="constrained")
     groups = group_results(results)
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
     many = len({experiment for experiment, _ in groups}) > 1
-    for (experiment, label), runs in groups.items():
-        name = f"{experiment}/{label}" if many else label
+    handles, labels, teachers = [], [], 0
+    for index, ((experiment, label), runs) in enumerate(groups.items()):
+        name, colour = f"{experiment}/{label}" if many else label, colours[index % len(colours)]
+        seeds = f"{len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
         if label == "teacher":
             best = statistics.fmean(r.best_top1 for r in runs)
-            axes.axhline(best, linestyle="--", color="gray", label=f"{name} best: {best:.1f} ({runs[0].arch})")
+            handles.append(axes.axhline(best, color=colour, linestyle=TEACHER_STYLES[teachers % len(TEACHER_STYLES)]))
+            labels.append(f"{name}: {runs[0].arch}, best {best:.1f} %{' (mean)' if len(runs) > 1 else ''}, {seeds}")
+            teachers += 1
             continue
         length = min(len(r.val_top1) for r in runs)
         epochs = range(length)  # 0-based, as in checkpoint names and Lightning's logs
         curves = [r.val_top1[:length] for r in runs]
         mean = [statistics.fmean(values) for values in zip(*curves)]
-        seeds = f"mean of {len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
-        (line,) = axes.plot(epochs, mean, label=f"{name}: {runs[0].arch}, {seeds}")
+        (line,) = axes.plot(epochs, mean, color=colour, marker="o" if length == 1 else None)
+        source = f" from {_teacher_archs(runs)}" if runs[0].teachers else ""
         if len(runs) > 1:
             spread = [statistics.stdev(values) for values in zip(*curves)]
-            axes.fill_between(epochs, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
-                              color=line.get_color(), alpha=0.2)
-    axes.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Validation accuracy with and without distillation")
+            band = axes.fill_between(epochs, [m - s for m, s in zip(mean, spread)],
+                                     [m + s for m, s in zip(mean, spread)], color=colour, alpha=0.2, linewidth=0)
+            handles.append((line, band))
+            labels.append(f"{name}: {runs[0].arch}{source}, mean ± std over {seeds}")
+        else:
+            handles.append(line)
+            labels.append(f"{name}: {runs[0].arch}{source}, {seeds}")
+    axes.set(xlabel="epoch (0 = the first)", ylabel="validation top-1 accuracy (%)",
+             title="Validation accuracy with and without distillation")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
-    with written_atomically(path) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
-    plt.close(figure)
+    axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small",
+                handler_map={tuple: HandlerTuple(ndivide=1)})
+    return drawn
 
 
-def write_report(results: list[StageResult], folder: Path) -> Path:
-    """Write report.md (tables) and report.png (curves) into ``folder``; returns report.md's path."""
-    folder.mkdir(parents=True, exist_ok=False)
-    plot(results, folder / "report.png")
-    text = "\n".join([
+def report_text(results: list[StageResult]) -> str:
+    """report.md: the comparison, the plot, how each stage was trained, and each stage's own row."""
+    ensembles = ensemble_lines(results, markdown=True)
+    return "\n".join([
         "# kd report", "",
         "Best validation top-1 and top-5 of each stage (mean ± standard deviation over seeds). The gain is the",
         "distilled student's top-1 minus its baseline's, paired seed by seed.", "",
         comparison_table(results, markdown=True), "",
         "![validation top-1 per epoch](report.png)", "",
+        "## How each stage was trained", "",
+        "The teacher each stage learned from (an assistant's own teacher before the arrow; paths relative to the",
+        "experiment folder), the softmax temperature, the loss weights in force, and the training settings.", "",
+        settings_table(results, markdown=True), "",
         "## Stages", "",
         stage_table(results, markdown=True), "",
-        *(["## Ensembles", "", *ensemble_lines(results, markdown=True), ""] if ensemble_lines(results) else []),
+        *(["## Ensembles", "", *ensembles, ""] if ensembles else []),
     ])
-    write_text(folder / "report.md", text)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError in the block (a full disk, a read-only folder) as one line naming ``path`` and the reason."""
+    try:
+        yield
+    except OSError as exc:
+        raise KDError(f"report: cannot write {path}: {exc.strerror or exc}; no partial report is left") from None
+
+
+def write_report(results: list[StageResult], folder: Path) -> Path:
+    """Write report.md (tables) and report.png (curves) into ``folder``, all or nothing; returns report.md's path.
+
+    The folder is filled under a temporary name, then renamed. When a write fails (a full disk), nothing
+    is left, not even the empty folders made for the report, and the KDError names the file and why.
+    """
+    if folder.exists():
+        raise KDError(f"report: {folder} already exists; a report is never written over")
+    made = list(itertools.takewhile(lambda p: not p.exists(), folder.parents))  # deepest first
+    text, drawn = report_text(results), figure(results)
+    try:
+        with _writing(folder):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with written_atomically(folder) as tmp:
+                tmp.mkdir()
+                with _writing(folder / "report.png"):
+                    drawn.savefig(tmp / "report.png", dpi=120, format="png")
+                with _writing(folder / "report.md"):
+                    (tmp / "report.md").write_text(text)
+    except KDError:
+        for empty in made:
+            with contextlib.suppress(OSError):
+                empty.rmdir()  # only ever removes an empty folder
+        raise
+    finally:
+        plt.close(drawn)
     return folder / "report.md"

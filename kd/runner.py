@@ -295,6 +295,19 @@ def _report_folder(config: Config) -> Path:
     return next_version(Path(config.output_dir) / config.experiment_name / "report")
 
 
+def report_and_summary(results: list[StageResult], config: Config) -> Path | None:
+    """Write the report when there are two stages or more, then print the summary; returns report.md's path.
+
+    The summary is printed even when the report cannot be written (a full disk), before that error.
+    """
+    report = None
+    try:
+        report = write_report(results, _report_folder(config)) if len(results) > 1 else None
+    finally:
+        print("\n" + format_summary(results, report), flush=True)
+    return report
+
+
 def run_experiment(config: Config) -> list[StageResult]:
     """Check ``config``, run its stages, write a report when there is something to compare, print a summary."""
     plan = check_run(config)  # before the data, which may be generated or downloaded
@@ -303,10 +316,7 @@ def run_experiment(config: Config) -> list[StageResult]:
     runner = StageRunner(config, build, check_experiment(config, build, plan))
     results = runner.run()
     if is_main_process():
-        report = None
-        if len(results) > 1:
-            report = write_report(results, _report_folder(config))
-        print("\n" + format_summary(results, report), flush=True)
+        report_and_summary(results, config)
         if config.export:
             teacher = runner.teacher.network if runner.teacher is not None else None
             print(deploy_students(results, teacher, config, data.classes), flush=True)
@@ -316,6 +326,7 @@ def run_experiment(config: Config) -> list[StageResult]:
 def compare_runs(config: Config) -> Path:
     """``--report DIR ...``: one table and one plot of every finished stage under the folders, no training."""
     results = find_results(config.report)
+    print(comparison_table(results), flush=True)  # first: it stands even if the report cannot be written
     report = write_report(results, _report_folder(config))
-    print(comparison_table(results) + f"\nreport: {report} (and report.png beside it)", flush=True)
+    print(f"report: {report} (and report.png beside it)", flush=True)
     return report

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import resource
+import signal
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
+import yaml
 
 from conftest import FAST
 from kd.cli import main
+from kd.config import Config
 from kd.errors import KDError
-from kd.report import comparison_table, gains, group_results, write_report
+from kd.provenance import settings_table
+from kd.report import comparison_table, figure, gains, group_results, stage_table, write_report
 from kd.results import StageResult, find_results
+from kd.runner import report_and_summary
 
 
 def _result(stage: str, seed: int, top1: float, experiment: str = "e", kd_loss: str = "") -> StageResult:
@@ -47,8 +55,9 @@ def test_rows_name_their_experiment_when_several_are_compared(tmp_path):
     table = comparison_table(results, markdown=True)
     assert "| a/baseline |" in table and "| b/baseline |" in table
     report = write_report(results, tmp_path / "report")
-    assert report.read_text().count("/baseline |") == 2
-    with pytest.raises(FileExistsError):  # a report folder is never written twice
+    text = report.read_text()
+    assert text.count("| a/baseline |") == text.count("| b/baseline |") == 2  # in the comparison and the settings
+    with pytest.raises(KDError, match="already exists"):  # a report folder is never written twice
         write_report(results, tmp_path / "report")
 
 
@@ -96,3 +105,169 @@ def test_report_compares_finished_runs_without_training(seeded_run, tmp_path, ca
     assert (tmp_path / "cmp" / "report" / "version_0" / "report.png").is_file()
     assert sorted(seeded_run.rglob("*")) == before
     assert main(["--flags_file", "none", "--report", str(tmp_path / "missing")]) == 2
+
+
+def _stage(root: Path, stage: str, seed: int = 0, top1: float = 50.0, loss: str = "", arch: str = "cnn_tiny",
+           curve: list[float] | None = None, **config) -> StageResult:
+    """A finished stage written by hand under ``root/<stage>/version_<seed>``: config.yaml (``config``, if any)."""
+    log_dir = root / stage / f"version_{seed}"
+    log_dir.mkdir(parents=True)
+    if config:
+        (log_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    teachers = [{"arch": a, "checkpoint": c, "top1": 60.0} for a, c in zip(config.get("teacher_arch", []),
+                                                                           config.get("teacher_checkpoint", []))]
+    return StageResult(root.name, stage, arch, seed, 1620, top1, top1 + 10, 1, 2.0, log_dir,
+                       log_dir / "checkpoints" / "best.ckpt", loss, curve or [top1 - 5, top1], teachers)
+
+
+def _row(table: str, start: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(f"| {start}"))
+
+
+def test_settings_name_the_teacher_temperature_weights_lr_and_epochs(tmp_path):
+    root = tmp_path / "exp"
+    teacher = _stage(root, "teacher", arch="cnn_medium", lr=0.1, epochs=40)
+    distill = _stage(root, "distill", loss="kl_softmax", teacher_arch=["cnn_medium"],
+                     teacher_checkpoint=[str(teacher.best_checkpoint)], kd_loss=["kl_softmax"], kd_weights=[0.9],
+                     ce_weight=0.1, temperature=None, lr=0.05, epochs=30)
+    table = settings_table([teacher, distill], markdown=True)
+    assert _row(table, "teacher") == "| teacher | 0 | labels only | - | - | 0.1 | 40 | - |"
+    assert _row(table, "distill") == ("| distill (kl_softmax) | 0 | cnn_medium (teacher/version_0/checkpoints/best"
+                                      ".ckpt) | 4 (kl_softmax's default) | ce 0.1, kl_softmax 0.9 | 0.05 | 30 | - |")
+    assert "## How each stage was trained" in write_report([teacher, distill], tmp_path / "report").read_text()
+
+
+def test_settings_show_a_given_temperature_and_loss_options(tmp_path):
+    distill = _stage(tmp_path, "distill", loss="kl_softmax", teacher_arch=["r"], teacher_checkpoint=["/t.ckpt"],
+                     kd_loss=["kl_softmax"], temperature=2.0, loss_options=["kl_softmax.temperature=8"])
+    assert "| r (/t.ckpt) | 2; kl_softmax.temperature=8 |" in settings_table([distill], markdown=True)
+
+
+def test_settings_list_each_ensemble_member_and_the_assistant_chain(tmp_path):
+    root = tmp_path / "exp"
+    ensemble = _stage(root, "assistant1", loss="kl", teacher_arch=["a", "b"], teacher_checkpoint=["/a.ckpt",
+                      str(root / "teacher/version_0/checkpoints/best.ckpt")], ensemble_weights=[2.0, 1.0])
+    assistant = _stage(root, "assistant2", loss="kl", teacher_arch=["cnn_small"],
+                       teacher_checkpoint=[str(ensemble.best_checkpoint)])
+    student = _stage(root, "distill", loss="kl", teacher_arch=["cnn_mini"],
+                     teacher_checkpoint=[str(assistant.best_checkpoint)])
+    table = settings_table([ensemble, student], markdown=True)
+    members = "ensemble of 2: a (/a.ckpt) ×2, b (teacher/version_0/checkpoints/best.ckpt) ×1"
+    assert f"| assistant1 (kl) | 0 | {members} |" in table
+    assert (f"| distill (kl) | 0 | {members} → cnn_small (assistant1/version_0/checkpoints/best.ckpt) → "
+            "cnn_mini (assistant2/version_0/checkpoints/best.ckpt) |") in table
+
+
+def test_settings_read_old_or_newer_configs_leniently(tmp_path):
+    old = _stage(tmp_path, "baseline")  # no config.yaml at all
+    newer = _stage(tmp_path, "distill", loss="kl", teacher_arch=["r"], teacher_checkpoint=["/t.ckpt"],
+                   label_smoothing=0.1, mixup_alpha=0.0, ema_decay=0.999)  # no weights, lr, epochs; unknown flags
+    broken = _stage(tmp_path, "teacher")
+    (broken.log_dir / "config.yaml").write_text("[not: a mapping")
+    table = settings_table([old, broken, newer], markdown=True)
+    assert "| baseline | 0 | not recorded (no readable config.yaml) | - | - | - | - | - |" in table
+    assert "| teacher | 0 | not recorded (no readable config.yaml) |" in table
+    assert "| distill (kl) | 0 | r (/t.ckpt) | - | - | - | - | ema_decay=0.999, label_smoothing=0.1 |" in table
+
+
+def test_seeds_with_the_same_settings_share_a_row(tmp_path):
+    runs = [_stage(tmp_path, "baseline", seed, lr=0.1, epochs=5) for seed in (0, 1)]
+    runs.append(_stage(tmp_path, "baseline", 2, lr=0.2, epochs=5))
+    table = settings_table(runs, markdown=True)
+    assert "| baseline | 0 1 | labels only | - | - | 0.1 | 5 | - |" in table and "| baseline | 2 |" in table
+
+
+def test_accuracies_read_as_fractions_or_percent_show_in_percent(tmp_path):
+    percent = _stage(tmp_path, "baseline", top1=45.0, curve=[40.0, 45.0])
+    fraction = dataclasses.replace(percent, best_top1=0.45, best_top5=0.55, val_top1=[0.40, 0.45])
+    twice = dataclasses.replace(percent, best_top1=4500.0, best_top5=5500.0, val_top1=[4000.0, 4500.0])
+    for result in (fraction, twice):
+        assert stage_table([result]) == stage_table([percent])
+        [shown] = group_results([result])[(tmp_path.name, "baseline")]
+        assert shown.val_top1 == pytest.approx([40.0, 45.0])
+
+
+def _legend(fig: plt.Figure) -> dict[str, object]:
+    legend = fig.axes[0].get_legend()
+    return {text.get_text(): handle for text, handle in zip(legend.get_texts(), legend.legend_handles)}
+
+
+def test_plot_gives_each_teacher_its_own_colour_and_dashes(tmp_path):
+    teachers = [_stage(tmp_path / name, "teacher", arch=arch, top1=top1)
+                for name, arch, top1 in (("a", "resnet50", 70.0), ("b", "vit_b_16", 75.0))]
+    fig = figure(teachers)
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2
+    assert lines[0].get_color() != lines[1].get_color()
+    assert lines[0].get_linestyle() != lines[1].get_linestyle()
+    assert "-" not in {line.get_linestyle() for line in lines}  # dashed: a teacher's best, not a curve
+    assert list(_legend(fig)) == ["a/teacher: resnet50, best 70.0 %, seed 0",
+                                  "b/teacher: vit_b_16, best 75.0 %, seed 0"]
+    plt.close(fig)
+
+
+def test_plot_labels_the_band_units_and_keeps_the_legend_off_the_curves(tmp_path):
+    runs = [_stage(tmp_path, "distill", seed, top1=50.0 + seed, loss="kl", teacher_arch=["resnet50"],
+                   teacher_checkpoint=["/t.ckpt"]) for seed in (0, 1, 2)]
+    runs.append(_stage(tmp_path, "baseline", 0, top1=40.0))
+    fig = figure(runs)
+    axes = fig.axes[0]
+    entries = _legend(fig)
+    assert list(entries) == ["distill (kl): cnn_tiny from resnet50, mean ± std over 3 seeds",
+                             "baseline: cnn_tiny, seed 0"]
+    assert len(axes.collections) == 1  # the one band, that of the three seeds
+    assert axes.get_xlabel() == "epoch (0 = the first)" and axes.get_ylabel() == "validation top-1 accuracy (%)"
+    fig.canvas.draw()
+    legend, plot_area = axes.get_legend().get_window_extent(), axes.get_window_extent()
+    assert legend.x0 >= plot_area.x1  # beside the axes: it covers no curve's end
+    assert legend.x1 <= fig.bbox.x1  # and is not cut off by the figure's edge
+    plt.close(fig)
+
+
+@pytest.fixture
+def full_disk():
+    """While the test runs, no file may grow past 2 kB: a full disk, as far as any write can tell."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_report_on_a_full_disk_names_the_file_and_leaves_no_folder(tmp_path, full_disk):
+    results = [_stage(tmp_path / "exp", "baseline", seed) for seed in (0, 1)]
+    folder = tmp_path / "out" / "cmp" / "report" / "version_0"
+    with pytest.raises(KDError, match=f"^report: cannot write {folder / 'report.png'}: File too large; "
+                                      "no partial report is left$"):
+        write_report(results, folder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_failing_on_its_markdown_keeps_the_folders_that_were_there(tmp_path, monkeypatch):
+    results = [_stage(tmp_path / "exp", "baseline", seed) for seed in (0, 1)]
+    (tmp_path / "exp" / "report" / "version_0").mkdir(parents=True)  # an earlier report, to be kept
+    real = Path.write_text
+
+    def no_space(path: Path, text: str, *args, **kwargs) -> int:
+        if path.name == "report.md":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    folder = tmp_path / "exp" / "report" / "version_1"
+    with pytest.raises(KDError, match=f"cannot write {folder / 'report.md'}: No space left on device"):
+        write_report(results, folder)
+    assert [p.name for p in (tmp_path / "exp" / "report").iterdir()] == ["version_0"]
+
+
+def test_summary_is_printed_before_a_report_that_cannot_be_written(tmp_path, full_disk, capsys):
+    results = [_stage(tmp_path / "kd", stage) for stage in ("baseline", "teacher")]
+    config = dataclasses.replace(Config(), output_dir=str(tmp_path), experiment_name="kd")
+    with pytest.raises(KDError, match="report.png: File too large"):
+        report_and_summary(results, config)
+    out = capsys.readouterr().out
+    assert "top-1 %" in out and "baseline" in out and "report:" not in out
+    assert not (tmp_path / "kd" / "report").exists()
