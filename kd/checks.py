@@ -14,7 +14,7 @@ from kd.config import Config
 from kd.errors import KDError
 from kd.files import check_writable
 from kd.losses import LOSSES
-from kd.losses.base import loss_property
+from kd.losses.base import loss_property, wanted_extras
 from kd.models import check_forward, require_file
 from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
 
@@ -100,6 +100,11 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
     if features and not (c.student_layers and c.teacher_layers):
         raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses need --student_layers and "
                       "--teacher_layers (module names, e.g. layer3 layer4)")
+    factories = {spec: LOSSES.get(spec) for spec in c.kd_loss}
+    indexed = [spec for spec, loss in factories.items() if "indices" in wanted_extras(getattr(loss, "forward", loss))]
+    if indexed and (c.mixup or c.cutmix):
+        raise KDError(f"--kd_loss {' '.join(indexed)} with --mixup {c.mixup} --cutmix {c.cutmix}: it learns per "
+                      "dataset image (indices), and a mixed image is two images; drop the loss or the mixing")
     if len(c.student_layers) != len(c.teacher_layers):
         raise KDError(f"--student_layers names {len(c.student_layers)} module(s) but --teacher_layers "
                       f"{len(c.teacher_layers)}: they are compared pair by pair")
