@@ -194,15 +194,14 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "kd" / "distill" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
 
 
-def test_a_cached_mixed_run_replays_the_online_one_exactly(tiny_data, teacher, tmp_path, capsys):
+def test_a_cached_mixed_run_replays_the_run_that_filled_the_cache(tiny_data, teacher, tmp_path, capsys):
+    """The filling run trains on the teacher's logits of its mixed images (float32: exactly); a run that never
+    loads the teacher reads them back by (epoch, image) and trains to the very same weights."""
     cache = ["--teacher_cache", str(tmp_path / "cache"), "--teacher_cache_dtype", "float32"]
-    assert _distill(tiny_data, teacher, tmp_path / "online") == 0
     assert _distill(tiny_data, teacher, tmp_path / "filling", *cache) == 0
     assert _distill(tiny_data, teacher, tmp_path / "cached", *cache, "--teacher_cache_only") == 0
-    online = _weights(tmp_path / "online")
-    for run in ("filling", "cached"):
-        weights = _weights(tmp_path / run)
-        assert weights.keys() == online.keys() and all(torch.equal(weights[k], v) for k, v in online.items())
+    filling, cached = _weights(tmp_path / "filling"), _weights(tmp_path / "cached")
+    assert cached.keys() == filling.keys() and all(torch.equal(cached[k], v) for k, v in filling.items())
     capsys.readouterr()
     assert _distill(tiny_data, teacher, tmp_path / "other", *cache, "--teacher_cache_only", "--batch_size", "4") == 2
     assert "--teacher_cache_only:" in capsys.readouterr().err  # other batches, other mixes: not in the cache
@@ -246,9 +245,11 @@ def _ema_module(decay: float = 0.8) -> KDModule:
     return KDModule(Distiller(build_model("cnn_small", len(CLASSES)), ema=decay), "cnn_small", CLASSES)
 
 
-def _trainer(epochs: int, callbacks: list | None = None) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [])
+def _trainer(epochs: int, callbacks: list | None = None, checkpoints: Path | None = None) -> pl.Trainer:
+    """A quiet CPU Trainer; with ``checkpoints``, saving one checkpoint per epoch there (``epoch=N.ckpt``)."""
+    saving = [ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", save_top_k=-1)] if checkpoints else []
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=bool(checkpoints),
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[*(callbacks or []), *saving])
 
 
 def _accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
@@ -278,12 +279,10 @@ def test_the_average_is_the_hand_computed_ema_and_is_validated_beside_the_raw_we
     torch.testing.assert_close(metrics["val/raw_top1"].item(), _accuracy(module.model, _loader(16)))
 
 
+@pytest.mark.filterwarnings("ignore:.*exists and is not empty")  # the resumed run saves beside the first, on purpose
 def test_the_average_is_saved_as_the_network_resumes_exactly_and_is_what_evaluate_loads(tmp_path):
     straight = _ema_module()
-    every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[every_epoch])
-    trainer.fit(straight, train_dataloaders=_loader(), val_dataloaders=_loader(16))
+    _trainer(2, checkpoints=tmp_path).fit(straight, train_dataloaders=_loader(), val_dataloaders=_loader(16))
     saved = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)["state_dict"]
     average, own = straight.distiller.ema.module.state_dict(), straight.model.state_dict()
     assert set(saved) == {f"model.{k}" for k in average} | {f"raw_model.{k}" for k in own} | {"ema.n_averaged"}
@@ -292,8 +291,8 @@ def test_the_average_is_saved_as_the_network_resumes_exactly_and_is_what_evaluat
     evaluated = load_network(tmp_path / "epoch=1.ckpt", "cnn_small", CLASSES, 16, "--evaluate")  # what --evaluate runs
     assert all(torch.equal(evaluated.state_dict()[k], v) for k, v in average.items())
     resumed = _ema_module()
-    _trainer(2).fit(resumed, train_dataloaders=_loader(), val_dataloaders=_loader(16),
-                    ckpt_path=tmp_path / "epoch=0.ckpt")
+    _trainer(2, checkpoints=tmp_path).fit(resumed, train_dataloaders=_loader(), val_dataloaders=_loader(16),
+                                          ckpt_path=tmp_path / "epoch=0.ckpt")
     for ours, theirs in ((resumed.distiller.ema, straight.distiller.ema), (resumed.model, straight.model)):
         mine, other = ours.state_dict(), theirs.state_dict()
         assert all(torch.equal(mine[k], v) for k, v in other.items())
