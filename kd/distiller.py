@@ -37,17 +37,17 @@ class Distiller(nn.Module):
     The teacher stays frozen in eval mode and runs under ``torch.inference_mode``. Feature losses get
     the outputs of ``student_layers`` / ``teacher_layers`` (hooked by ``named_modules()`` name); the
     losses that compare them element by element get the student's through a trained connector.
-    ``mixing`` mixes training batches (see :meth:`mix`); ``ema`` keeps an average of the student's weights
-    with that decay, which is then the network the stage delivers (:meth:`forward`).
+    ``mixing`` mixes training batches (see :meth:`mix`); ``ema_decay`` keeps an exponential moving average
+    of the student's weights (``ema``), which is then the network the stage delivers (:meth:`forward`).
     """
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, objective: Objective | None = None,
                  teacher_cache: TeacherCache | None = None, student_layers: list[str] | None = None,
                  teacher_layers: list[str] | None = None, feature_shapes: tuple[Shapes, Shapes] | None = None,
-                 label_smoothing: float = 0.0, mixing: BatchMixing | None = None, ema: float | None = None,
+                 label_smoothing: float = 0.0, mixing: BatchMixing | None = None, ema_decay: float | None = None,
                  channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
-        self.ema = weight_average(model, ema) if ema is not None else None  # copied before hooks and compiling
+        self.ema = weight_average(model, ema_decay) if ema_decay else None  # copied before hooks and compiling
         self.model, self.teacher, self.objective, self.teacher_cache = model, teacher, objective, teacher_cache
         self.label_smoothing, self.mixing = label_smoothing, mixing
         if teacher is not None:
@@ -87,7 +87,7 @@ class Distiller(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits of the network the stage delivers: the average of the student's weights with ``ema``."""
+        """The logits of the network the stage delivers: the student, or the average of its weights."""
         if self.ema is None:
             return self.raw_logits(x)
         return self.ema(x.contiguous(memory_format=self.memory_format))

@@ -93,7 +93,7 @@ class StageBuilder:
         The objective is built anew for every stage, so a loss's state (CRD's memory bank) never
         carries over from one student to the next.
         """
-        options = {"label_smoothing": c.label_smoothing, "ema": c.ema, "channels_last": c.channels_last,
+        options = {"label_smoothing": c.label_smoothing, "ema_decay": c.ema, "channels_last": c.channels_last,
                    "compile": c.compile, "mixing": batch_mixing(c.mixup, c.cutmix, len(self.classes), c.seed)}
         if teacher is None and cache is None:
             return Distiller(model, **options)

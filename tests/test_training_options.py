@@ -242,7 +242,7 @@ class RawWeights(pl.Callback):
 
 def _ema_module(decay: float = 0.8) -> KDModule:
     torch.manual_seed(0)
-    return KDModule(Distiller(build_model("cnn_small", len(CLASSES)), ema=decay), "cnn_small", CLASSES)
+    return KDModule(Distiller(build_model("cnn_small", len(CLASSES)), ema_decay=decay), "cnn_small", CLASSES)
 
 
 def _trainer(epochs: int, callbacks: list | None = None, checkpoints: Path | None = None) -> pl.Trainer:
