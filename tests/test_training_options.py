@@ -207,13 +207,13 @@ def test_a_cached_mixed_run_replays_the_run_that_filled_the_cache(tiny_data, tea
     assert "--teacher_cache_only:" in capsys.readouterr().err  # other batches, other mixes: not in the cache
 
 
-def test_a_loss_that_learns_per_dataset_image_is_refused_with_mixing(tiny_data, teacher, tmp_path, capsys):
-    code = _distill(tiny_data, teacher, tmp_path, "--kd_loss", "crd", "--student_layers", "features",
-                    "--teacher_layers", "features")
+def test_a_loss_that_learns_per_dataset_image_is_refused_with_mixing_before_anything_is_read(tmp_path, capsys):
+    code = _distill(tmp_path / "no_data", tmp_path / "no_teacher.ckpt", tmp_path / "out", "--kd_loss", "crd",
+                    "--student_layers", "features", "--teacher_layers", "features")
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "error: --kd_loss crd with --mixup 0.4 --cutmix 1.0: it learns per dataset image" in err
-    assert not (tmp_path / "kd").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("flag, value, must", [
