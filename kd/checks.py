@@ -14,7 +14,7 @@ from kd.config import Config
 from kd.errors import KDError
 from kd.files import check_writable
 from kd.losses import LOSSES
-from kd.losses.base import loss_property
+from kd.losses.base import loss_property, wanted_extras
 from kd.models import check_forward, require_file
 from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
 
@@ -42,12 +42,23 @@ def check_stages(c: Config) -> list[str]:
     if c.assistant_arch and not c.distill:
         raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
     _check_teachers(c)
+    if c.distill and (c.mixup or c.cutmix):
+        _check_mixing(c)
     if c.milestones and c.scheduler != "multistep":
         raise KDError(f"--milestones {' '.join(map(str, c.milestones))}: they are for --scheduler multistep, "
                       f"not {c.scheduler}")
     if c.scheduler == "multistep" and not c.milestones:
         raise KDError("--scheduler multistep needs --milestones: the epochs after which the learning rate decays")
     return stages
+
+
+def _check_mixing(c: Config) -> None:
+    """Refuse losses that learn per dataset image (they take ``indices``: CRD's memory bank); a mixed image is two."""
+    factories = {spec: LOSSES.get(spec) for spec in c.kd_loss}
+    indexed = [spec for spec, loss in factories.items() if "indices" in wanted_extras(getattr(loss, "forward", loss))]
+    if indexed:
+        raise KDError(f"--kd_loss {' '.join(indexed)} with --mixup {c.mixup} --cutmix {c.cutmix}: it learns per "
+                      "dataset image (indices), and a mixed image is two images; drop the loss or the mixing")
 
 
 def _check_teachers(c: Config) -> None:

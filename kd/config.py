@@ -184,6 +184,18 @@ class Config:
                             must="be in (0, 1]", group="training", roles=TRAINING)
     warmup_epochs: float = _flag(0.0, "epochs of linear learning-rate warm-up", check=lambda x: x >= 0,
                                  must="be 0 or more", group="training", roles=TRAINING)
+    label_smoothing: float = _flag(0.0, "label smoothing of the cross-entropy on labels (0: none; e.g. 0.1)",
+                                   check=lambda x: 0 <= x < 1, must="be in [0, 1)", group="training", roles=TRAINING)
+    mixup: float = _flag(0.0, "mixup's Beta(alpha, alpha) on training batches, which the student and the teacher both "
+                         "see (0: off); with --cutmix, one of the two per batch", check=lambda x: x >= 0,
+                         must="be 0 or more", group="training", roles=(*TRAINING, R.CACHE_KEY))
+    cutmix: float = _flag(0.0, "cutmix's Beta(alpha, alpha) on training batches, which the student and the teacher "
+                          "both see (0: off)", check=lambda x: x >= 0, must="be 0 or more",
+                          group="training", roles=(*TRAINING, R.CACHE_KEY))
+    ema: float | None = _flag(None, "decay of an exponential moving average of the trained network's weights and "
+                              "buffers, updated every step (e.g. 0.999); the average is validated, checkpointed as "
+                              "the network and reported, the raw weights beside it", check=lambda x: 0 < x < 1,
+                              must="be in (0, 1), e.g. 0.999", group="training", roles=TRAINING)
     resume: bool = _flag(False, "continue this experiment: reuse finished stages, resume unfinished ones from "
                          "their last checkpoint", group="training", roles=(R.INVOCATION,))
     seed: int = _flag(0, "random seed of models, augmentation and batch order", check=_seed_range,

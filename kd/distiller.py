@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.ema import weight_average
 from kd.errors import KDError
 from kd.hooks import Connector, FeatureHooks
 from kd.losses.objective import Objective
+from kd.mixing import BatchMixing, hard_labels
 from kd.teacher_cache import TeacherCache
 
 Shapes = dict[str, tuple[int, ...]]
@@ -35,14 +37,19 @@ class Distiller(nn.Module):
     The teacher stays frozen in eval mode and runs under ``torch.inference_mode``. Feature losses get
     the outputs of ``student_layers`` / ``teacher_layers`` (hooked by ``named_modules()`` name); the
     losses that compare them element by element get the student's through a trained connector.
+    ``mixing`` mixes training batches (see :meth:`mix`); ``ema_decay`` keeps an exponential moving average
+    of the student's weights (``ema``), which is then the network the stage delivers (:meth:`forward`).
     """
 
     def __init__(self, model: nn.Module, *, teacher: nn.Module | None = None, objective: Objective | None = None,
                  teacher_cache: TeacherCache | None = None, student_layers: list[str] | None = None,
                  teacher_layers: list[str] | None = None, feature_shapes: tuple[Shapes, Shapes] | None = None,
+                 label_smoothing: float = 0.0, mixing: BatchMixing | None = None, ema_decay: float | None = None,
                  channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
+        self.ema = weight_average(model, ema_decay) if ema_decay else None  # copied before hooks and compiling
         self.model, self.teacher, self.objective, self.teacher_cache = model, teacher, objective, teacher_cache
+        self.label_smoothing, self.mixing = label_smoothing, mixing
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         features = objective is not None and objective.needs_features
@@ -53,10 +60,10 @@ class Distiller(nn.Module):
             Connector(source, target) for source, target in zip(*(shapes.values() for shapes in feature_shapes))
         ) if objective is not None and objective.needs_connectors and feature_shapes else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        for network in (model, teacher, self.connectors):
+        for network in (model, teacher, self.connectors, self.ema):
             if network is not None:
                 network.to(memory_format=self.memory_format)
-                if compile and network is not self.connectors:
+                if compile and (network is model or network is teacher):
                     network.compile()
 
     @property
@@ -80,11 +87,27 @@ class Distiller(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The student's logits (hooked features are dropped: they are for the training loss)."""
+        """The logits of the network the stage delivers: the student, or the average of its weights."""
+        if self.ema is None:
+            return self.raw_logits(x)
+        return self.ema(x.contiguous(memory_format=self.memory_format))
+
+    def raw_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's own logits (hooked features are dropped: they are for the training loss)."""
         logits = self.model(x.contiguous(memory_format=self.memory_format))
         if self.student_hooks is not None:
             self.student_hooks.take()
         return logits
+
+    def update_average(self) -> None:
+        """Move the average of the student's weights toward them (after each optimiser step); without one, nothing."""
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch both networks see, and its targets: mixed as a function of (seed, ``epoch``,
+        ``batch``) with --mixup/--cutmix (label distributions), else ``x`` and ``y`` as they are."""
+        return (x, y) if self.mixing is None else self.mixing(x, y, epoch, batch)
 
     def teacher_outputs(self, x: torch.Tensor, indices: torch.Tensor,
                         epoch: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -107,19 +130,23 @@ class Distiller(nn.Module):
         return (logits if stored is None else stored.to(logits.device)), features
 
     def step(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, epoch: int) -> Step:
-        """The student's logits, the training loss and its named terms for one batch."""
+        """The student's logits, the training loss and its named terms for one batch.
+
+        ``y`` holds labels, or label distributions (a batch from :meth:`mix`): the cross-entropy compares
+        the student with them, and the distillation losses get each image's larger share as its label.
+        """
         x = x.contiguous(memory_format=self.memory_format)
         logits = self.model(x)
         if not self.distilling:
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
             return Step(logits, loss, {"ce": loss})
         student_features = self.student_hooks.take() if self.student_hooks is not None else {}
         teacher_logits, teacher_features = self.teacher_outputs(x, indices, epoch)
         connected = ({name: connector(f) for (name, f), connector in zip(student_features.items(), self.connectors)}
                      if self.connectors is not None else {})
-        loss, terms = self.objective(logits, teacher_logits, y, student_features=student_features,
-                                     teacher_features=teacher_features, connected_features=connected,
-                                     indices=indices, epoch=epoch)
+        loss, terms = self.objective(logits, teacher_logits, hard_labels(y), targets=y,
+                                     student_features=student_features, teacher_features=teacher_features,
+                                     connected_features=connected, indices=indices, epoch=epoch)
         return Step(logits, loss, terms)
 
     def check_step(self, image_size: int, num_classes: int) -> None:
@@ -130,8 +157,8 @@ class Distiller(nn.Module):
         was_training, cache, self.teacher_cache = self.training, self.teacher_cache, None
         self.eval()
         try:
-            x = torch.randn(2, 3, image_size, image_size)
-            _, _, terms = self.step(x, torch.tensor([0, num_classes - 1]), torch.tensor([0, 1]), 0)
+            x, y = self.mix(torch.randn(2, 3, image_size, image_size), torch.tensor([0, num_classes - 1]), 0, 0)
+            _, _, terms = self.step(x, y, torch.tensor([0, 1]), 0)
         finally:
             self.train(was_training)
             self.teacher_cache = cache

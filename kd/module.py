@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd.distiller import Distiller
+from kd.ema import saved_layout, training_layout
 from kd.ensemble import TeacherEnsemble
 from kd.errors import KDError
 from kd.losses.logits import kl_softmax
+from kd.mixing import hard_labels
 from kd.optim import OptimSettings
 
 DISTILLER_PREFIX = "distiller."
@@ -49,6 +51,9 @@ class KDModule(pl.LightningModule):
         self.train_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        if distiller.ema is not None:  # val/top1 measures the average: the raw weights are measured beside it
+            self.raw_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+            self.raw_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -60,7 +65,9 @@ class KDModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x, y, indices = batch
-        logits, loss, terms = self.distiller.step(x, y, indices, self.current_epoch)
+        x, targets = self.distiller.mix(x, y, self.current_epoch, batch_idx)  # the batch both networks see
+        logits, loss, terms = self.distiller.step(x, targets, indices, self.current_epoch)
+        y = hard_labels(targets)  # what training accuracy compares with: a mixed image's larger share
         if not torch.isfinite(loss):
             term = next((name for name, value in terms.items() if not torch.isfinite(value)), "the total")
             raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.global_step} (epoch "
@@ -83,6 +90,9 @@ class KDModule(pl.LightningModule):
             weights = {"ce": objective.ce_weight} | {f"kd/{k}": w for k, w in objective.weights.items()}
             self.log_dict({f"weight/{name}": float(w) for name, w in weights.items()}, on_epoch=True, on_step=False)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.distiller.update_average()
+
     def on_train_epoch_end(self) -> None:
         if self.distiller.teacher_cache is not None:
             self.distiller.teacher_cache.commit(self.current_epoch)
@@ -96,6 +106,12 @@ class KDModule(pl.LightningModule):
         self.log("val/loss", F.cross_entropy(logits, y), **log)
         self.log("val/top1", self.val_top1, prog_bar=True, **log)
         self.log("val/top5", self.val_top5, **log)
+        if self.distiller.ema is not None:
+            raw = self.distiller.raw_logits(x)
+            self.raw_top1(raw, y)
+            self.raw_top5(raw, y)
+            self.log("val/raw_top1", self.raw_top1, prog_bar=True, **log)
+            self.log("val/raw_top5", self.raw_top5, **log)
         if self.distiller.has_teacher:
             ensemble = self.distiller.teacher if isinstance(self.distiller.teacher, TeacherEnsemble) else None
             if ensemble is not None:
@@ -130,9 +146,13 @@ class KDModule(pl.LightningModule):
             key = key.removeprefix(DISTILLER_PREFIX)
             if not key.startswith(TEACHER_PREFIX):
                 state[key] = value
+        if self.distiller.ema is not None:  # the average is the network (model.*), the raw weights beside it
+            checkpoint["state_dict"] = saved_layout(state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read the flat layout back, with the teacher this module holds (checkpoints leave it out)."""
+        if self.distiller.ema is not None:
+            checkpoint["state_dict"] = training_layout(checkpoint["state_dict"])
         state = checkpoint["state_dict"]
         for key in list(state):
             state[DISTILLER_PREFIX + key] = state.pop(key)

@@ -21,6 +21,7 @@ from kd.errors import KDError
 from kd.hooks import feature_shapes
 from kd.losses.objective import build_objective
 from kd.ensemble import TeacherEnsemble
+from kd.mixing import batch_mixing
 from kd.models import build_model, load_network
 from kd.module import KDModule
 from kd.optim import OptimSettings
@@ -66,9 +67,11 @@ class StageBuilder:
         """The teacher-output cache of this run's data, transforms and ``seed`` and the teachers in ``checkpoints``."""
         c, layout = self.config, self.data.layout
         if (checkpoints, seed) not in self._cache_keys:
-            self._cache_keys[checkpoints, seed] = cache_key(
-                list(checkpoints), {"train": layout.train, "val": layout.val},
-                cache_settings(replace(c, seed=seed, teacher_arch=teacher_archs(c))))
+            settings = cache_settings(replace(c, seed=seed, teacher_arch=teacher_archs(c)))
+            if c.mixup or c.cutmix:  # an image is mixed with its neighbour in the batch: the batch size decides it
+                settings["batch_size"] = c.batch_size
+            self._cache_keys[checkpoints, seed] = cache_key(list(checkpoints), {"train": layout.train,
+                                                                                "val": layout.val}, settings)
         sizes = {"train": len(layout.train), "val": len(layout.val)}
         return TeacherCache(c.teacher_cache, self._cache_keys[checkpoints, seed], sizes, len(self.classes),
                             c.teacher_cache_dtype, c.teacher_cache_topk)
@@ -90,19 +93,22 @@ class StageBuilder:
         The objective is built anew for every stage, so a loss's state (CRD's memory bank) never
         carries over from one student to the next.
         """
+        options = {"label_smoothing": c.label_smoothing, "ema_decay": c.ema, "channels_last": c.channels_last,
+                   "compile": c.compile, "mixing": batch_mixing(c.mixup, c.cutmix, len(self.classes), c.seed)}
         if teacher is None and cache is None:
-            return Distiller(model, channels_last=c.channels_last, compile=c.compile)
+            return Distiller(model, **options)
         shapes = None
         if c.student_layers and teacher is not None:
             shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),
                       feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers"))
         objective = build_objective(c.kd_loss, c.kd_weights, c.ce_weight, c.temperature, c.loss_options,
-                                    num_classes=len(self.classes), num_samples=len(self.data.layout.train),
+                                    label_smoothing=c.label_smoothing, num_classes=len(self.classes),
+                                    num_samples=len(self.data.layout.train),
                                     student_shapes=shapes[0] if shapes else {},
                                     teacher_shapes=shapes[1] if shapes else {})
         return Distiller(model, teacher=teacher, objective=objective, teacher_cache=cache,
                          student_layers=c.student_layers, teacher_layers=c.teacher_layers, feature_shapes=shapes,
-                         channels_last=c.channels_last, compile=c.compile)
+                         **options)
 
     def module(self, distiller: Distiller, arch: str, c: Config) -> KDModule:
         """The LightningModule that trains ``distiller``'s student, an ``arch``, with the settings ``c``."""

@@ -1,4 +1,4 @@
-"""The training objective of a distillation stage: ce_weight·CE(labels) + Σ weightᵢ·lossᵢ.
+"""The training objective of a distillation stage: ce_weight·CE(labels, label smoothing) + Σ weightᵢ·lossᵢ.
 
 Any number of registered or user losses combine; each gets only the settings and extras it names,
 and every term is returned by name so that it is logged on its own.
@@ -67,24 +67,27 @@ def parse_loss_options(options: list[str], keys: list[str]) -> tuple[dict[str, d
 class Objective(nn.Module):
     """The weighted sum of the label cross-entropy and the distillation losses, term by term."""
 
-    def __init__(self, losses: dict[str, Loss], weights: dict[str, float], ce_weight: float) -> None:
+    def __init__(self, losses: dict[str, Loss], weights: dict[str, float], ce_weight: float,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.losses = nn.ModuleDict({k: v if isinstance(v, nn.Module) else _Function(v) for k, v in losses.items()})
         self.extras = {key: wanted_extras(loss) for key, loss in losses.items()}
         self.connect = {key: bool(loss_property(loss, "connect")) for key, loss in losses.items()}
         self.weights = dict(weights)
-        self.ce_weight = ce_weight
+        self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
         self.needs_features = any(loss_property(loss, "features") for loss in losses.values())
         self.needs_connectors = any(self.connect.values())
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                **extras: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                targets: torch.Tensor | None = None, **extras: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total loss and its terms (``ce``, ``kd/<loss>`` or ``kd/<loss>/<term>``), each unweighted.
 
-        ``extras`` holds the features, indices and epoch; ``connected_features`` replaces the student's
-        features for losses that compare them with the teacher's element by element.
+        The cross-entropy compares with ``targets`` (label distributions of mixed images) when given, else
+        with ``labels``, which the losses get. ``extras`` holds the features, indices and epoch;
+        ``connected_features`` replaces the student's features for losses that compare them element by element.
         """
-        ce = F.cross_entropy(student_logits, labels)
+        ce = F.cross_entropy(student_logits, labels if targets is None else targets,
+                             label_smoothing=self.label_smoothing)
         total, terms = self.ce_weight * ce, {"ce": ce}
         for key, loss in self.losses.items():
             given = {name: extras[name] for name in self.extras[key]}
@@ -102,8 +105,9 @@ class Objective(nn.Module):
 
 
 def build_objective(specs: list[str], weights: list[float], ce_weight: float | None, temperature: float | None,
-                    options: list[str], **settings: Any) -> Objective:
-    """The objective of ``--kd_loss``/``--kd_weights``/``--ce_weight``/``--temperature``/``--loss_options``.
+                    options: list[str], label_smoothing: float = 0.0, **settings: Any) -> Objective:
+    """The objective of ``--kd_loss``/``--kd_weights``/``--ce_weight``/``--temperature``/``--loss_options``
+    (and ``--label_smoothing`` of its cross-entropy).
 
     ``settings`` are what the run knows (num_classes, num_samples, feature shapes); each loss takes
     those it names. Unset weights come from each loss's paper (its ``weight`` and ``ce_weight``).
@@ -136,7 +140,7 @@ def build_objective(specs: list[str], weights: list[float], ce_weight: float | N
         shared.setdefault("temperature", temperature)
     losses = {key: build_loss(spec, **(settings | shared | own[key])) for spec, key in zip(specs, keys)}
     chosen, ce_weight = weights_in_force(list(losses.values()), weights, ce_weight)
-    return Objective(losses, dict(zip(keys, chosen)), ce_weight)
+    return Objective(losses, dict(zip(keys, chosen)), ce_weight, label_smoothing)
 
 
 def weights_in_force(losses: list[Any], weights: list[float], ce_weight: float | None) -> tuple[list[float], float]:
