@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from kd.checks import STAGES, Plan, check_experiment, check_run
 from kd.config import Config, Role, identity, save_config
+from kd.console import progress_bar
 from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
 from kd.errors import Interrupted, KDError
@@ -195,7 +196,7 @@ class StageRunner:
                                plugins=[AtomicCheckpointIO()],
                                callbacks=[checkpoint, every_epoch, history, timer, EpochSeeding(data, c.seed),
                                           InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
-                                          LearningRateMonitor("step")])
+                                          LearningRateMonitor("step"), progress_bar()])
         ckpt_path = last if resume_from and last.is_file() else None
         if is_main_process():
             how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resume_from else ""
