@@ -48,7 +48,7 @@ def stage_role(stage: str) -> Role:
 
 
 class History(pl.Callback):
-    """Each epoch's validation metrics; saved in checkpoints for --resume."""
+    """Each epoch's validation metrics (accuracies in percent); saved in checkpoints for --resume."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
@@ -224,12 +224,11 @@ class StageRunner:
         logger.log_hyperparams(_flat_hparams(c) | {"stage": stage},
                                {"hp/best_top1": best["val/top1"], "hp/best_top5": best["val/top5"]})
         log_dir = self.root / stage / Path(checkpoint.dirpath).parent.name  # rank 0's version on every rank
-        result = StageResult(c.experiment_name, stage, arch, c.seed, params, 100 * best["val/top1"],
-                             100 * best["val/top5"], int(best["epoch"]), timer.time_elapsed("train"), log_dir,
-                             Path(checkpoint.best_model_path),
+        result = StageResult(c.experiment_name, stage, arch, c.seed, params, best["val/top1"], best["val/top5"],
+                             int(best["epoch"]), timer.time_elapsed("train"), log_dir, Path(checkpoint.best_model_path),
                              self.kd_loss_name if module.distiller.distilling else "",
-                             [100 * e["val/top1"] for e in history.epochs], _teachers(c, history.epochs[-1]),
-                             100 * history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None)
+                             [e["val/top1"] for e in history.epochs], _teachers(c, history.epochs[-1]),
+                             history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None)
         if is_main_process():
             result.save()
         return result
@@ -241,7 +240,7 @@ def _teachers(c: Config, metrics: dict[str, float]) -> list[dict[str, Any]]:
         return []
     many = len(c.teacher_checkpoint) > 1
     keys = [f"val/teacher{n}_top1" if many else "val/teacher_top1" for n in range(1, 1 + len(c.teacher_checkpoint))]
-    return [{"arch": arch, "checkpoint": path, "top1": 100 * metrics[key] if key in metrics else None}
+    return [{"arch": arch, "checkpoint": path, "top1": metrics[key] if key in metrics else None}
             for arch, path, key in zip(teacher_archs(c), c.teacher_checkpoint, keys)]
 
 

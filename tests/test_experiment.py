@@ -52,6 +52,30 @@ def test_every_stage_writes_checkpoints_config_and_tensorboard_logs(full_run):
 
 
 @pytest.mark.slow
+def test_accuracies_are_logged_in_percent_as_the_summary_shows_them(full_run):
+    root, _ = full_run
+    for stage in ("teacher", "distill"):
+        events = EventAccumulator(str(root / stage / "version_0"))
+        events.Reload()
+        result = json.loads((root / stage / "version_0" / "result.json").read_text())
+        logged = [event.value for event in events.Scalars("val/top1")]
+        assert logged == pytest.approx(result["val_top1"]) and max(logged) == pytest.approx(result["best_top1"])
+        assert [e.value for e in events.Scalars("hp/best_top1")] == pytest.approx([result["best_top1"]])
+    assert events.Scalars("val/teacher_top1")[-1].value == pytest.approx(result["teacher_top1"])
+
+
+@pytest.mark.slow
+def test_the_console_shows_kd_progress_one_line_per_epoch_and_no_lightning_banners(full_run):
+    """Redirected to a file: the stage headers, a line per epoch, the summary; nothing on stderr."""
+    _, result = full_run
+    assert result.stderr == ""  # no GPU/TPU banners, tips, "Trainer.fit stopped", LeafSpec warnings
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(" (")[0] for line in epochs] == ["Epoch 0/1", "Epoch 1/1"] * 3
+    assert all("val/top1=" in line and "train/loss_epoch=" in line for line in epochs)
+    assert "it/s" not in result.stdout and "v_num" not in result.stdout  # no per-step bar
+
+
+@pytest.mark.slow
 def test_student_checkpoint_holds_no_teacher_and_knows_its_classes(full_run, tiny_data):
     root, _ = full_run
     checkpoint = torch.load(root / "distill" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
