@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, run_cli
 from kd.cli import main
+from kd.config import Config, Role
 from kd.models import load_network
+from kd.runner import saved_identity, with_weights_in_force
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -121,6 +124,46 @@ def test_a_new_run_never_overwrites_an_earlier_one(full_run, tiny_data):
                  "e2e", "--distill", "--teacher_checkpoint", str(teacher), "--teacher_arch", "cnn_small"]) == 0
     assert (root / "distill" / "version_1" / "checkpoints" / "last.ckpt").is_file()
     assert {k: v for k, v in _snapshot(root).items() if k in before} == before
+
+
+@pytest.mark.slow
+def test_a_distill_stage_config_repeats_that_stage_alone_with_the_same_figures(full_run, tmp_path, capsys):
+    """Its config.yaml names the teacher it used, this seed, the loss settings in force, and this stage only."""
+    root, _ = full_run
+    stage = root / "distill" / "version_0"
+    saved = yaml.safe_load((stage / "config.yaml").read_text())
+    assert (saved["train_teacher"], saved["baseline"], saved["distill"], saved["seeds"]) == (False, False, True, [])
+    assert saved["teacher_checkpoint"] == [str(root / "teacher" / "version_0" / "checkpoints" / "best.ckpt")]
+    assert (saved["temperature"], saved["kd_weights"], saved["ce_weight"]) == (4.0, [0.9], 0.1)
+    # With the shipped commandline_args.txt (all three stages on) below it, as a user in the checkout runs it.
+    assert main(["--config", str(stage / "config.yaml"), "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== distill: cnn_tiny, seed 0" in out and "== teacher" not in out and "== baseline" not in out
+    again, first = (json.loads((folder / "result.json").read_text())
+                    for folder in (tmp_path / "e2e" / "distill" / "version_0", stage))
+    assert (again["best_top1"], again["val_top1"]) == (first["best_top1"], first["val_top1"])
+    repeated = yaml.safe_load((tmp_path / "e2e" / "distill" / "version_0" / "config.yaml").read_text())
+    assert repeated == saved | {"output_dir": str(tmp_path)}
+
+
+@pytest.mark.parametrize("flags, temperature", [
+    ({}, 4.0),  # kl_softmax's own
+    ({"temperature": 2.0}, 2.0),
+    ({"loss_options": ["kl_softmax.temperature=3"]}, 3.0),
+    ({"kd_loss": ["kl_softmax", "dkd"], "loss_options": ["temperature=5"]}, 5.0),
+    ({"kd_loss": ["kl_softmax", "dist"]}, None),  # 4 and 1: each loss keeps its own
+    ({"kd_loss": ["mse_logits"]}, None),  # no loss has a temperature
+])
+def test_a_distill_stage_records_the_temperature_in_force(flags, temperature):
+    assert with_weights_in_force(Config(**flags)).temperature == temperature
+
+
+def test_resume_reads_a_config_saved_without_the_temperature_in_force_as_the_losses_own():
+    """The kd before this one saved the weights in force but ``temperature: null``: it ran at kl_softmax's T = 4."""
+    old = with_weights_in_force(Config(kd_loss=["kl_softmax"])).to_dict() | {"temperature": None}
+    for temperature, same in ((None, True), (4.0, True), (2.0, False)):
+        config = with_weights_in_force(Config(kd_loss=["kl_softmax"], temperature=temperature))
+        assert (saved_identity(old, config, Role.DISTILL) == config.identity(Role.DISTILL)) is same
 
 
 def _tiny_copy(tiny_data: Path, tmp_path: Path) -> Path:
