@@ -100,10 +100,29 @@ class History(pl.Callback):
             self.epochs.append({"epoch": trainer.current_epoch, **metrics})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs}
+        return {"epochs": self.epochs, "unit": "percent"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs = list(state_dict["epochs"])
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of a kd that logged accuracies as fractions: its history and best score read as percent."""
+        states = checkpoint.get("callbacks", {})
+        mine = states.get(self.state_key)
+        if not mine or mine.get("unit") == "percent":
+            return
+        mine["epochs"] = [{k: 100 * v if _is_accuracy(k) else v for k, v in epoch.items()} for epoch in mine["epochs"]]
+        for state in states.values():
+            if state.get("monitor") == "val/top1":  # ModelCheckpoint: the best so far must compare with percent
+                state |= {key: 100 * state[key] for key in ("best_model_score", "current_score", "kth_value")
+                          if state.get(key) is not None}
+                state["best_k_models"] = {path: 100 * score for path, score in state.get("best_k_models", {}).items()}
+
+
+def _is_accuracy(metric: str) -> bool:
+    """Whether ``metric`` is a validation accuracy or agreement (percent since kd logs them so)."""
+    return metric.startswith("val/") and metric.endswith(("top1", "top5", "agreement"))
 
 
 class EpochSeeding(pl.Callback):

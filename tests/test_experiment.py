@@ -15,7 +15,7 @@ from conftest import FAST, run_cli
 from kd.cli import main
 from kd.config import Config, Role
 from kd.models import load_network
-from kd.runner import saved_identity, with_weights_in_force
+from kd.runner import History, saved_identity, with_weights_in_force
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -164,6 +164,23 @@ def test_resume_reads_a_config_saved_without_the_temperature_in_force_as_the_los
     for temperature, same in ((None, True), (4.0, True), (2.0, False)):
         config = with_weights_in_force(Config(kd_loss=["kl_softmax"], temperature=temperature))
         assert (saved_identity(old, config, Role.DISTILL) == config.identity(Role.DISTILL)) is same
+
+
+def test_a_checkpoint_from_before_percent_resumes_with_its_history_and_best_score_in_percent():
+    """--resume of a stage interrupted under a kd that logged fractions keeps its best epoch the best."""
+    best = {"monitor": "val/top1", "best_model_score": torch.tensor(0.5), "current_score": torch.tensor(0.25),
+            "kth_value": torch.tensor(0.5), "best_k_models": {"best.ckpt": torch.tensor(0.5)}}
+    history = History()
+    old = {"callbacks": {history.state_key: {"epochs": [{"epoch": 0, "val/top1": 0.5, "val/loss": 2.0}]},
+                         "ModelCheckpoint{'monitor': 'val/top1'}": best}}
+    history.on_load_checkpoint(None, None, old)
+    history.load_state_dict(old["callbacks"][history.state_key])
+    assert history.epochs == [{"epoch": 0, "val/top1": 50.0, "val/loss": 2.0}]
+    assert (float(best["best_model_score"]), float(best["current_score"]), float(best["best_k_models"]["best.ckpt"])) \
+        == (50.0, 25.0, 50.0)
+    new = {"callbacks": {history.state_key: history.state_dict()}}
+    history.on_load_checkpoint(None, None, new)
+    assert new["callbacks"][history.state_key]["epochs"] == [{"epoch": 0, "val/top1": 50.0, "val/loss": 2.0}]
 
 
 def _tiny_copy(tiny_data: Path, tmp_path: Path) -> Path:
