@@ -2,7 +2,7 @@
 
 Commands run in README order in one working folder (a later command reads what an earlier one wrote, such
 as the demo's teacher), in-process through ``kd.cli.main``, with a tiny override that keeps their meaning:
-one epoch, the tiny generated dataset. A command that needs what this machine cannot have (a dataset
+one epoch of 16 px images of the tiny generated dataset. A command that needs what this machine cannot have (a dataset
 download, a GPU, Docker) has its flags checked with ``--print_config`` and is then skipped, its reason
 shown. In a ``console`` block, ``$ command`` lines are followed by what kd prints: every ``error: ...``
 line must be what kd prints for that command, word for word.
@@ -20,8 +20,9 @@ import pytest
 from kd.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-# One epoch on the tiny dataset (12 demo classes, 9 images each): the command's flags otherwise as written.
-TINY = ["--epochs", "1", "--batch_size", "16", "--num_workers", "0"]
+# One epoch of 16 px crops of the tiny dataset (the 12 demo classes, 9 images each): a command's flags
+# otherwise as written. A command quoted with its error gets the tiny data alone, so the error reads as quoted.
+TINY = ["--epochs", "1", "--image_size", "16", "--batch_size", "16", "--num_workers", "0"]
 
 # Commands that are not kd's, each with why the test does not run it.
 NOT_KD = {
@@ -164,7 +165,7 @@ def test_readme_command(command: Command, workspace: Path, tiny_data: Path, monk
         assert main([*argv, "--print_config"]) == 0, capsys.readouterr().err
         pytest.skip(f"flags checked with --print_config; not run: {skipped}")
     before = _files(workspace)
-    code = main([*argv, "--data_dir", str(tiny_data), *TINY])
+    code = main([*argv, "--data_dir", str(tiny_data), *([] if command.errors else TINY)])
     err = capsys.readouterr().err
     if command.errors:
         expected = [error.replace("$PWD", str(workspace)) for error in command.errors]
