@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
             _print_all(describe_models(resolved.config.list_models))
             return 0
-        from kd.deploy import evaluate_checkpoint  # imported here: --help and config errors answer at once
+        from kd.console import quiet_lightning  # imported here: --help and config errors answer at once
+        from kd.deploy import evaluate_checkpoint
         from kd.runner import compare_runs, run_experiment
 
+        quiet_lightning()
         if resolved.config.report:
             compare_runs(resolved.config)
         elif resolved.config.evaluate:

@@ -8,6 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd.distiller import Distiller
@@ -23,8 +24,13 @@ TEACHER_PREFIX = "teacher."
 
 
 def _agreement(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The share of samples whose top class is the target's: ``targets`` are labels, or other logits."""
-    return (logits.argmax(1) == (targets.argmax(1) if targets.dim() == 2 else targets)).float().mean()
+    """The percentage of samples whose top class is the target's: ``targets`` are labels, or other logits."""
+    return 100 * (logits.argmax(1) == (targets.argmax(1) if targets.dim() == 2 else targets)).float().mean()
+
+
+def _accuracy(num_classes: int, top_k: int) -> Metric:
+    """Top-k accuracy in percent: the unit of the console, TensorBoard, result.json and the reports."""
+    return 100 * MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
 
 
 class NonFiniteLoss(KDError):
@@ -47,13 +53,10 @@ class KDModule(pl.LightningModule):
         self.distiller, self.optim = distiller, optim
         num_classes = len(class_names)
         top5 = min(5, num_classes)
-        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.train_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.train_top1, self.train_top5 = _accuracy(num_classes, 1), _accuracy(num_classes, top5)
+        self.val_top1, self.val_top5 = _accuracy(num_classes, 1), _accuracy(num_classes, top5)
         if distiller.ema is not None:  # val/top1 measures the average: the raw weights are measured beside it
-            self.raw_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-            self.raw_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+            self.raw_top1, self.raw_top5 = _accuracy(num_classes, 1), _accuracy(num_classes, top5)
 
     @property
     def model(self) -> torch.nn.Module:

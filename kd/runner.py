@@ -6,6 +6,7 @@ found again for --resume, fitted, and its result saved.
 
 from __future__ import annotations
 
+import inspect
 import os
 import statistics
 import warnings
@@ -22,12 +23,14 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from kd.checks import STAGES, Plan, check_experiment, check_run
 from kd.config import Config, Role, identity, save_config
+from kd.console import progress_bar
 from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
 from kd.errors import Interrupted, KDError
 from kd.files import write_text, written_atomically
 from kd.losses import LOSSES
-from kd.losses.objective import loss_key, weights_in_force
+from kd.losses.base import accepted_settings
+from kd.losses.objective import loss_key, parse_loss_options, weights_in_force
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
@@ -35,10 +38,49 @@ from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
 
 
 def with_weights_in_force(c: Config) -> Config:
-    """``c`` with --kd_weights and --ce_weight as they apply (the papers' values where unset): what a distill
-    stage records, so that a changed default never lets --resume reuse a stage trained with the old one."""
-    weights, ce_weight = weights_in_force([LOSSES.get(spec) for spec in c.kd_loss], c.kd_weights, c.ce_weight)
-    return replace(c, kd_weights=weights, ce_weight=ce_weight)
+    """``c`` with the loss settings as they apply: --kd_weights and --ce_weight (the papers' where unset) and
+    --temperature (see :func:`temperature_in_force`). A distill stage records them, so its config.yaml says what
+    ran and a changed default never lets --resume reuse a stage trained with the old one."""
+    losses = [LOSSES.get(spec) for spec in c.kd_loss]
+    weights, ce_weight = weights_in_force(losses, c.kd_weights, c.ce_weight)
+    return replace(c, kd_weights=weights, ce_weight=ce_weight, temperature=temperature_in_force(c, losses))
+
+
+def temperature_in_force(c: Config, losses: list[Any]) -> float | None:
+    """The one temperature that every loss of ``c`` having one runs at (--loss_options, --temperature or its own).
+
+    Stays ``c.temperature`` where there is no single value (no loss has one, they differ) or a loss takes any
+    setting (``**kwargs``), to which a temperature recorded here would be new.
+    """
+    own, shared = parse_loss_options(c.loss_options, [loss_key(spec) for spec in c.kd_loss])
+    found = set()
+    for spec, loss in zip(c.kd_loss, losses):
+        accepted = accepted_settings(loss)
+        if accepted is None:
+            return c.temperature
+        if "temperature" in accepted:
+            default = inspect.signature(loss).parameters["temperature"].default
+            given = shared.get("temperature", default if c.temperature is None else c.temperature)
+            found.add(own[loss_key(spec)].get("temperature", given))
+    value = found.pop() if len(found) == 1 else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else c.temperature
+
+
+def stage_config(c: Config, stage: str, seed: int) -> Config:
+    """``c`` narrowed to one stage and seed: saved as the stage's config.yaml, ``--config`` repeats that stage alone."""
+    return replace(c, seed=seed, seeds=[], train_teacher=stage == "teacher", baseline=stage == "baseline",
+                   distill=stage not in ("teacher", "baseline"), assistant_arch=[])
+
+
+def saved_identity(saved: dict[str, Any], config: Config, role: Role) -> dict[str, Any]:
+    """What --resume compares of a saved config.yaml, for a stage of ``config``.
+
+    A distill stage saved before kd recorded the temperature in force says ``temperature: null``: it ran at its
+    losses' own temperatures, read as they are now.
+    """
+    if role is Role.DISTILL and saved.get("temperature") is None:
+        saved = saved | {"temperature": with_weights_in_force(replace(config, temperature=None)).temperature}
+    return identity(saved, role)
 
 
 def stage_role(stage: str) -> Role:
@@ -47,7 +89,7 @@ def stage_role(stage: str) -> Role:
 
 
 class History(pl.Callback):
-    """Each epoch's validation metrics; saved in checkpoints for --resume."""
+    """Each epoch's validation metrics (accuracies in percent); saved in checkpoints for --resume."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
@@ -58,10 +100,29 @@ class History(pl.Callback):
             self.epochs.append({"epoch": trainer.current_epoch, **metrics})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs}
+        return {"epochs": self.epochs, "unit": "percent"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs = list(state_dict["epochs"])
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of a kd that logged accuracies as fractions: its history and best score read as percent."""
+        states = checkpoint.get("callbacks", {})
+        mine = states.get(self.state_key)
+        if not mine or mine.get("unit") == "percent":
+            return
+        mine["epochs"] = [{k: 100 * v if _is_accuracy(k) else v for k, v in epoch.items()} for epoch in mine["epochs"]]
+        for state in states.values():
+            if state.get("monitor") == "val/top1":  # ModelCheckpoint: the best so far must compare with percent
+                state |= {key: 100 * state[key] for key in ("best_model_score", "current_score", "kth_value")
+                          if state.get(key) is not None}
+                state["best_k_models"] = {path: 100 * score for path, score in state.get("best_k_models", {}).items()}
+
+
+def _is_accuracy(metric: str) -> bool:
+    """Whether ``metric`` is a validation accuracy or agreement (percent since kd logs them so)."""
+    return metric.startswith("val/") and metric.endswith(("top1", "top5", "agreement"))
 
 
 class EpochSeeding(pl.Callback):
@@ -130,11 +191,11 @@ class StageRunner:
     def _stage(self, stage: str, seed: int, arch: str, teacher: Teacher | None = None) -> StageResult:
         """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new."""
         c = self.config
-        config = replace(c, seed=seed)
+        config = stage_config(c, stage, seed)
         if teacher is not None:  # record the very teacher and weights used, so --resume never mixes them up
-            config = replace(with_weights_in_force(config), train_teacher=False, teacher_arch=list(teacher.archs),
+            config = replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),
                              teacher_checkpoint=[str(path) for path in teacher.checkpoints],
-                             ensemble_weights=list(teacher.weights), student_arch=arch, assistant_arch=[],
+                             ensemble_weights=list(teacher.weights), student_arch=arch,
                              student_weights=c.student_weights if stage == "distill" else None)
         earlier = self._earlier(stage, config) if config.resume else None
         if isinstance(earlier, StageResult):
@@ -163,7 +224,7 @@ class StageRunner:
         wanted = config.identity(role)
         for folder in folders:
             saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            if identity(saved, role) != wanted:
+            if saved_identity(saved, config, role) != wanted:
                 continue
             if (folder / RESULT_FILE).is_file():
                 return StageResult.load(folder / RESULT_FILE)
@@ -195,7 +256,7 @@ class StageRunner:
                                plugins=[AtomicCheckpointIO()],
                                callbacks=[checkpoint, every_epoch, history, timer, EpochSeeding(data, c.seed),
                                           InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
-                                          LearningRateMonitor("step")])
+                                          LearningRateMonitor("step"), progress_bar()])
         ckpt_path = last if resume_from and last.is_file() else None
         if is_main_process():
             how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resume_from else ""
@@ -223,12 +284,11 @@ class StageRunner:
         logger.log_hyperparams(_flat_hparams(c) | {"stage": stage},
                                {"hp/best_top1": best["val/top1"], "hp/best_top5": best["val/top5"]})
         log_dir = self.root / stage / Path(checkpoint.dirpath).parent.name  # rank 0's version on every rank
-        result = StageResult(c.experiment_name, stage, arch, c.seed, params, 100 * best["val/top1"],
-                             100 * best["val/top5"], int(best["epoch"]), timer.time_elapsed("train"), log_dir,
-                             Path(checkpoint.best_model_path),
+        result = StageResult(c.experiment_name, stage, arch, c.seed, params, best["val/top1"], best["val/top5"],
+                             int(best["epoch"]), timer.time_elapsed("train"), log_dir, Path(checkpoint.best_model_path),
                              self.kd_loss_name if module.distiller.distilling else "",
-                             [100 * e["val/top1"] for e in history.epochs], _teachers(c, history.epochs[-1]),
-                             100 * history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None)
+                             [e["val/top1"] for e in history.epochs], _teachers(c, history.epochs[-1]),
+                             history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None)
         if is_main_process():
             result.save()
         return result
@@ -240,7 +300,7 @@ def _teachers(c: Config, metrics: dict[str, float]) -> list[dict[str, Any]]:
         return []
     many = len(c.teacher_checkpoint) > 1
     keys = [f"val/teacher{n}_top1" if many else "val/teacher_top1" for n in range(1, 1 + len(c.teacher_checkpoint))]
-    return [{"arch": arch, "checkpoint": path, "top1": 100 * metrics[key] if key in metrics else None}
+    return [{"arch": arch, "checkpoint": path, "top1": metrics[key] if key in metrics else None}
             for arch, path, key in zip(teacher_archs(c), c.teacher_checkpoint, keys)]
 
 

@@ -4,7 +4,7 @@ Trains the demo teacher (cnn_medium) once, the label-only baseline (cnn_tiny) fo
 same student with each method for each seed, all with the shipped commandline_args.txt (32 px, 20
 epochs), and prints top-1 as mean ± std with the gain over the baseline paired seed by seed.
 
-    python scripts/methods.py                      # every method, seeds 0 1 2 (about 25 min on 2 CPU cores)
+    python scripts/methods.py                      # every method, seeds 0 1 2 (about an hour on 2 CPU cores)
     python scripts/methods.py --methods dkd at --seeds 0
 
 Re-running continues where it stopped (every call passes --resume). Settings that differ from a

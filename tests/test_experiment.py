@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, run_cli
 from kd.cli import main
+from kd.config import Config, Role
 from kd.models import load_network
+from kd.runner import History, saved_identity, with_weights_in_force
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -49,6 +52,30 @@ def test_every_stage_writes_checkpoints_config_and_tensorboard_logs(full_run):
                 "hp/best_top1"} <= tags, tags
     distill_tags = _tags(root / "distill" / "version_0")
     assert {"train/kd/kl_softmax_step", "val/teacher_agreement", "val/teacher_kl"} <= distill_tags
+
+
+@pytest.mark.slow
+def test_accuracies_are_logged_in_percent_as_the_summary_shows_them(full_run):
+    root, _ = full_run
+    for stage in ("teacher", "distill"):
+        events = EventAccumulator(str(root / stage / "version_0"))
+        events.Reload()
+        result = json.loads((root / stage / "version_0" / "result.json").read_text())
+        logged = [event.value for event in events.Scalars("val/top1")]
+        assert logged == pytest.approx(result["val_top1"]) and max(logged) == pytest.approx(result["best_top1"])
+        assert [e.value for e in events.Scalars("hp/best_top1")] == pytest.approx([result["best_top1"]])
+    assert events.Scalars("val/teacher_top1")[-1].value == pytest.approx(result["teacher_top1"])
+
+
+@pytest.mark.slow
+def test_the_console_shows_kd_progress_one_line_per_epoch_and_no_lightning_banners(full_run):
+    """Redirected to a file: the stage headers, a line per epoch, the summary; nothing on stderr."""
+    _, result = full_run
+    assert result.stderr == ""  # no GPU/TPU banners, tips, "Trainer.fit stopped", LeafSpec warnings
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(" (")[0] for line in epochs] == ["Epoch 0/1", "Epoch 1/1"] * 3
+    assert all("val/top1=" in line and "train/loss_epoch=" in line for line in epochs)
+    assert "it/s" not in result.stdout and "v_num" not in result.stdout  # no per-step bar
 
 
 @pytest.mark.slow
@@ -97,6 +124,63 @@ def test_a_new_run_never_overwrites_an_earlier_one(full_run, tiny_data):
                  "e2e", "--distill", "--teacher_checkpoint", str(teacher), "--teacher_arch", "cnn_small"]) == 0
     assert (root / "distill" / "version_1" / "checkpoints" / "last.ckpt").is_file()
     assert {k: v for k, v in _snapshot(root).items() if k in before} == before
+
+
+@pytest.mark.slow
+def test_a_distill_stage_config_repeats_that_stage_alone_with_the_same_figures(full_run, tmp_path, capsys):
+    """Its config.yaml names the teacher it used, this seed, the loss settings in force, and this stage only."""
+    root, _ = full_run
+    stage = root / "distill" / "version_0"
+    saved = yaml.safe_load((stage / "config.yaml").read_text())
+    assert (saved["train_teacher"], saved["baseline"], saved["distill"], saved["seeds"]) == (False, False, True, [])
+    assert saved["teacher_checkpoint"] == [str(root / "teacher" / "version_0" / "checkpoints" / "best.ckpt")]
+    assert (saved["temperature"], saved["kd_weights"], saved["ce_weight"]) == (4.0, [0.9], 0.1)
+    # With the shipped commandline_args.txt (all three stages on) below it, as a user in the checkout runs it.
+    assert main(["--config", str(stage / "config.yaml"), "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== distill: cnn_tiny, seed 0" in out and "== teacher" not in out and "== baseline" not in out
+    again, first = (json.loads((folder / "result.json").read_text())
+                    for folder in (tmp_path / "e2e" / "distill" / "version_0", stage))
+    assert (again["best_top1"], again["val_top1"]) == (first["best_top1"], first["val_top1"])
+    repeated = yaml.safe_load((tmp_path / "e2e" / "distill" / "version_0" / "config.yaml").read_text())
+    assert repeated == saved | {"output_dir": str(tmp_path)}
+
+
+@pytest.mark.parametrize("flags, temperature", [
+    ({}, 4.0),  # kl_softmax's own
+    ({"temperature": 2.0}, 2.0),
+    ({"loss_options": ["kl_softmax.temperature=3"]}, 3.0),
+    ({"kd_loss": ["kl_softmax", "dkd"], "loss_options": ["temperature=5"]}, 5.0),
+    ({"kd_loss": ["kl_softmax", "dist"]}, None),  # 4 and 1: each loss keeps its own
+    ({"kd_loss": ["mse_logits"]}, None),  # no loss has a temperature
+])
+def test_a_distill_stage_records_the_temperature_in_force(flags, temperature):
+    assert with_weights_in_force(Config(**flags)).temperature == temperature
+
+
+def test_resume_reads_a_config_saved_without_the_temperature_in_force_as_the_losses_own():
+    """The kd before this one saved the weights in force but ``temperature: null``: it ran at kl_softmax's T = 4."""
+    old = with_weights_in_force(Config(kd_loss=["kl_softmax"])).to_dict() | {"temperature": None}
+    for temperature, same in ((None, True), (4.0, True), (2.0, False)):
+        config = with_weights_in_force(Config(kd_loss=["kl_softmax"], temperature=temperature))
+        assert (saved_identity(old, config, Role.DISTILL) == config.identity(Role.DISTILL)) is same
+
+
+def test_a_checkpoint_from_before_percent_resumes_with_its_history_and_best_score_in_percent():
+    """--resume of a stage interrupted under a kd that logged fractions keeps its best epoch the best."""
+    best = {"monitor": "val/top1", "best_model_score": torch.tensor(0.5), "current_score": torch.tensor(0.25),
+            "kth_value": torch.tensor(0.5), "best_k_models": {"best.ckpt": torch.tensor(0.5)}}
+    history = History()
+    old = {"callbacks": {history.state_key: {"epochs": [{"epoch": 0, "val/top1": 0.5, "val/loss": 2.0}]},
+                         "ModelCheckpoint{'monitor': 'val/top1'}": best}}
+    history.on_load_checkpoint(None, None, old)
+    history.load_state_dict(old["callbacks"][history.state_key])
+    assert history.epochs == [{"epoch": 0, "val/top1": 50.0, "val/loss": 2.0}]
+    assert (float(best["best_model_score"]), float(best["current_score"]), float(best["best_k_models"]["best.ckpt"])) \
+        == (50.0, 25.0, 50.0)
+    new = {"callbacks": {history.state_key: history.state_dict()}}
+    history.on_load_checkpoint(None, None, new)
+    assert new["callbacks"][history.state_key]["epochs"] == [{"epoch": 0, "val/top1": 50.0, "val/loss": 2.0}]
 
 
 def _tiny_copy(tiny_data: Path, tmp_path: Path) -> Path:

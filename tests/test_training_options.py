@@ -253,10 +253,11 @@ def _trainer(epochs: int, callbacks: list | None = None, checkpoints: Path | Non
 
 
 def _accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
+    """Top-1 in percent, the unit kd logs."""
     model.eval()
     with torch.no_grad():
         right = sum((model(x).argmax(1) == y).sum().item() for x, y, _ in loader)
-    return right / len(loader.dataset)
+    return 100 * right / len(loader.dataset)
 
 
 def test_the_average_is_the_hand_computed_ema_and_is_validated_beside_the_raw_weights():
