@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +101,19 @@ def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with written_atomically(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def writer_thread_errors_raised_here() -> Iterator[None]:
+    """While the block runs, an OSError that kills a background writer thread (TensorBoard's event writer on
+    a full disk) prints no traceback there: the writer raises it again here, at its next write, flush or close."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not issubclass(args.exc_type, OSError):
+            default(args)
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = default
