@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from kd.files import written_atomically
+from kd.files import check_writable, written_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,6 +38,11 @@ class InterruptCheckpoint(pl.Callback):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before any work: the run folder (logs) and its checkpoint folder, if they exist (--resume), must be
+        writable."""
+        check_writable(self.path.parent.parent, "--output_dir")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from kd.checkpoint_io import AtomicCheckpointIO
+from conftest import FAST
 from kd.cli import main
 from kd.data import normalize, val_transform
 from kd.datasets.demo import DEMO_HUES, DEMO_SHAPES
@@ -240,3 +241,21 @@ def test_evaluate_on_a_disk_that_fills_under_tensorboards_writer_thread(tiny_dat
     assert "top-1" in out
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("warning: --evaluate: cannot log to ") and "No space left on device" in err
+
+
+@pytest.mark.slow
+def test_resume_into_a_read_only_checkpoint_folder_is_one_error_before_training(tiny_data, tmp_path, monkeypatch,
+                                                                                  capsys):
+    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--baseline"]
+    assert main(flags) == 0
+    run = tmp_path / "kd" / "baseline" / "version_0"
+    (run / "result.json").unlink()  # as if it had been stopped before its end
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    monkeypatch.setattr(os, "access", _not_writable(run / "checkpoints"))
+    assert main([*flags, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: baseline (seed 0): --output_dir: cannot write into {run / 'checkpoints'}: the folder is "
+                   "not writable")
+    assert {p: p.read_bytes() for p in before} == before  # and no epoch was trained for nothing
+    assert not (run / "checkpoints" / "interrupted.ckpt").exists()
