@@ -101,6 +101,18 @@ def _check_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
         warn(f"--evaluate: {path}: {absurd[0]}{more}; a diverged run? its accuracies may mean little")
 
 
+def _check_settings(path: Path, meta: dict) -> None:
+    """Refuse a checkpoint whose recorded settings kd could not have written (another program's, or edited)."""
+    expected = {"arch": ("a network name", lambda v: isinstance(v, str) and v),
+                "image_size": ("a positive whole number", lambda v: isinstance(v, int) and v > 0),
+                "augment": (f"one of {', '.join(RECIPES)}", lambda v: isinstance(v, str) and v in RECIPES),
+                "class_names": ("a list of names",
+                                lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v))}
+    for key, (what, valid) in expected.items():
+        if key in meta and not valid(meta[key]):
+            raise KDError(f"--evaluate: {path} records {key} {meta[key]!r}, not {what}; not a checkpoint kd wrote?")
+
+
 def _log_evaluation(result: Evaluation, folder: Path) -> Path | None:
     """Log the accuracies and the confusion figure to TensorBoard under ``folder/evaluate/version_N``.
 
@@ -132,6 +144,7 @@ def evaluate_checkpoint(config: Config) -> Path | None:
     state, meta = read_checkpoint(path, "--evaluate")
     _check_weights(path, state)
     # A kd checkpoint names its network and image size; a bare state_dict takes --student_arch/--image_size.
+    _check_settings(path, meta)
     arch = meta.get("arch", config.student_arch)
     config = replace(config, image_size=int(meta.get("image_size", config.image_size)),
                      augment=meta.get("augment", "imagenet" if meta else config.augment))  # older kd: imagenet

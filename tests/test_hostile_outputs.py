@@ -4,6 +4,7 @@ checkpoints or exports that are broken, stale or not what they claim to be."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from kd.cli import main
 from kd.data import normalize, val_transform
 from kd.datasets.demo import DEMO_HUES, DEMO_SHAPES
 from kd.errors import KDError
+from kd.export import export_model
 from kd.files import WriteError, check_writable, write_text, written_atomically
 from kd.models import build_model, load_network
 
@@ -259,3 +261,37 @@ def test_resume_into_a_read_only_checkpoint_folder_is_one_error_before_training(
                    "not writable")
     assert {p: p.read_bytes() for p in before} == before  # and no epoch was trained for nothing
     assert not (run / "checkpoints" / "interrupted.ckpt").exists()
+
+
+@pytest.mark.parametrize("key, value, what", [("image_size", "abc", "a positive whole number"),
+                                              ("image_size", 0, "a positive whole number"),
+                                              ("augment", "foo", "one of imagenet, cifar"),
+                                              ("arch", 5, "a network name"),
+                                              ("class_names", "blue", "a list of names")])
+def test_evaluate_refuses_settings_kd_could_not_have_written(tmp_path, key, value, what, capsys):
+    path = _kd_checkpoint(tmp_path / "edited.ckpt")
+    saved = torch.load(path)
+    saved["hyper_parameters"][key] = value
+    torch.save(saved, path)
+    assert main(_evaluate(tmp_path / "no_data_needed", tmp_path / "out", path)) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --evaluate: {path} records {key} {value!r}, not {what}; not a "
+                                               "checkpoint kd wrote?")
+
+
+def test_a_file_at_the_export_path_that_is_no_export_is_kept_beside_the_new_one(tiny_data, tmp_path, checkpoint,
+                                                                             capsys):
+    path = checkpoint.with_suffix(".torchscript.pt")
+    notes = b"notes, not an export"
+    path.write_bytes(notes)
+    assert main(_evaluate(tiny_data, tmp_path / "out", checkpoint, "--export", "torchscript")) == 0
+    kept = path.with_name(f"best.old-{hashlib.sha256(notes).hexdigest()[:8]}.torchscript.pt")
+    assert kept.read_bytes() == notes and f"the earlier export is kept as {kept.name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_on_a_full_disk_names_the_export_and_leaves_nothing(tmp_path, fmt, monkeypatch):
+    monkeypatch.setattr(onnx if fmt == "onnx" else torch.jit, "save", _full_disk)
+    path = tmp_path / f"best.{fmt}"
+    with pytest.raises(WriteError, match=rf"^--export {fmt}: cannot write {path}: No space left on device$"):
+        export_model(build_model("cnn_tiny", 3), fmt, path, 16)
+    assert list(tmp_path.iterdir()) == []
