@@ -295,3 +295,20 @@ def test_an_export_on_a_full_disk_names_the_export_and_leaves_nothing(tmp_path, 
     with pytest.raises(WriteError, match=rf"^--export {fmt}: cannot write {path}: No space left on device$"):
         export_model(build_model("cnn_tiny", 3), fmt, path, 16)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_result_json_is_one_line_naming_it_and_keeps_the_checkpoints(tiny_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    write_text_ = Path.write_text
+
+    def full_at_result(path, *args, **kwargs):
+        return _full_disk() if path.name.startswith(".result.json") else write_text_(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full_at_result)
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--baseline"]) == 2
+    run = tmp_path / "kd" / "baseline" / "version_0"
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write {run / 'result.json'}: No space left on device"
+    kept = ["checkpoints", "config.yaml", "hparams.yaml"]  # no .result.json.tmp-*
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events.")) == kept
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
