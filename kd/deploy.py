@@ -89,16 +89,19 @@ def export_network(model: nn.Module, checkpoint: Path, fmt: str, image_size: int
     return f"{done} (outputs within {difference:.1e} of PyTorch's)\n{how_to_call(fmt, path, metadata)}"
 
 
+def _first(problems: list[str]) -> str:
+    more = len(problems) - 1
+    return problems[0] + (f" (and {more} more tensor{'s' * (more > 1)})" if more else "")
+
+
 def _check_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Refuse weights holding NaN or infinite values; warn of absurdly large ones: their accuracies mean nothing."""
     broken, absurd = weight_problems(state)
     if broken:
-        more = f" (and {len(broken) - 1} more tensors)" if len(broken) > 1 else ""
-        raise KDError(f"--evaluate: {path} is broken: {broken[0]}{more}; the run that saved it diverged? "
+        raise KDError(f"--evaluate: {path} is broken: {_first(broken)}; the run that saved it diverged? "
                       "evaluate an earlier checkpoint")
     if absurd:
-        more = f" (and {len(absurd) - 1} more tensors)" if len(absurd) > 1 else ""
-        warn(f"--evaluate: {path}: {absurd[0]}{more}; a diverged run? its accuracies may mean little")
+        warn(f"--evaluate: {path}: {_first(absurd)}; a diverged run? its accuracies may mean little")
 
 
 def _check_settings(path: Path, meta: dict) -> None:
