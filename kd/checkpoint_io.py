@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
+        buffer = io.BytesIO()  # serialised first: torch.save straight to a full disk fails with a bare RuntimeError
+        torch.save(checkpoint, buffer)
         with written_atomically(path) as tmp:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, tmp)
+            tmp.write_bytes(buffer.getbuffer())
 
 
 class InterruptCheckpoint(pl.Callback):

@@ -85,7 +85,7 @@ def test_a_checkpoint_write_on_a_full_disk_names_the_checkpoint_and_keeps_the_ol
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint(_checkpoint(), path)
     before = path.read_bytes()
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (Path(f).write_bytes(b"part"), _full_disk()))
+    monkeypatch.setattr(Path, "write_bytes", lambda tmp, data: (tmp.open("wb").write(data[:10]), _full_disk()))
     with pytest.raises(WriteError, match=rf"^cannot write {path}: No space left on device$"):
         AtomicCheckpointIO().save_checkpoint(_checkpoint(), path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
