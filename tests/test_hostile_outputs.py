@@ -179,7 +179,8 @@ def test_a_torchscript_export_carries_the_same_metadata(tiny_data, tmp_path, che
     assert "_extra_files=extra" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".torchscript.pt")])
+@pytest.mark.parametrize("fmt, suffix", [pytest.param("onnx", ".onnx", marks=pytest.mark.slow),  # ~20 s
+                                         ("torchscript", ".torchscript.pt")])
 def test_an_export_of_a_checkpoint_that_changed_since_is_made_anew_and_the_earlier_kept(tiny_data, tmp_path, fmt,
                                                                                        suffix, checkpoint, capsys):
     flags = _evaluate(tiny_data, tmp_path / "out", checkpoint, "--export", fmt)
