@@ -75,7 +75,7 @@ def export_network(model: nn.Module, checkpoint: Path, fmt: str, image_size: int
     """
     path = checkpoint.with_suffix(EXTENSIONS[fmt])
     metadata = {**metadata, "checkpoint": checkpoint.name, "checkpoint_sha256": _sha256(checkpoint)}
-    previous = None
+    previous = earlier = None
     if path.is_file():
         earlier = read_metadata(fmt, path).get("checkpoint_sha256")
         if earlier == metadata["checkpoint_sha256"]:
@@ -83,9 +83,10 @@ def export_network(model: nn.Module, checkpoint: Path, fmt: str, image_size: int
         stem = path.name.removesuffix(EXTENSIONS[fmt])
         previous = path.with_name(f"{stem}.old-{(earlier or _sha256(path))[:8]}{EXTENSIONS[fmt]}")
     difference = export_model(model.cpu(), fmt, path, image_size, metadata=metadata, previous=previous)
+    why = (f"{checkpoint.name} changed since it was exported" if earlier else
+           "the file there names no checkpoint it came from (an older kd's export, or no export)")
     done = (f"exported {path}" if previous is None else
-            f"re-exported {path}: {checkpoint.name} changed since it was exported (the earlier export is kept as "
-            f"{previous.name})")
+            f"re-exported {path}: {why} (the earlier file is kept as {previous.name})")
     return f"{done} (outputs within {difference:.1e} of PyTorch's)\n{how_to_call(fmt, path, metadata)}"
 
 
