@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from kd.data import normalize
 from kd.tables import text_table
 
-HEADER_WIDTH = 8  # confusion matrix columns: longer class names are cut in the middle to this width
+ABSURD = 1e6  # a weight this large (in magnitude) is the mark of a diverged run, not of training
 
 
 @dataclass
@@ -68,12 +68,22 @@ def evaluate(model: nn.Module, loader: DataLoader, class_names: list[str], devic
                       (100 * recall).tolist(), matrix, int(images_per_class.sum()))
 
 
-def _abbreviate(name: str) -> str:
-    """``name`` cut in the middle to HEADER_WIDTH characters, keeping its start and end (where classes differ)."""
-    if len(name) <= HEADER_WIDTH:
-        return name
-    head = (HEADER_WIDTH - 1) // 2
-    return f"{name[:head]}…{name[head + 1 - HEADER_WIDTH:]}"
+def weight_problems(state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """What is wrong with a state_dict's floating-point tensors: (NaN or infinite values, absurdly large ones).
+
+    Each a list of lines such as ``fc.weight holds 12 NaN values``, naming the tensors in their order.
+    """
+    broken, absurd = [], []
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+        counts = [f"{n} {what} value{'s' * (n > 1)}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n]
+        if counts:
+            broken.append(f"{name} holds {' and '.join(counts)}")
+        elif tensor.numel() and (largest := tensor.abs().max().item()) > ABSURD:
+            absurd.append(f"{name} holds values up to {largest:.3g} in magnitude")
+    return broken, absurd
 
 
 def format_evaluation(ev: Evaluation) -> str:
@@ -81,13 +91,15 @@ def format_evaluation(ev: Evaluation) -> str:
     images = ev.confusion.sum(1).tolist()
     classes = [(name, str(n), "-" if math.isnan(acc) else f"{acc:.2f}")
                for name, n, acc in zip(ev.class_names, images, ev.per_class)]
-    matrix = [(name, *map(str, row)) for name, row in zip(ev.class_names, ev.confusion.tolist())]
+    # Columns numbered, names in full on the rows: readable with many classes and long names alike.
+    matrix = [(f"{i} {name}", *map(str, row))
+              for i, (name, row) in enumerate(zip(ev.class_names, ev.confusion.tolist()))]
     top_k = min(5, len(ev.class_names))
     return "\n".join([
         f"{ev.count} images: top-1 {ev.top1:.2f} %, top-{top_k} {ev.top5:.2f} %", "",
         text_table(("class", "images", "accuracy %"), classes), "",
-        "confusion matrix (rows: true class, columns: predicted class)",
-        text_table(("true \\ predicted", *map(_abbreviate, ev.class_names)), matrix),
+        "confusion matrix (rows: true class, columns: predicted class, numbered as the rows)",
+        text_table(("true \\ predicted", *map(str, range(len(ev.class_names)))), matrix),
     ])
 
 

@@ -3,51 +3,117 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from kd.errors import KDError
 
 
+class WriteError(KDError, OSError):
+    """A write that failed, naming the file meant (not its temporary name) and why, e.g. No space left on device.
+
+    Also an OSError, so that a caller who lets a failed write pass when another process wrote the same
+    file first (a DDP rank) still catches it.
+    """
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # already gone, or a folder that no longer lets us remove it
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # a process of another user
+        return True
+    return True
+
+
+def _remove_leftovers(path: Path, host: str) -> None:
+    """Remove the temporaries of ``path`` that writers on this machine left when they were killed mid-write."""
+    prefix = f".{path.name}.tmp-{host}-"
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = leftover.name.removeprefix(prefix)
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            _remove(leftover)
+
+
+def reason(exc: OSError) -> str:
+    """What went wrong in a failed file operation, e.g. ``No space left on device``, without the file's name."""
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 @contextlib.contextmanager
 def written_atomically(path: str | Path) -> Iterator[Path]:
     """A temporary name beside ``path`` to write a file or folder to; renamed onto ``path`` at the end.
 
-    The name is unique to this machine and process, so concurrent writers never share one. If the
-    block raises, or the rename fails (a folder already at ``path``), the temporary is removed and the
-    error goes on: ``path`` holds the old content or the new, never a part.
+    The name is unique to this machine and process, so concurrent writers never share one; those of
+    writers killed mid-write are removed first. If the
+    block or the rename fails (a full disk, a read-only folder, a folder already at ``path``), the
+    temporary is removed: ``path`` holds the old content or the new, never a part. A failed write is
+    raised as a :class:`WriteError` naming ``path``; other errors go on as they are.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    _remove(tmp)  # a leftover of a killed process that had this pid
+    host = socket.gethostname()
+    tmp = path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}")
     try:
+        _remove_leftovers(path, host)
         yield tmp
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {reason(exc)}") from exc
     finally:
         _remove(tmp)
 
 
 def check_writable(path: str | Path, flag: str) -> None:
-    """Refuse, without writing anything, a folder that could not be created or written to."""
+    """Refuse, without writing anything, a folder that could not be created or written to.
+
+    An existing folder is checked with the folders directly in it, where new runs go (``stage/version_N``).
+    """
     path = Path(path).expanduser()
     existing = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise KDError(f"{flag}: cannot create {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise KDError(f"{flag}: cannot create {path}: {existing} is not writable")
+    if existing != path:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise KDError(f"{flag}: cannot create {path}: {existing} is not writable")
+        return
+    for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise KDError(f"{flag}: cannot write into {folder}: the folder is not writable")
 
 
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with written_atomically(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def writer_thread_errors_raised_here() -> Iterator[None]:
+    """While the block runs, an OSError that kills a background writer thread (TensorBoard's event writer on
+    a full disk) prints no traceback there: the writer raises it again here, at its next write, flush or close."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not issubclass(args.exc_type, OSError):
+            default(args)
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = default

@@ -16,18 +16,18 @@ from typing import Any
 
 import pytorch_lightning as pl
 import yaml
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from kd.checkpoint_io import AtomicCheckpointIO, InterruptCheckpoint
 from kd.checks import STAGES, Plan, check_experiment, check_run
 from kd.config import Config, Role, identity, save_config
 from kd.console import progress_bar
 from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
 from kd.errors import Interrupted, KDError
-from kd.files import write_text, written_atomically
+from kd.files import write_text
 from kd.losses import LOSSES
 from kd.losses.base import accepted_settings
 from kd.losses.objective import loss_key, parse_loss_options, weights_in_force
@@ -302,29 +302,6 @@ def _teachers(c: Config, metrics: dict[str, float]) -> list[dict[str, Any]]:
     keys = [f"val/teacher{n}_top1" if many else "val/teacher_top1" for n in range(1, 1 + len(c.teacher_checkpoint))]
     return [{"arch": arch, "checkpoint": path, "top1": metrics[key] if key in metrics else None}
             for arch, path, key in zip(teacher_archs(c), c.teacher_checkpoint, keys)]
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint beside its final name, then renames: a kill leaves the old file or the new one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        with written_atomically(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-
-
-class InterruptCheckpoint(pl.Callback):
-    """Saves ``interrupted.ckpt`` on Ctrl+C or SIGTERM (not on errors, whose state may be broken).
-
-    --resume restarts from ``last.ckpt`` (the end of the last whole epoch), which replays exactly;
-    this one keeps the work of the interrupted epoch for whoever wants it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            trainer.save_checkpoint(self.path)
 
 
 def format_summary(results: list[StageResult], report: Path | None = None) -> str:

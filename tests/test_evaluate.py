@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd.evaluate import confusion_figure, evaluate, format_evaluation
+from kd.evaluate import confusion_figure, evaluate, format_evaluation, weight_problems
 
 NAMES = ["red_circle", "orange_triangle", "blue", "orange_ring", "green_square", "x"]
 
@@ -91,11 +91,21 @@ def test_format_shows_every_class_and_number():
     for c, name in enumerate(NAMES):
         row = next(line for line in lines if line.startswith(name + " "))  # the per-class table
         assert row.split()[1:] == [str(labels.count(c)), f"{ev.per_class[c]:.2f}"]
-    header = next(line for line in lines if line.startswith("true \\ predicted"))
-    # Long names are cut in the middle; short ones are kept whole.
-    assert header.split()[3:] == ["red…rcle", "ora…ngle", "blue", "ora…ring", "gre…uare", "x"]
-    matrix = [line for line in lines if line.startswith(tuple(NAMES))][len(NAMES):]
-    assert [[int(v) for v in line.split()[1:]] for line in matrix] == ev.confusion.tolist()
+    header = lines.index(next(line for line in lines if line.startswith("true \\ predicted")))
+    assert lines[header].split()[3:] == [str(c) for c in range(len(NAMES))]  # columns numbered as the rows
+    matrix = lines[header + 2:]
+    assert [line.split()[:2] for line in matrix] == [[str(c), name] for c, name in enumerate(NAMES)]  # names whole
+    assert [[int(v) for v in line.split()[2:]] for line in matrix] == ev.confusion.tolist()
+
+
+def test_confusion_matrix_keeps_twelve_long_class_names_whole_and_narrow():
+    names = [f"{colour}_{shape}_with_a_long_suffix" for colour in ("blue", "red", "green")
+             for shape in ("circle", "ring", "square", "triangle")]
+    model, loader, _ = _case(12, 40)
+    text = format_evaluation(evaluate(model, loader, names))
+    matrix = text.split("true \\ predicted")[1].splitlines()[2:]
+    assert [line.split()[1] for line in matrix] == names
+    assert max(map(len, text.splitlines())) <= len(max(names, key=len)) + 4 * 12 + 4  # one narrow column per class
 
 
 def test_confusion_figure_labels_both_axes_and_every_cell(tmp_path):
@@ -110,3 +120,15 @@ def test_confusion_figure_labels_both_axes_and_every_cell(tmp_path):
     assert f"{ev.top1:.2f}" in axes.get_title()
     figure.savefig(tmp_path / "confusion.png")
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weight_problems_names_each_broken_tensor_and_count():
+    state = {"fc.weight": torch.zeros(4, 3), "fc.bias": torch.zeros(4), "bn.num_batches_tracked": torch.tensor(7),
+             "conv.weight": torch.full((2, 2), 3e9)}
+    state["fc.weight"][0, :3] = math.nan
+    state["fc.weight"][1, 0] = math.inf
+    state["fc.bias"][2] = -math.inf
+    broken, absurd = weight_problems(state)
+    assert broken == ["fc.weight holds 3 NaN values and 1 infinite value", "fc.bias holds 1 infinite value"]
+    assert absurd == ["conv.weight holds values up to 3e+09 in magnitude"]
+    assert weight_problems({"w": torch.randn(3, 3), "steps": torch.tensor(10**9)}) == ([], [])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kd.errors import KDError
-from kd.export import Profile, export_model, format_profiles, profile_model
+from kd.export import Profile, export_model, format_profiles, profile_model, read_metadata
 from kd.models import build_model
 
 FORMATS = ["onnx", "torchscript"]
@@ -160,3 +160,18 @@ def test_format_profiles_shows_units_and_the_students_gains():
     assert lines[4] == "the student is 6913.6× smaller, needs 728.0× fewer MACs and runs 24.0× faster than the teacher"
     alone = format_profiles({"student": Profile(10, 999, 1.0)})
     assert "999" in alone and "smaller" not in alone
+
+
+@pytest.mark.filterwarnings("ignore:Output nr 1. of the traced function does not match")
+@pytest.mark.parametrize("fmt", [pytest.param("onnx", marks=pytest.mark.slow), "torchscript"])  # onnx: ~20 s
+def test_metadata_is_read_back_and_a_replacement_that_fails_leaves_the_old_file_in_place(tmp_path, fmt):
+    path, previous = tmp_path / "model", tmp_path / "model.old"
+    export_model(build_model("cnn_tiny", 3), fmt, path, SIDE, metadata={"class_names": '["a", "b", "c"]'})
+    assert read_metadata(fmt, path) == {"class_names": '["a", "b", "c"]'}
+    first = path.read_bytes()
+    with pytest.raises(KDError, match="was not written"):
+        export_model(ExportsDifferently(), fmt, path, SIDE, previous=previous)
+    assert path.read_bytes() == first and not previous.exists()
+    export_model(build_model("cnn_tiny", 3), fmt, path, SIDE, metadata={"k": "v"}, previous=previous)
+    assert previous.read_bytes() == first and read_metadata(fmt, path) == {"k": "v"}
+    assert read_metadata(fmt, tmp_path) == {} and sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old"]
