@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from kd.config import Config
 from kd.errors import KDError, warn
-from kd.images import decode_resized, load_rgb
+from kd.images import check_header, decode_resized, load_rgb
 from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
 from kd.datasets.demo import make_demo_dataset
 
@@ -110,12 +110,8 @@ def find_bad_images(samples: list[Sample], decode: bool) -> list[tuple[str, str]
     bad = []
     for path, _ in tqdm(samples, desc="checking images", unit="img", disable=not decode, file=sys.stderr):
         try:
-            if decode:
-                load_rgb(path)
-            else:
-                with Image.open(path):
-                    pass
-        except (KDError, OSError, SyntaxError, ValueError) as exc:
+            (load_rgb if decode else check_header)(path)
+        except KDError as exc:
             bad.append((path, str(exc).removeprefix(f"cannot read image {path}: ")))
     return bad
 

@@ -1,0 +1,61 @@
+"""Hostile data: lying or damaged files on every path that reads them (images, caches, the demo), odd names
+and odd datasets. Each case is a one-line KDError naming the file, a skip, or a clean recovery."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kd.config import Config
+from kd.data import make_datamodule
+from kd.errors import KDError
+from kd.images import load_rgb
+
+
+def _bmp_claiming(width: int, height: int) -> bytes:
+    """A tiny BMP whose header claims ``width`` x ``height`` pixels (its pixel data is 2 x 2)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, "BMP")
+    data = bytearray(buffer.getvalue())
+    data[18:26] = struct.pack("<ii", width, height)
+    return bytes(data)
+
+
+def _blank_png(width: int, height: int) -> bytes:
+    """A real, complete 1-bit PNG of ``width`` x ``height`` black pixels (a few KB however large)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    packer = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def _data(root: Path, **flags) -> object:
+    return make_datamodule(Config(data_dir=str(root), image_size=16, batch_size=4, **flags))
+
+
+@pytest.fixture
+def data(tiny_data: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny dataset to break."""
+    return shutil.copytree(tiny_data, tmp_path / "data")
+
+
+@pytest.mark.parametrize("content", [_bmp_claiming(17300, 17300), _blank_png(20000, 20000)],
+                         ids=["lying_bmp_header", "real_20000px_png"])
+def test_an_image_over_pils_pixel_limit_is_named_and_skipped(data, content):
+    bomb = data / "train" / "red_ring" / "huge.bmp"
+    bomb.write_bytes(content)
+    with pytest.raises(KDError, match=f"--data_dir: cannot read image {bomb} .*exceeds limit.*--skip_bad_images"):
+        _data(data)
+    with pytest.raises(KDError, match=f"cannot read image {bomb}: .*decompression bomb"):
+        load_rgb(str(bomb))
+    skipped = _data(data, skip_bad_images=True).skipped
+    assert [path for path, _ in skipped] == [str(bomb)] and "exceeds limit" in skipped[0][1]
