@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,6 +23,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def printable(path: str) -> str:
+    """``path`` as text any file or stream can hold: a file name's undecodable bytes as ``\\xNN`` escapes.
+
+    On Linux a name that is not UTF-8 arrives as a str with surrogate escapes, which no encoder takes.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @contextlib.contextmanager
 def reading(path: str) -> Iterator[None]:
     """Turn any failure to read image ``path`` into a KDError naming it.
@@ -34,7 +43,7 @@ def reading(path: str) -> Iterator[None]:
     except KDError:
         raise
     except Exception as exc:  # whatever a damaged or hostile file makes a decoder raise
-        raise KDError(f"cannot read image {path}: {str(exc) or type(exc).__name__}") from None
+        raise KDError(f"cannot read image {printable(path)}: {str(exc) or type(exc).__name__}") from None
 
 
 def check_header(path: str) -> None:

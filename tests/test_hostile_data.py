@@ -4,6 +4,7 @@ and odd datasets. Each case is a one-line KDError naming the file, a skip, or a 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -12,10 +13,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import FAST
+from kd.cli import main
 from kd.config import Config
 from kd.data import make_datamodule
 from kd.errors import KDError
+from kd.image_cache import image_cache_key
 from kd.images import load_rgb
+from kd.teacher_cache import cache_key
 
 
 def _bmp_claiming(width: int, height: int) -> bytes:
@@ -59,3 +64,32 @@ def test_an_image_over_pils_pixel_limit_is_named_and_skipped(data, content):
         load_rgb(str(bomb))
     skipped = _data(data, skip_bad_images=True).skipped
     assert [path for path, _ in skipped] == [str(bomb)] and "exceeds limit" in skipped[0][1]
+
+
+def _non_utf8_names(data: Path) -> tuple[str, str]:
+    """Rename one image to a Latin-1 name and add an unreadable one named with a stray byte; their str paths."""
+    folder = os.fsencode(data / "train" / "red_ring")
+    good, bad = os.fsdecode(folder + b"/caf\xe9.png"), os.fsdecode(folder + b"/bad\xff.png")
+    os.rename(data / "train" / "red_ring" / "0000.png", good)
+    Path(bad).write_bytes(b"not an image")
+    return good, bad
+
+
+def test_file_names_that_are_not_utf8_key_the_caches_and_are_listed_as_skipped(data):
+    good, bad = _non_utf8_names(data)
+    module = _data(data, skip_bad_images=True)
+    train = module.layout.train
+    assert cache_key([], {"train": train, "val": module.layout.val}, {}) and image_cache_key(train, 18)
+    [(path, reason)] = module.skipped
+    assert path == f"{data}/train/red_ring/bad\\xff.png" and path.encode() and reason
+    assert train.describe([path for path, _ in train.samples].index(good)).endswith("caf\\xe9.png")
+
+
+@pytest.mark.slow
+def test_a_cached_distillation_runs_on_non_utf8_file_names(data, tmp_path):
+    _non_utf8_names(data)
+    out = tmp_path / "runs"
+    assert main([*FAST, "--data_dir", str(data), "--output_dir", str(out), "--train_teacher", "--distill",
+                 "--teacher_cache", str(tmp_path / "cache"), "--skip_bad_images"]) == 0
+    listed = (out / "kd" / "distill" / "version_0" / "skipped_images.txt").read_text()
+    assert listed.startswith(f"{data}/train/red_ring/bad\\xff.png\t")

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from kd.config import Config
 from kd.errors import KDError, warn
-from kd.images import check_header, decode_resized, load_rgb
+from kd.images import check_header, decode_resized, load_rgb, printable
 from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
 from kd.datasets.demo import make_demo_dataset
 
@@ -36,7 +36,7 @@ class FileSplit(Split):
         return load_rgb(self.samples[index][0])
 
     def describe(self, index: int) -> str:
-        return self.samples[index][0]
+        return printable(self.samples[index][0])
 
     def fingerprint(self) -> str:
         """A digest of every file's path, size and modification time, and of the labels in order."""
@@ -112,7 +112,7 @@ def find_bad_images(samples: list[Sample], decode: bool) -> list[tuple[str, str]
         try:
             (load_rgb if decode else check_header)(path)
         except KDError as exc:
-            bad.append((path, str(exc).removeprefix(f"cannot read image {path}: ")))
+            bad.append((path, str(exc).removeprefix(f"cannot read image {printable(path)}: ")))
     return bad
 
 
@@ -125,14 +125,15 @@ def without_bad_images(layout: DatasetLayout, skip: bool) -> DatasetLayout:
     skipped = find_bad_images(layout.train.samples + layout.val.samples, decode=skip)
     if skipped and not skip:
         path, reason = skipped[0]
-        raise KDError(f"--data_dir: cannot read image {path} ({reason}); remove it, or pass --skip_bad_images "
-                      "to check every image and train on the rest")
+        raise KDError(f"--data_dir: cannot read image {printable(path)} ({reason}); remove it, or pass "
+                      "--skip_bad_images to check every image and train on the rest")
     if not skipped:
         return layout
     bad = {path for path, _ in skipped}
-    warn(f"--skip_bad_images: skipping {len(bad)} unreadable image(s), e.g. {skipped[0][0]}")
+    warn(f"--skip_bad_images: skipping {len(bad)} unreadable image(s), e.g. {printable(skipped[0][0])}")
     return DatasetLayout(layout.classes, *(FileSplit([s for s in split.samples if s[0] not in bad])
-                                           for split in (layout.train, layout.val)), skipped)
+                                           for split in (layout.train, layout.val)),
+                         [(printable(path), reason) for path, reason in skipped])
 
 
 @SOURCES.register("folder")
