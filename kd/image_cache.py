@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from kd.errors import KDError
 from kd.files import written_atomically
+from kd.leftovers import remove_dead_temporaries
 from kd.datasets.base import Split
 
 FORMAT_VERSION = 1  # bump when the stored pixels change for the same inputs (filter, layout, draft use)
@@ -66,6 +67,7 @@ class ImageCache:
         if short_side < 1:
             raise KDError(f"--image_cache: the short side must be at least 1 pixel, not {short_side}")
         root = Path(root).expanduser()
+        remove_dead_temporaries(root, what="image cache build")
         key = image_cache_key(split, short_side)
         folder = root / key
         expected = {"version": FORMAT_VERSION, "key": key, "short_side": short_side, "count": len(split)}

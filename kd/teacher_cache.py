@@ -18,6 +18,7 @@ import torch
 
 from kd.errors import KDError
 from kd.files import written_atomically
+from kd.leftovers import remove_dead_temporaries
 from kd.datasets.base import Split
 
 FORMAT_VERSION = 1
@@ -73,6 +74,7 @@ class TeacherCache:
         self.num_samples, self.num_classes, self.dtype, self.topk = num_samples, num_classes, dtype, topk
         self._pending: dict[str, _Split] = {}
         self._open: dict[str, dict[str, np.ndarray]] = {}
+        self._cleaned = False  # whether commit removed killed runs' leftovers yet
 
     @staticmethod
     def split_name(epoch: int | None) -> str:
@@ -133,11 +135,18 @@ class TeacherCache:
         return self._restore(split.arrays, rows)
 
     def commit(self, epoch: int | None) -> None:
-        """Save ``epoch``'s logits: written beside the cache, then renamed into place."""
+        """Save ``epoch``'s logits: written beside the cache, then renamed into place.
+
+        The first save also removes the epochs that killed runs left half written under any key.
+        """
         split = self._pending.pop(self.split_name(epoch), None)
         if split is None or self.has(epoch):
             return
         final = self.folder / self.split_name(epoch)
+        if not self._cleaned:
+            for keyed in sorted(self.folder.parent.glob("*/")):
+                remove_dead_temporaries(keyed, what="teacher-cache epoch")
+            self._cleaned = True
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with written_atomically(final) as tmp:

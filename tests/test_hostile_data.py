@@ -3,24 +3,30 @@ and odd datasets. Each case is a one-line KDError naming the file, a skip, or a 
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import shutil
+import socket
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import FAST
 from kd.cli import main
 from kd.config import Config
 from kd.data import make_datamodule
+from kd.datasets.demo import make_demo_dataset
+from kd.datasets.folder import scan_image_folder
 from kd.errors import KDError
-from kd.image_cache import image_cache_key
+from kd.image_cache import ImageCache, image_cache_key
 from kd.images import load_rgb
-from kd.teacher_cache import cache_key
+from kd.teacher_cache import TeacherCache, cache_key
 
 
 def _bmp_claiming(width: int, height: int) -> bytes:
@@ -93,3 +99,66 @@ def test_a_cached_distillation_runs_on_non_utf8_file_names(data, tmp_path):
                  "--teacher_cache", str(tmp_path / "cache"), "--skip_bad_images"]) == 0
     listed = (out / "kd" / "distill" / "version_0" / "skipped_images.txt").read_text()
     assert listed.startswith(f"{data}/train/red_ring/bad\\xff.png\t")
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (the kernel does not reuse it at once)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def _leftovers(folder: Path, target: str) -> dict[str, Path]:
+    """Temporaries of ``target`` as killed writers leave them: this machine's dead pid, a live pid, another machine."""
+    alive = subprocess.Popen(["sleep", "60"])
+    atexit.register(alive.kill)
+    names = {"dead": f"{socket.gethostname()}-{_dead_pid()}", "live": f"{socket.gethostname()}-{alive.pid}",
+             "elsewhere": f"other-host-{_dead_pid()}"}
+    paths = {}
+    for kind, owner in names.items():
+        paths[kind] = folder / f".{target}.tmp-{owner}"
+        (paths[kind] / "part").mkdir(parents=True)
+        (paths[kind] / "part" / "0000.png").write_bytes(b"half")
+    return paths
+
+
+def _only_the_dead_one_is_gone(paths: dict[str, Path]) -> None:
+    assert not paths["dead"].exists() and paths["live"].is_dir() and paths["elsewhere"].is_dir()
+
+
+def test_a_killed_demo_generation_is_cleaned_up_on_the_next_start(tmp_path, capsys):
+    paths = _leftovers(tmp_path, "demo_data")
+    make_demo_dataset(tmp_path / "demo_data", train_per_class=1, val_per_class=1, image_size=8)
+    _only_the_dead_one_is_gone(paths)
+    assert f"removed 1 unfinished demo dataset(s) left by a killed run, e.g. {paths['dead']}" in capsys.readouterr().err
+
+
+def test_a_killed_image_cache_build_is_cleaned_up_by_the_next_build(tiny_data, tmp_path):
+    paths = _leftovers(tmp_path / "cache", "0" * 64)  # a build under another key: other data, another size
+    ImageCache.build(scan_image_folder(tiny_data).val, 8, tmp_path / "cache")
+    _only_the_dead_one_is_gone(paths)
+
+
+def test_a_killed_teacher_cache_epoch_is_cleaned_up_by_the_next_save(tmp_path):
+    paths = _leftovers(tmp_path / "other-key", "epoch_0003")
+    cache = TeacherCache(tmp_path, "key", {"train": 2, "val": 2}, num_classes=3)
+    cache.record(None, torch.arange(2), torch.randn(2, 3))
+    cache.commit(None)
+    _only_the_dead_one_is_gone(paths)
+    assert cache.complete(None)
+
+
+@pytest.mark.parametrize("flags, hint", [
+    (["--evaluate", "student.ckpt"], "run it again: "),
+    (["--report", "runs/a", "runs/b"], "run it again: "),
+    (["--baseline"], "continue with: "),
+])
+def test_the_interrupt_hint_adds_resume_only_to_training(flags, hint, monkeypatch, capsys):
+    def interrupted(*args) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr("kd.deploy.evaluate_checkpoint", interrupted)
+    monkeypatch.setattr("kd.runner.compare_runs", interrupted)
+    monkeypatch.setattr("kd.runner.run_experiment", interrupted)
+    assert main(["--flags_file", "none", *flags]) == 130
+    message = capsys.readouterr().err.strip()
+    assert hint in message and message.endswith(" ".join(flags) + (" --resume" if "--baseline" in flags else ""))

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from kd.errors import KDError
 from kd.files import written_atomically
+from kd.leftovers import remove_dead_temporaries
 
 DEMO_SHAPES = ("circle", "ring", "square", "triangle")
 DEMO_HUES = {"red": 0.0, "orange": 0.07, "blue": 0.6}
@@ -49,9 +50,11 @@ def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class
     """Write the demo ImageFolder (train/ and val/ of PNGs) under ``root`` once; reuse it after.
 
     The images are a pure function of the arguments. The folder is built beside ``root`` and renamed
-    into place when complete, so an interrupted generation never leaves a partial dataset behind.
+    into place when complete, so an interrupted generation never leaves a partial dataset behind (and the
+    next call removes what a killed one left aside).
     """
     root = Path(root)
+    remove_dead_temporaries(root.parent, root.name, "demo dataset")
     params = {"version": DEMO_VERSION, "train_per_class": train_per_class, "val_per_class": val_per_class,
               "image_size": image_size, "seed": seed}
     marker = root / "demo.json"
