@@ -13,6 +13,7 @@ import subprocess
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -26,6 +27,7 @@ from kd.datasets.folder import scan_image_folder
 from kd.errors import KDError
 from kd.image_cache import ImageCache, image_cache_key
 from kd.images import load_rgb
+from kd.models import build_model
 from kd.teacher_cache import TeacherCache, cache_key
 
 
@@ -162,3 +164,62 @@ def test_the_interrupt_hint_adds_resume_only_to_training(flags, hint, monkeypatc
     assert main(["--flags_file", "none", *flags]) == 130
     message = capsys.readouterr().err.strip()
     assert hint in message and message.endswith(" ".join(flags) + (" --resume" if "--baseline" in flags else ""))
+
+
+def _cache(root: Path, **options) -> TeacherCache:
+    return TeacherCache(root, "key", {"train": 4, "val": 2}, num_classes=3, **options)
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_logits_float16_cannot_hold_are_stored_as_float32(tmp_path, topk, capsys):
+    logits = torch.tensor([[471471.0, -1.5, 3.25], [7.0, 8.0, 9.0]])
+    cache = _cache(tmp_path, topk=topk)
+    assert torch.equal(cache.record(None, torch.tensor([1, 0]), logits).topk(1).values, logits.topk(1).values)
+    assert "logits reach 471471, more than float16 holds" in capsys.readouterr().err
+    cache.commit(None)
+    stored = _cache(tmp_path, topk=topk).lookup(None, torch.tensor([1, 0]))
+    assert torch.isfinite(stored).all() and stored[0, 0] == 471471.0 and stored[1, 2] == 9.0
+    if topk is None:
+        assert torch.equal(stored, logits)
+
+
+def test_float16_keeps_ordinary_logits(tmp_path, capsys):
+    cache = _cache(tmp_path)
+    cache.record(None, torch.tensor([0, 1]), torch.tensor([[60.0, -1.5, 3.3], [7.0, 8.0, 9.0]]))
+    cache.commit(None)
+    assert np.load(tmp_path / "key" / "val" / "values.npy").dtype == np.float16 and not capsys.readouterr().err
+
+
+def _saved_epoch(root: Path) -> Path:
+    cache = _cache(root)
+    cache.record(0, torch.arange(4), torch.randn(4, 3))
+    cache.commit(0)
+    return root / "key" / "epoch_0000"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda folder: (folder / "values.npy").write_bytes(b"\x93NUMPY garbage"), "is damaged"),
+    (lambda folder: (folder / "filled.npy").write_bytes((folder / "filled.npy").read_bytes()[:70]), "is damaged"),
+    (lambda folder: np.save(folder / "values.npy", np.zeros((4, 7), np.float16)), r"values.npy has shape \(4, 7\)"),
+    (lambda folder: (folder / "values.npy").unlink(), "is damaged"),
+    (lambda folder: np.save(folder / "values.npy", np.full((4, 3), np.inf, np.float16)), "infinite or NaN logits"),
+])
+def test_a_damaged_teacher_cache_epoch_is_named_with_the_fix(tmp_path, damage, reason):
+    folder = _saved_epoch(tmp_path)
+    damage(folder)
+    with pytest.raises(KDError, match=f"--teacher_cache: {folder} .*{reason}.*remove"):
+        cache = _cache(tmp_path)
+        cache.missing(1)
+        cache.lookup(0, torch.arange(4))
+
+
+@pytest.mark.slow
+def test_a_teacher_with_logits_past_float16_distills_through_the_default_cache(tiny_data, tmp_path, capsys):
+    teacher = build_model("cnn_tiny", 12)
+    with torch.no_grad():
+        for parameter in list(teacher.parameters())[-2:]:  # the classifier: logits of about 1e6
+            parameter.mul_(1e6)
+    torch.save(teacher.state_dict(), tmp_path / "loud.pt")
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "runs"), "--distill",
+                 "--teacher_checkpoint", str(tmp_path / "loud.pt"), "--teacher_cache", str(tmp_path / "cache")]) == 0
+    assert "this cache stores them as float32" in capsys.readouterr().err
