@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 
 import numpy as np
@@ -46,15 +47,22 @@ def reading(path: str) -> Iterator[None]:
         raise KDError(f"cannot read image {printable(path)}: {str(exc) or type(exc).__name__}") from None
 
 
+def _open(path: str) -> Image.Image:
+    """PIL's lazy image of file ``path``; refused if it is no regular file (opening a named pipe blocks forever)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError("not a regular file (a pipe, a device or a socket)")
+    return Image.open(path)
+
+
 def check_header(path: str) -> None:
     """Read only the header of image ``path`` (fast): a KDError naming it if that fails or claims too many pixels."""
-    with reading(path), Image.open(path):
+    with reading(path), _open(path):
         pass
 
 
 def load_rgb(path: str) -> Image.Image:
     """Open an image file as 8-bit RGB, with an error that names the file when it cannot be read."""
-    with reading(path), Image.open(path) as image:
+    with reading(path), _open(path) as image:
         return to_rgb(image)
 
 
@@ -78,7 +86,7 @@ def decode_resized(path: str, short_side: int) -> np.ndarray:
     1 grey level on average of a full decode. Other images go through :func:`load_rgb`, as in
     training. Errors are KDErrors naming the file.
     """
-    with reading(path), Image.open(path) as image:
+    with reading(path), _open(path) as image:
         size = resized_size(*image.size, short_side)
         if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
             image.draft("RGB", (int(size[0] * DRAFT_GAP), int(size[1] * DRAFT_GAP)))

@@ -223,3 +223,36 @@ def test_a_teacher_with_logits_past_float16_distills_through_the_default_cache(t
     assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "runs"), "--distill",
                  "--teacher_checkpoint", str(tmp_path / "loud.pt"), "--teacher_cache", str(tmp_path / "cache")]) == 0
     assert "this cache stores them as float32" in capsys.readouterr().err
+
+
+def _train_paths(root: Path) -> list[str]:
+    return [path for path, _ in _data(root).layout.train.samples]
+
+
+def test_a_symlink_loop_repeats_no_image_and_brings_in_no_other_class(data, tiny_data):
+    (data / "train" / "red_ring" / "up").symlink_to("..")
+    assert _train_paths(data) == [path.replace(str(tiny_data), str(data)) for path in _train_paths(tiny_data)]
+
+
+def test_a_linked_class_folder_is_read(data, tmp_path):
+    elsewhere = shutil.move(data / "train" / "blue_ring", tmp_path / "elsewhere")
+    (data / "train" / "blue_ring").symlink_to(elsewhere)
+    assert len([path for path in _train_paths(data) if "/blue_ring/" in path]) == 6
+
+
+def test_hidden_files_and_folders_are_neither_images_nor_classes(data):
+    (data / "train" / "red_ring" / "._0000.png").write_bytes(b"\0\5\x16\7 AppleDouble")  # macOS's resource forks
+    shutil.copytree(data / "train" / "red_ring", data / "train" / ".ipynb_checkpoints")
+    (data / "val" / "blue_ring" / ".cache").mkdir()
+    (data / "val" / "blue_ring" / ".cache" / "0000.png").write_bytes(b"stale")
+    module = _data(data)
+    assert len(module.classes) == 12 and len(module.layout.train) == 12 * 6 and len(module.layout.val) == 12 * 3
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, lambda path: os.symlink("/dev/zero", path)], ids=["fifo", "device"])
+def test_a_pipe_or_device_named_like_an_image_is_a_bad_image_not_a_hang(data, make):
+    odd = data / "train" / "red_ring" / "odd.png"
+    make(odd)
+    with pytest.raises(KDError, match=f"cannot read image {odd} \\(not a regular file"):
+        _data(data)
+    assert [path for path, _ in _data(data, skip_bad_images=True).skipped] == [str(odd)]

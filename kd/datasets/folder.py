@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from kd.config import Config
@@ -48,22 +49,55 @@ class FileSplit(Split):
         return decode_resized(self.samples[index][0], short_side)
 
 
-def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
-    """Class names and samples of one ImageFolder-style folder, refusing empty classes."""
+def _class_folders(folder: Path) -> list[str]:
+    """The class folder names in ``folder``, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are not classes."""
     try:
-        found, class_to_idx = find_classes(str(folder))
-    except FileNotFoundError:
-        raise KDError(f"--data_dir: {folder} has no class folders (expected {folder}/<class>/<image>)") from None
+        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _files(class_folder: str) -> tuple[list[str], list[str]]:
+    """The image files (by extension) and the other files under one class folder, each folder in path order.
+
+    Hidden files and folders (macOS's ``._photo.jpg``) are skipped, and so is a linked folder met before on
+    this walk or holding the class folder (a symlink loop), which would repeat images or bring others' in.
+    """
+    top = os.path.realpath(class_folder)
+    seen: set[str] = set()
+    walked = []
+    for root, folders, names in os.walk(class_folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen or (root != class_folder and (top + os.sep).startswith(real + os.sep)):
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        walked.append((root, sorted(name for name in names if not name.startswith("."))))
+    images, others = [], []
+    for root, names in sorted(walked):
+        for name in names:
+            (images if name.lower().endswith(IMG_EXTENSIONS) else others).append(os.path.join(root, name))
+    return images, others
+
+
+def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
+    """Class names and samples of one ImageFolder-style folder (in torchvision's order), refusing empty classes."""
+    found = _class_folders(folder)
+    if not found:
+        raise KDError(f"--data_dir: {folder} has no class folders (expected {folder}/<class>/<image>)")
     if classes is not None and found != classes:
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise KDError(f"--data_dir: the class folders of {folder} differ from train/: "
                       f"missing {missing or 'none'}, extra {extra or 'none'}")
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    others = [p for name in found for p in sorted((folder / name).rglob("*"))
-              if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(IMG_EXTENSIONS)]
+    samples, others = [], []
+    for label, name in enumerate(found):
+        images, rest = _files(os.path.join(folder, name))
+        samples += [(path, label) for path in images]
+        others += rest
     if others:
         warn(f"--data_dir: ignoring {len(others)} file(s) under {folder} that are not images by their "
-             f"extension, e.g. {others[0]}")
+             f"extension, e.g. {printable(others[0])}")
     counts = np.bincount([label for _, label in samples], minlength=len(found))
     empty = [found[i] for i in np.flatnonzero(counts == 0)]
     if len(samples) == 0:
