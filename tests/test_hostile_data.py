@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from kd.cli import main
 from kd.config import Config
 from kd.data import make_datamodule
 from kd.datasets.demo import make_demo_dataset
-from kd.datasets.folder import scan_image_folder
+from kd.datasets.folder import _split, scan_image_folder
 from kd.errors import KDError
 from kd.image_cache import ImageCache, image_cache_key
 from kd.images import load_rgb
@@ -256,3 +257,34 @@ def test_a_pipe_or_device_named_like_an_image_is_a_bad_image_not_a_hang(data, ma
     with pytest.raises(KDError, match=f"cannot read image {odd} \\(not a regular file"):
         _data(data)
     assert [path for path, _ in _data(data, skip_bad_images=True).skipped] == [str(odd)]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda folder: (folder / "index.npy").write_bytes((folder / "index.npy").read_bytes()[:100]),
+    lambda folder: np.save(folder / "index.npy", np.array([[0, 99, 99]] * 36)),
+], ids=["truncated_index", "index_past_the_pixels"])
+def test_a_damaged_image_cache_is_rebuilt_not_read(tiny_data, tmp_path, damage):
+    split = scan_image_folder(tiny_data).val
+    first = ImageCache.build(split, 8, tmp_path / "cache")
+    expected = [first[i] for i in range(len(first))]
+    damage(first.folder)
+    again = ImageCache.build(split, 8, tmp_path / "cache")
+    assert all(torch.equal(pixels, again[i]) for i, pixels in enumerate(expected))
+
+
+def test_damaged_demo_settings_are_a_one_line_error(tmp_path):
+    root = make_demo_dataset(tmp_path / "demo_data", train_per_class=1, val_per_class=1, image_size=8)
+    for damage in (b"{garbage", b"\xff\xfe"):
+        (root / "demo.json").write_bytes(damage)
+        with pytest.raises(KDError, match=f"--data_dir demo: {root} exists but is not this demo dataset"):
+            make_demo_dataset(root, train_per_class=1, val_per_class=1, image_size=8)
+
+
+def test_a_single_folder_of_many_classes_splits_in_one_pass(tmp_path):
+    classes = [f"c{i:05d}" for i in range(20000)]
+    samples = [(f"{name}/{j}.png", label) for label, name in enumerate(classes) for j in range(3)]
+    start = time.perf_counter()
+    train, val = _split(samples, classes, 0.2)
+    assert time.perf_counter() - start < 5  # a filter per class compared 1.2e9 labels (about a minute)
+    assert len(val) == 20000 and sorted(train + val) == sorted(samples)
+    assert [label for _, label in val] == list(range(20000))
