@@ -288,3 +288,11 @@ def test_a_single_folder_of_many_classes_splits_in_one_pass(tmp_path):
     assert time.perf_counter() - start < 5  # a filter per class compared 1.2e9 labels (about a minute)
     assert len(val) == 20000 and sorted(train + val) == sorted(samples)
     assert [label for _, label in val] == list(range(20000))
+
+
+def test_a_dataset_of_one_class_is_refused_before_training(data):
+    for split in ("train", "val"):
+        for folder in sorted((data / split).iterdir())[1:]:
+            shutil.rmtree(folder)
+    with pytest.raises(KDError, match=f"--data_dir {data} holds one class \\(blue_circle\\): a classifier needs two"):
+        _data(data)
