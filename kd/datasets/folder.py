@@ -68,7 +68,7 @@ def _files(class_folder: str) -> tuple[list[str], list[str]]:
     walked = []
     for root, folders, names in os.walk(class_folder, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen or (root != class_folder and (top + os.sep).startswith(real + os.sep)):
+        if real in seen or (root != class_folder and os.path.commonpath([top, real]) == real):
             folders[:] = []
             continue
         seen.add(real)
@@ -112,7 +112,7 @@ def _split(samples: list[Sample], classes: list[str], val_fraction: float) -> tu
     """A stratified train/val split with a fixed seed: every class keeps images on both sides."""
     rng = np.random.default_rng(SPLIT_SEED)
     by_class: list[list[Sample]] = [[] for _ in classes]
-    for sample in samples:  # one pass: a filter per class took minutes for ImageNet's 1000 classes
+    for sample in samples:  # one pass: a filter per class took about a minute for ImageNet
         by_class[sample[1]].append(sample)
     train, val = [], []
     for name, own in zip(classes, by_class):
