@@ -184,7 +184,7 @@ class TeacherCache:
             return
         final = self.folder / self.split_name(epoch)
         if not self._cleaned:
-            for keyed in sorted(self.folder.parent.glob("*/")):
+            for keyed in sorted(self.folder.parent.glob("*")):  # dead_temporaries passes over files
                 remove_dead_temporaries(keyed, what="teacher-cache epoch")
             self._cleaned = True
         try:
