@@ -17,11 +17,14 @@ def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _resume_command(argv: list[str]) -> str:
-    """The command line that continues this run: the same program and flags, plus --resume."""
+def _resume_hint(argv: list[str], training: bool) -> str:
+    """How to go on after an interrupt: training continues with the same flags plus --resume; --evaluate and
+    --report have nothing to resume, so they are simply run again."""
     program = sys.argv[0]
     launcher = ["python", program] if program.endswith(".py") else [Path(program).name]
-    return shlex.join([*launcher, *argv, "--resume"])
+    if not training:
+        return f"run it again: {shlex.join([*launcher, *argv])}"
+    return f"continue with: {shlex.join([*launcher, *argv, *([] if '--resume' in argv else ['--resume'])])}"
 
 
 def _print_all(text: str) -> None:
@@ -39,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
+    training = True  # until the configuration says it asks for --evaluate or --report
     try:
         resolved = resolve(argv)
+        training = not (resolved.config.evaluate or resolved.config.report)
         if resolved.config.print_config:
             print(resolved.table())
             return 0
@@ -61,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_experiment(resolved.config)
     except Interrupted as exc:
-        print(f"interrupted: {exc}; continue with: {_resume_command(argv)}", file=sys.stderr)
+        print(f"interrupted: {exc}; {_resume_hint(argv, training)}", file=sys.stderr)
         return 130
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before or between stages: finished stages are safe on disk
-        print(f"interrupted; continue with: {_resume_command(argv)}", file=sys.stderr)
+        print(f"interrupted; {_resume_hint(argv, training)}", file=sys.stderr)
         return 130
     return 0

@@ -244,6 +244,8 @@ class ImageDataModule(pl.LightningDataModule):
 def make_datamodule(c: Config) -> ImageDataModule:
     """The DataModule of ``--data_dir``: its source's classes and splits, checked, with the loader settings."""
     layout = open_source(c.data_dir).load(c)
+    if len(layout.classes) < 2:
+        raise KDError(f"--data_dir {c.data_dir} holds one class ({layout.classes[0]}): a classifier needs two or more")
     if c.num_classes is not None and c.num_classes != len(layout.classes):
         raise KDError(f"--num_classes is {c.num_classes} but {c.data_dir} holds {len(layout.classes)} classes: "
                       f"{', '.join(layout.classes)}")

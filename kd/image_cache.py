@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from kd.errors import KDError
 from kd.files import written_atomically
+from kd.leftovers import remove_dead_temporaries
 from kd.datasets.base import Split
 
 FORMAT_VERSION = 1  # bump when the stored pixels change for the same inputs (filter, layout, draft use)
@@ -66,6 +67,7 @@ class ImageCache:
         if short_side < 1:
             raise KDError(f"--image_cache: the short side must be at least 1 pixel, not {short_side}")
         root = Path(root).expanduser()
+        remove_dead_temporaries(root, what="image cache build")
         key = image_cache_key(split, short_side)
         folder = root / key
         expected = {"version": FORMAT_VERSION, "key": key, "short_side": short_side, "count": len(split)}
@@ -128,14 +130,24 @@ def _read_meta(folder: Path, expected: dict | None = None) -> dict | None:
     """The metadata of a complete cache in ``folder`` (matching ``expected``), else None."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        complete = (folder / "pixels.u8").stat().st_size == meta["nbytes"] and (folder / "index.npy").is_file()
-    except (OSError, ValueError, KeyError, TypeError):
+        complete = ((folder / "pixels.u8").stat().st_size == meta["nbytes"]
+                    and _index_fits(np.load(folder / "index.npy"), meta["count"], meta["nbytes"]))
+    except (OSError, ValueError, KeyError, TypeError, EOFError):  # missing, truncated or overwritten files
         return None
     if not complete or meta.get("version") != FORMAT_VERSION:
         return None
     if expected is not None and any(meta.get(k) != v for k, v in expected.items()):
         return None
     return meta
+
+
+def _index_fits(index: np.ndarray, count: int, nbytes: int) -> bool:
+    """Whether ``index`` holds (offset, height, width) of ``count`` images that all lie within ``nbytes`` of pixels."""
+    if index.shape != (count, 3) or index.dtype.kind not in "iu":
+        return False
+    offsets, heights, widths = index.T.astype(np.int64)
+    return bool((offsets >= 0).all() and (heights > 0).all() and (widths > 0).all()
+                and (offsets + heights * widths * 3 <= nbytes).all())
 
 
 def _write(folder: Path, split: Split, short_side: int, meta: dict) -> int:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+
 import numpy as np
 from PIL import Image
 
@@ -19,13 +24,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def printable(path: str) -> str:
+    """``path`` as text any file or stream can hold: a file name's undecodable bytes as ``\\xNN`` escapes.
+
+    On Linux a name that is not UTF-8 arrives as a str with surrogate escapes, which no encoder takes.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Turn any failure to read image ``path`` into a KDError naming it.
+
+    PIL's decoders raise more than OSError on a damaged file (SyntaxError, ValueError, EOFError), and a
+    header claiming more pixels than PIL's limit (a decompression bomb) raises DecompressionBombError.
+    """
+    try:
+        yield
+    except KDError:
+        raise
+    except Exception as exc:  # whatever a damaged or hostile file makes a decoder raise
+        raise KDError(f"cannot read image {printable(path)}: {str(exc) or type(exc).__name__}") from None
+
+
+def _open(path: str) -> Image.Image:
+    """PIL's lazy image of file ``path``; refused if it is no regular file (opening a named pipe blocks forever)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError("not a regular file (a pipe, a device or a socket)")
+    return Image.open(path)
+
+
+def check_header(path: str) -> None:
+    """Read only the header of image ``path`` (fast): a KDError naming it if that fails or claims too many pixels."""
+    with reading(path), _open(path):
+        pass
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image file as 8-bit RGB, with an error that names the file when it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            return to_rgb(image)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise KDError(f"cannot read image {path}: {exc}") from None
+    with reading(path), _open(path) as image:
+        return to_rgb(image)
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -48,13 +86,10 @@ def decode_resized(path: str, short_side: int) -> np.ndarray:
     1 grey level on average of a full decode. Other images go through :func:`load_rgb`, as in
     training. Errors are KDErrors naming the file.
     """
-    try:
-        with Image.open(path) as image:
-            size = resized_size(*image.size, short_side)
-            if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
-                image.draft("RGB", (int(size[0] * DRAFT_GAP), int(size[1] * DRAFT_GAP)))
-                if image.size[0] >= size[0] and image.size[1] >= size[1]:  # always, by draft's rounding
-                    return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise KDError(f"cannot read image {path}: {exc}") from None
+    with reading(path), _open(path) as image:
+        size = resized_size(*image.size, short_side)
+        if image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+            image.draft("RGB", (int(size[0] * DRAFT_GAP), int(size[1] * DRAFT_GAP)))
+            if image.size[0] >= size[0] and image.size[1] >= size[1]:  # always, by draft's rounding
+                return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
     return resize_short(load_rgb(path), short_side)

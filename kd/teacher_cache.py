@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.errors import KDError
+from kd.errors import KDError, warn
 from kd.files import written_atomically
+from kd.leftovers import remove_dead_temporaries
 from kd.datasets.base import Split
 
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
+FLOAT16_TOLERANCE = 0.05  # the most float16 rounding may move a logit; a teacher's beyond it is stored as float32
 
 
 def file_digest(path: Path) -> str:
@@ -48,16 +50,19 @@ def cache_key(teacher_checkpoints: list[Path], splits: dict[str, Split], setting
     return digest.hexdigest()[:24]
 
 
+def _fits_float16(logits: torch.Tensor) -> bool:
+    """Whether float16 holds these (finite) logits to within FLOAT16_TOLERANCE; a teacher's own inf or NaN stays."""
+    finite = logits[torch.isfinite(logits)]
+    return bool(((finite - finite.half().float()).abs() <= FLOAT16_TOLERANCE).all())
+
+
 class _Split:
     """One epoch's (or the validation set's) logits, filled batch by batch, then saved as a folder."""
 
-    def __init__(self, num_samples: int, num_classes: int, dtype: str, topk: int | None) -> None:
-        width = min(topk or num_classes, num_classes)
-        self.arrays = {"values": np.zeros((num_samples, width), dtype=dtype),
-                       "filled": np.zeros(num_samples, dtype=bool)}
-        if width < num_classes:
-            self.arrays |= {"indices": np.zeros((num_samples, width), dtype=np.int32),
-                            "rest": np.zeros(num_samples, dtype=np.float32)}
+    DTYPES = {"filled": bool, "indices": np.int32, "rest": np.float32}  # and "values": the cache's dtype
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: str) -> None:
+        self.arrays = {name: np.zeros(shape, dtype=self.DTYPES.get(name, dtype)) for name, shape in shapes.items()}
 
 
 class TeacherCache:
@@ -73,6 +78,7 @@ class TeacherCache:
         self.num_samples, self.num_classes, self.dtype, self.topk = num_samples, num_classes, dtype, topk
         self._pending: dict[str, _Split] = {}
         self._open: dict[str, dict[str, np.ndarray]] = {}
+        self._cleaned = False  # whether commit removed killed runs' leftovers yet
 
     @staticmethod
     def split_name(epoch: int | None) -> str:
@@ -84,7 +90,7 @@ class TeacherCache:
 
     def complete(self, epoch: int | None) -> bool:
         """Whether ``epoch`` is saved with every sample (a batch size that drops a last lone image leaves a gap)."""
-        return self.has(epoch) and bool(np.load(self.folder / self.split_name(epoch) / "filled.npy").all())
+        return self.has(epoch) and bool(self._saved(epoch)["filled"].all())
 
     def missing(self, epochs: int) -> list[str]:
         """The splits a run of ``epochs`` epochs would have to compute, at least in part."""
@@ -92,15 +98,41 @@ class TeacherCache:
 
     def lookup(self, epoch: int | None, indices: torch.Tensor) -> torch.Tensor | None:
         """The cached logits of these samples (float32), or None if any of them is not cached."""
+        if not self.has(epoch):
+            return None
+        arrays, rows = self._saved(epoch), indices.cpu().numpy()
+        if not arrays["filled"][rows].all():
+            return None
+        logits = self._restore(arrays, rows)
+        if not torch.isfinite(logits).all():  # float16 overflowed in a cache written before kd widened it
+            raise KDError(f"--teacher_cache: {self.folder / self.split_name(epoch)} holds infinite or NaN logits; "
+                          "remove that folder to compute them again")
+        return logits
+
+    def _shapes(self, epoch: int | None) -> dict[str, tuple[int, ...]]:
+        """The arrays an epoch is stored in, by name, and their shapes (top-k adds the classes kept and the rest)."""
+        rows = self.num_samples["val" if epoch is None else "train"]
+        width = min(self.topk or self.num_classes, self.num_classes)
+        shapes = {"values": (rows, width), "filled": (rows,)}
+        if width < self.num_classes:
+            shapes |= {"indices": (rows, width), "rest": (rows,)}
+        return shapes
+
+    def _saved(self, epoch: int | None) -> dict[str, np.ndarray]:
+        """The saved arrays of ``epoch``, memory-mapped once and checked: a KDError naming the folder if damaged."""
         name = self.split_name(epoch)
         if name not in self._open:
-            if not self.has(epoch):
-                return None
-            self._open[name] = {f.stem: np.load(f, mmap_mode="r") for f in (self.folder / name).glob("*.npy")}
-        rows = indices.cpu().numpy()
-        if not self._open[name]["filled"][rows].all():
-            return None
-        return self._restore(self._open[name], rows)
+            folder, shapes = self.folder / name, self._shapes(epoch)
+            try:
+                arrays = {key: np.load(folder / f"{key}.npy", mmap_mode="r") for key in shapes}
+            except (OSError, ValueError, EOFError) as exc:  # a truncated or overwritten file
+                raise KDError(f"--teacher_cache: {folder} is damaged ({exc}); remove it to compute it again") from None
+            wrong = [key for key, shape in shapes.items() if arrays[key].shape != shape]
+            if wrong:
+                raise KDError(f"--teacher_cache: {folder} is damaged ({wrong[0]}.npy has shape "
+                              f"{arrays[wrong[0]].shape}, not {shapes[wrong[0]]}); remove it to compute it again")
+            self._open[name] = arrays
+        return self._open[name]
 
     def _restore(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> torch.Tensor:
         """Float32 logits of ``rows`` as stored: rounded to the storage dtype, the tail filled in for top-k."""
@@ -119,8 +151,7 @@ class TeacherCache:
         name = self.split_name(epoch)
         if self.has(epoch):
             return None
-        split = self._pending.setdefault(name, _Split(self.num_samples["val" if epoch is None else "train"],
-                                                      self.num_classes, self.dtype, self.topk))
+        split = self._pending.setdefault(name, _Split(self._shapes(epoch), self.dtype))
         rows, logits = indices.cpu().numpy(), logits.detach().float().cpu()
         if "indices" in split.arrays:
             top = logits.topk(split.arrays["values"].shape[1], dim=1)
@@ -128,16 +159,34 @@ class TeacherCache:
             split.arrays["indices"][rows] = top.indices.numpy()
             split.arrays["rest"][rows] = (rest - np.log(self.num_classes - top.indices.shape[1])).numpy()
             logits = top.values
+        if split.arrays["values"].dtype == np.float16 and not _fits_float16(logits):
+            self._widen(logits)
         split.arrays["values"][rows] = logits.numpy()
         split.arrays["filled"][rows] = True
         return self._restore(split.arrays, rows)
 
+    def _widen(self, logits: torch.Tensor) -> None:
+        """Store this cache's logits as float32 from now on (those kept so far too), saying why."""
+        warn(f"--teacher_cache: the teacher's logits reach {logits.abs().max().item():.6g}, more than float16 holds "
+             f"to within {FLOAT16_TOLERANCE} (it overflows past {np.finfo(np.float16).max:.0f}); this cache stores "
+             "them as float32")
+        self.dtype = "float32"
+        for pending in self._pending.values():
+            pending.arrays["values"] = pending.arrays["values"].astype(np.float32)
+
     def commit(self, epoch: int | None) -> None:
-        """Save ``epoch``'s logits: written beside the cache, then renamed into place."""
+        """Save ``epoch``'s logits: written beside the cache, then renamed into place.
+
+        The first save also removes the epochs that killed runs left half written under any key.
+        """
         split = self._pending.pop(self.split_name(epoch), None)
         if split is None or self.has(epoch):
             return
         final = self.folder / self.split_name(epoch)
+        if not self._cleaned:
+            for keyed in sorted(self.folder.parent.glob("*")):  # dead_temporaries passes over files
+                remove_dead_temporaries(keyed, what="teacher-cache epoch")
+            self._cleaned = True
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with written_atomically(final) as tmp:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from kd.config import Config
 from kd.errors import KDError
-from kd.images import resize_short
+from kd.images import printable, resize_short
 from kd.registry import Registry, did_you_mean
 
 
@@ -47,14 +47,17 @@ class Split(ABC):
 
 
 def file_stamps(paths: Iterable[str], what: str = "file") -> str:
-    """A digest of files' absolute paths, sizes and modification times (ns): changes when any file may have."""
+    """A digest of files' absolute paths, sizes and modification times (ns): changes when any file may have.
+
+    Paths enter as their bytes on disk, so a name that is not UTF-8 keys the caches like any other.
+    """
     digest = hashlib.sha256()
     for path in paths:
         try:
             stat = os.stat(path)
         except OSError as exc:
-            raise KDError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            raise KDError(f"cannot read {what} {printable(path)}: {exc.strerror or exc}") from None
+        digest.update(os.fsencode(os.path.abspath(path)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -65,7 +68,7 @@ class DatasetLayout:
     classes: list[str]
     train: Split
     val: Split
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample, why it cannot be read)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample, printable; why it cannot be read)
 
 
 class DataSource(ABC):

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from kd.errors import KDError
 from kd.files import written_atomically
+from kd.leftovers import remove_dead_temporaries
 
 DEMO_SHAPES = ("circle", "ring", "square", "triangle")
 DEMO_HUES = {"red": 0.0, "orange": 0.07, "blue": 0.6}
@@ -44,18 +45,28 @@ def _draw_demo_image(shape: str, hue: float, size: int, rng: np.random.Generator
     return image
 
 
+def _params(marker: Path) -> dict | None:
+    """The settings a complete demo dataset was generated with (its ``demo.json``); None if missing or damaged."""
+    try:
+        return json.loads(marker.read_bytes())
+    except (OSError, ValueError):  # not there, a folder, not JSON, not UTF-8
+        return None
+
+
 def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class: int = 50,
                       image_size: int = 40, seed: int = 0) -> Path:
     """Write the demo ImageFolder (train/ and val/ of PNGs) under ``root`` once; reuse it after.
 
     The images are a pure function of the arguments. The folder is built beside ``root`` and renamed
-    into place when complete, so an interrupted generation never leaves a partial dataset behind.
+    into place when complete, so an interrupted generation never leaves a partial dataset behind (and the
+    next call removes what a killed one left aside).
     """
     root = Path(root)
+    remove_dead_temporaries(root.parent, root.name, "demo dataset")
     params = {"version": DEMO_VERSION, "train_per_class": train_per_class, "val_per_class": val_per_class,
               "image_size": image_size, "seed": seed}
     marker = root / "demo.json"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    if _params(marker) == params:
         return root
     if root.exists():
         raise KDError(f"--data_dir demo: {root} exists but is not this demo dataset; move it away")
@@ -73,7 +84,7 @@ def make_demo_dataset(root: str | Path, train_per_class: int = 80, val_per_class
                         _draw_demo_image(shape, DEMO_HUES[colour], image_size, rng).save(folder / f"{i:04d}.png")
             (tmp / "demo.json").write_text(json.dumps(params))
     except OSError as exc:  # another process (a DDP rank) finished the same dataset first, or a disk problem
-        if not (marker.is_file() and json.loads(marker.read_text()) == params):
+        if _params(marker) != params:
             raise KDError(f"--data_dir demo: cannot write the demo dataset to {root} (under --output_dir): "
                           f"{exc.strerror or exc}") from None
     return root

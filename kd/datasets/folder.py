@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from kd.config import Config
 from kd.errors import KDError, warn
-from kd.images import decode_resized, load_rgb
+from kd.images import check_header, decode_resized, load_rgb, printable
 from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
 from kd.datasets.demo import make_demo_dataset
 
@@ -36,7 +37,7 @@ class FileSplit(Split):
         return load_rgb(self.samples[index][0])
 
     def describe(self, index: int) -> str:
-        return self.samples[index][0]
+        return printable(self.samples[index][0])
 
     def fingerprint(self) -> str:
         """A digest of every file's path, size and modification time, and of the labels in order."""
@@ -48,22 +49,55 @@ class FileSplit(Split):
         return decode_resized(self.samples[index][0], short_side)
 
 
-def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
-    """Class names and samples of one ImageFolder-style folder, refusing empty classes."""
+def _class_folders(folder: Path) -> list[str]:
+    """The class folder names in ``folder``, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are not classes."""
     try:
-        found, class_to_idx = find_classes(str(folder))
-    except FileNotFoundError:
-        raise KDError(f"--data_dir: {folder} has no class folders (expected {folder}/<class>/<image>)") from None
+        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _files(class_folder: str) -> tuple[list[str], list[str]]:
+    """The image files (by extension) and the other files under one class folder, each folder in path order.
+
+    Hidden files and folders (macOS's ``._photo.jpg``) are skipped, and so is a linked folder met before on
+    this walk or holding the class folder (a symlink loop), which would repeat images or bring others' in.
+    """
+    top = os.path.realpath(class_folder)
+    seen: set[str] = set()
+    walked = []
+    for root, folders, names in os.walk(class_folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen or (root != class_folder and os.path.commonpath([top, real]) == real):
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        walked.append((root, sorted(name for name in names if not name.startswith("."))))
+    images, others = [], []
+    for root, names in sorted(walked):
+        for name in names:
+            (images if name.lower().endswith(IMG_EXTENSIONS) else others).append(os.path.join(root, name))
+    return images, others
+
+
+def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
+    """Class names and samples of one ImageFolder-style folder (in torchvision's order), refusing empty classes."""
+    found = _class_folders(folder)
+    if not found:
+        raise KDError(f"--data_dir: {folder} has no class folders (expected {folder}/<class>/<image>)")
     if classes is not None and found != classes:
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise KDError(f"--data_dir: the class folders of {folder} differ from train/: "
                       f"missing {missing or 'none'}, extra {extra or 'none'}")
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    others = [p for name in found for p in sorted((folder / name).rglob("*"))
-              if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(IMG_EXTENSIONS)]
+    samples, others = [], []
+    for label, name in enumerate(found):
+        images, rest = _files(os.path.join(folder, name))
+        samples += [(path, label) for path in images]
+        others += rest
     if others:
         warn(f"--data_dir: ignoring {len(others)} file(s) under {folder} that are not images by their "
-             f"extension, e.g. {others[0]}")
+             f"extension, e.g. {printable(others[0])}")
     counts = np.bincount([label for _, label in samples], minlength=len(found))
     empty = [found[i] for i in np.flatnonzero(counts == 0)]
     if len(samples) == 0:
@@ -77,9 +111,11 @@ def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], li
 def _split(samples: list[Sample], classes: list[str], val_fraction: float) -> tuple[list[Sample], list[Sample]]:
     """A stratified train/val split with a fixed seed: every class keeps images on both sides."""
     rng = np.random.default_rng(SPLIT_SEED)
+    by_class: list[list[Sample]] = [[] for _ in classes]
+    for sample in samples:  # one pass: a filter per class took about a minute for ImageNet
+        by_class[sample[1]].append(sample)
     train, val = [], []
-    for label, name in enumerate(classes):
-        own = [s for s in samples if s[1] == label]
+    for name, own in zip(classes, by_class):
         order = rng.permutation(len(own))
         n_val = min(max(1, round(len(own) * val_fraction)), len(own) - 1)
         if n_val < 1:
@@ -110,13 +146,9 @@ def find_bad_images(samples: list[Sample], decode: bool) -> list[tuple[str, str]
     bad = []
     for path, _ in tqdm(samples, desc="checking images", unit="img", disable=not decode, file=sys.stderr):
         try:
-            if decode:
-                load_rgb(path)
-            else:
-                with Image.open(path):
-                    pass
-        except (KDError, OSError, SyntaxError, ValueError) as exc:
-            bad.append((path, str(exc).removeprefix(f"cannot read image {path}: ")))
+            (load_rgb if decode else check_header)(path)
+        except KDError as exc:
+            bad.append((path, str(exc).removeprefix(f"cannot read image {printable(path)}: ")))
     return bad
 
 
@@ -129,14 +161,15 @@ def without_bad_images(layout: DatasetLayout, skip: bool) -> DatasetLayout:
     skipped = find_bad_images(layout.train.samples + layout.val.samples, decode=skip)
     if skipped and not skip:
         path, reason = skipped[0]
-        raise KDError(f"--data_dir: cannot read image {path} ({reason}); remove it, or pass --skip_bad_images "
-                      "to check every image and train on the rest")
+        raise KDError(f"--data_dir: cannot read image {printable(path)} ({reason}); remove it, or pass "
+                      "--skip_bad_images to check every image and train on the rest")
     if not skipped:
         return layout
     bad = {path for path, _ in skipped}
-    warn(f"--skip_bad_images: skipping {len(bad)} unreadable image(s), e.g. {skipped[0][0]}")
+    warn(f"--skip_bad_images: skipping {len(bad)} unreadable image(s), e.g. {printable(skipped[0][0])}")
     return DatasetLayout(layout.classes, *(FileSplit([s for s in split.samples if s[0] not in bad])
-                                           for split in (layout.train, layout.val)), skipped)
+                                           for split in (layout.train, layout.val)),
+                         [(printable(path), reason) for path, reason in skipped])
 
 
 @SOURCES.register("folder")
