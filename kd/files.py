@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import os
+import re
 import shutil
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,7 @@ def _remove(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (ours, or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -40,13 +44,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_leftovers(path: Path, host: str) -> None:
-    """Remove the temporaries of ``path`` that writers on this machine left when they were killed mid-write."""
-    prefix = f".{path.name}.tmp-{host}-"
-    for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = leftover.name.removeprefix(prefix)
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            _remove(leftover)
+def dead_temporaries(folder: Path, target: str = "*") -> list[Path]:
+    """The temporaries in ``folder`` (of targets whose name matches the pattern ``target``) whose writer died.
+
+    Only this machine's are judged (another machine's pid means nothing here); a temporary whose pid is
+    alive is another process's work in progress (or a reused pid) and is left alone.
+    """
+    pattern = re.compile(rf"\.(.+)\.tmp-{re.escape(socket.gethostname())}-(\d+)")
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # no folder yet: nothing left over
+        return []
+    matches = [(entry, pattern.fullmatch(entry.name)) for entry in entries]
+    return [entry for entry, match in matches if match and fnmatch.fnmatchcase(match[1], target)
+            and int(match[2]) != os.getpid() and not _alive(int(match[2]))]
+
+
+def remove_dead_temporaries(folder: Path, target: str = "*", what: str = "") -> None:
+    """Remove :func:`dead_temporaries`; with ``what`` (the unfinished work's name), say so in one line."""
+    removed = dead_temporaries(folder, target)
+    for leftover in removed:
+        _remove(leftover)
+    if removed and what:
+        print(f"removed {len(removed)} unfinished {what}(s) left by a killed run, e.g. {removed[0]}",
+              file=sys.stderr, flush=True)
 
 
 def reason(exc: OSError) -> str:
@@ -68,7 +89,7 @@ def written_atomically(path: str | Path) -> Iterator[Path]:
     host = socket.gethostname()
     tmp = path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}")
     try:
-        _remove_leftovers(path, host)
+        remove_dead_temporaries(path.parent, glob.escape(path.name))
         yield tmp
         os.replace(tmp, path)
     except WriteError:

@@ -23,8 +23,7 @@ import torch
 from tqdm import tqdm
 
 from kd.errors import KDError
-from kd.files import written_atomically
-from kd.leftovers import remove_dead_temporaries
+from kd.files import remove_dead_temporaries, written_atomically
 from kd.datasets.base import Split
 
 FORMAT_VERSION = 1  # bump when the stored pixels change for the same inputs (filter, layout, draft use)

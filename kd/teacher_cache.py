@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from kd.errors import KDError, warn
-from kd.files import written_atomically
-from kd.leftovers import remove_dead_temporaries
+from kd.files import remove_dead_temporaries, written_atomically
 from kd.datasets.base import Split
 
 FORMAT_VERSION = 1

@@ -14,8 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from kd.errors import KDError
-from kd.files import written_atomically
-from kd.leftovers import remove_dead_temporaries
+from kd.files import remove_dead_temporaries, written_atomically
 
 DEMO_SHAPES = ("circle", "ring", "square", "triangle")
 DEMO_HUES = {"red": 0.0, "orange": 0.07, "blue": 0.6}
