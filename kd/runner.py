@@ -6,6 +6,7 @@ found again for --resume, fitted, and its result saved.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import statistics
 import warnings
@@ -24,14 +25,16 @@ from kd.checks import STAGES, Plan, check_experiment, check_run
 from kd.config import Config, Role, identity, save_config
 from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
-from kd.errors import Interrupted, KDError
+from kd.errors import Interrupted, KDError, warn
 from kd.files import write_text, written_atomically
 from kd.losses import LOSSES
 from kd.losses.objective import loss_key, weights_in_force
+from kd.models import read_checkpoint
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
 from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
+from kd.versions import new_version, next_version, training_lock
 
 
 def with_weights_in_force(c: Config) -> Config:
@@ -99,7 +102,8 @@ class StageRunner:
         self.config, self.build, self.plan = config, build, plan
         self.root = Path(config.output_dir) / config.experiment_name
         self.kd_loss_name = "+".join(loss_key(spec) for spec in config.kd_loss)
-        self.teacher = plan.teacher  # the latest teacher trained or given, for the distill stages and --export
+        # The latest teacher trained or given, for the distill stages and --export.
+        self.teacher = replace(plan.teacher, top1=_recorded_top1(plan.teacher)) if plan.teacher else None
 
     def run(self) -> list[StageResult]:
         """Train every requested stage for each seed; distill uses the teacher trained just before.
@@ -113,22 +117,29 @@ class StageRunner:
             if "teacher" in self.plan.stages and (index == 0 or c.repeat_teacher):
                 results.append(self._stage("teacher", seed, c.teacher_arch[0]))
                 self.teacher = self._load_teacher(c.teacher_arch[0], results[-1])
+            baseline = None
             if "baseline" in self.plan.stages:
                 results.append(self._stage("baseline", seed, c.student_arch))
+                baseline = results[-1].best_top1
             if "distill" in self.plan.stages:
                 teacher = self.teacher
                 for number, arch in enumerate(c.assistant_arch, start=1):
                     results.append(self._stage(f"assistant{number}", seed, arch, teacher))
                     teacher = self._load_teacher(arch, results[-1])
-                results.append(self._stage("distill", seed, c.student_arch, teacher))
+                results.append(self._stage("distill", seed, c.student_arch, teacher, baseline))
         return results
 
     def _load_teacher(self, arch: str, result: StageResult) -> Teacher:
         """The network a finished stage trained, as the teacher of the stages after it."""
-        return self.build.teacher((arch,), (result.best_checkpoint.resolve(),))
+        return replace(self.build.teacher((arch,), (result.best_checkpoint.resolve(),)), top1=result.best_top1)
 
-    def _stage(self, stage: str, seed: int, arch: str, teacher: Teacher | None = None) -> StageResult:
-        """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new."""
+    def _stage(self, stage: str, seed: int, arch: str, teacher: Teacher | None = None,
+               baseline: float | None = None) -> StageResult:
+        """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new.
+
+        A student about to learn from a teacher no better than chance, or than the baseline student
+        (``baseline``, its top-1), is warned about, and the warning is kept in its result.
+        """
         c = self.config
         config = replace(c, seed=seed)
         if teacher is not None:  # record the very teacher and weights used, so --resume never mixes them up
@@ -141,11 +152,16 @@ class StageRunner:
             if is_main_process():
                 print(f"\n== {stage}, seed {seed}: finished earlier in {earlier.log_dir}", flush=True)
             return earlier
+        known = teacher is not None and teacher.top1 is not None
+        doubt = teacher_doubt(teacher.top1, len(self.build.classes), baseline) if known else None
+        if doubt and is_main_process():
+            print(f"\nwarning: {stage} (seed {seed}): {doubt}", flush=True)
         weights = c.teacher_weights if stage == "teacher" else c.student_weights if stage in STAGES else None
         model = self.build.network(arch, weights, f"--{'teacher' if stage == 'teacher' else 'student'}_weights", seed)
         cache = self.build.teacher_cache(teacher.checkpoints, seed) if teacher is not None and c.teacher_cache else None
         distiller = self.build.distiller(model, config, teacher.network if teacher else None, cache)
-        result = self._fit(stage, arch, self.build.module(distiller, arch, config), config, earlier)
+        result = self._fit(stage, arch, self.build.module(distiller, arch, config), config, earlier,
+                           [doubt] if doubt else [])
         if cache is not None and is_main_process():
             print(f"teacher cache: {cache.folder} holds {cache.nbytes() / 2**20:.1f} MiB "
                   f"({c.teacher_cache_dtype}{f', top {c.teacher_cache_topk}' if c.teacher_cache_topk else ''})",
@@ -153,35 +169,62 @@ class StageRunner:
         return result
 
     def _earlier(self, stage: str, config: Config) -> StageResult | Path | None:
-        """For --resume: the latest run of this stage with the same seed and the same stage flags.
+        """For --resume: the latest run of this stage with the same seed, stage flags and classes.
 
         Its result if it finished, its folder if it can continue from ``last.ckpt``; None starts anew.
+        A run whose checkpoint cannot be read, or that learned other classes, is left as it is, saying why.
         """
-        folders = sorted((p for p in (self.root / stage).glob("version_*") if (p / "config.yaml").is_file()),
-                         key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
         role = stage_role(stage)
         wanted = config.identity(role)
-        for folder in folders:
-            saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            if identity(saved, role) != wanted:
+        for folder in _versions(self.root / stage):
+            if identity(_moved_along(_saved_config(folder), self.root), role) != wanted:
                 continue
-            if (folder / RESULT_FILE).is_file():
-                return StageResult.load(folder / RESULT_FILE)
-            if (folder / "checkpoints" / "last.ckpt").is_file():
-                return folder
+            result = StageResult.load(folder / RESULT_FILE) if (folder / RESULT_FILE).is_file() else None
+            checkpoint = result.best_checkpoint if result else folder / "checkpoints" / "last.ckpt"
+            if result is None and not checkpoint.is_file():
+                continue
+            why = self._unusable(checkpoint)
+            if why is None:
+                return result or folder
+            if is_main_process():
+                warn(f"--resume: {'reusing' if result else 'continuing'} {folder} is not possible: {why}; "
+                     "it is left as it is, and not used")
         return None
 
-    def _fit(self, stage: str, arch: str, module: KDModule, c: Config, resume_from: Path | None) -> StageResult:
+    def _unusable(self, checkpoint: Path) -> str | None:
+        """Why a stage's ``checkpoint`` cannot be reused or continued from (None when it can)."""
+        try:
+            _, meta = read_checkpoint(checkpoint, "--resume")
+        except KDError as exc:
+            return str(exc).removeprefix("--resume: ")
+        saved, classes = list(meta.get("class_names", self.build.classes)), self.build.classes
+        if saved == classes:
+            return None
+        added, gone = [c for c in classes if c not in saved], [c for c in saved if c not in classes]
+        change = "; ".join([*([f"added: {_names(added)}"] if added else []),
+                            *([f"gone: {_names(gone)}"] if gone else [])]) or "in another order"
+        return f"it learned other classes: {len(saved)}, the data now has {len(classes)} ({change})"
+
+    def _fit(self, stage: str, arch: str, module: KDModule, c: Config, resume_from: Path | None,
+             notes: list[str]) -> StageResult:
+        """Train one stage in ``resume_from`` or a new version folder, holding the folder's lock throughout."""
+        if not is_main_process():  # other ranks write nothing; Lightning broadcasts rank 0's checkpoint folder
+            return self._train(stage, arch, module, c, resume_from, resume_from is not None, notes)
+        folder = resume_from or new_version(self.root / stage)
+        with training_lock(folder):
+            return self._train(stage, arch, module, c, folder, resume_from is not None, notes)
+
+    def _train(self, stage: str, arch: str, module: KDModule, c: Config, folder: Path | None, resumed: bool,
+               notes: list[str]) -> StageResult:
         data = self.build.data
         pl.seed_everything(c.seed, workers=True, verbose=False)
         data.set_seed(c.seed)
         params = sum(p.numel() for p in module.model.parameters())
-        version = int(resume_from.name.removeprefix("version_")) if resume_from else None
+        version = int(folder.name.removeprefix("version_")) if folder else None
         logger = TensorBoardLogger(self.root, name=stage, version=version, default_hp_metric=False)
-        log_dir = Path(logger.log_dir)  # other ranks write nothing; Lightning broadcasts rank 0's checkpoint folder
+        log_dir = Path(logger.log_dir)
         last = log_dir / "checkpoints" / "last.ckpt"
-        if is_main_process() and not resume_from:
-            log_dir.mkdir(parents=True, exist_ok=False)
+        if is_main_process() and not resumed:
             save_config(c, log_dir / "config.yaml")
             if data.skipped:
                 write_text(log_dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in data.skipped))
@@ -196,9 +239,9 @@ class StageRunner:
                                callbacks=[checkpoint, every_epoch, history, timer, EpochSeeding(data, c.seed),
                                           InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
                                           LearningRateMonitor("step")])
-        ckpt_path = last if resume_from and last.is_file() else None
+        ckpt_path = last if resumed and last.is_file() else None
         if is_main_process():
-            how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resume_from else ""
+            how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resumed else ""
             print(f"\n== {stage}: {arch}, seed {c.seed} → {log_dir} {how}".rstrip(), flush=True)
         where = f"{stage} (seed {c.seed})"
         try:
@@ -228,10 +271,83 @@ class StageRunner:
                              Path(checkpoint.best_model_path),
                              self.kd_loss_name if module.distiller.distilling else "",
                              [100 * e["val/top1"] for e in history.epochs], _teachers(c, history.epochs[-1]),
-                             100 * history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None)
+                             100 * history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None,
+                             notes)
         if is_main_process():
             result.save()
         return result
+
+
+NEAR_CHANCE = 0.1  # a teacher within this share of the way from chance to 100 % top-1 is "near chance"
+
+
+def teacher_doubt(top1: float, classes: int, baseline: float | None = None) -> str | None:
+    """Why a teacher of validation top-1 ``top1`` (percent) may have nothing to teach, or None when it may.
+
+    Near chance, or below ``baseline`` (the student's own top-1 trained on labels alone).
+    """
+    chance = 100 / classes
+    if top1 < chance + NEAR_CHANCE * (100 - chance):
+        return (f"the teacher's validation top-1 is {top1:.2f} %, near chance ({chance:.2f} % with {classes} "
+                "classes): it has little to teach; train it longer, or give a better --teacher_checkpoint")
+    if baseline is not None and top1 < baseline:
+        return (f"the teacher's validation top-1 ({top1:.2f} %) is below the baseline student's ({baseline:.2f} %): "
+                "distilling from it may hold the student back")
+    return None
+
+
+def _recorded_top1(teacher: Teacher) -> float | None:
+    """The validation top-1 of a single --teacher_checkpoint trained by kd, from the result.json beside it."""
+    if len(teacher.checkpoints) != 1:
+        return None
+    checkpoint = teacher.checkpoints[0]
+    path = checkpoint.parent.parent / RESULT_FILE
+    try:
+        result = StageResult.load(path) if path.is_file() else None
+    except KDError:
+        return None
+    return result.best_top1 if result and result.best_checkpoint.resolve() == checkpoint.resolve() else None
+
+
+def _versions(folder: Path) -> list[Path]:
+    """The runs of a stage, newest first: ``version_N`` folders with their config.yaml (other names are not kd's)."""
+    numbered = [p for p in folder.glob("version_*") if p.name.removeprefix("version_").isdigit()]
+    return sorted((p for p in numbered if (p / "config.yaml").is_file()),
+                  key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
+
+
+def _saved_config(folder: Path) -> dict[str, Any]:
+    """The flags a stage folder was trained with (its config.yaml), or a one-line error naming the file."""
+    path = folder / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise KDError(f"--resume: {path} cannot be read ({type(exc).__name__}); restore it, or move {folder} "
+                      "out of the experiment") from None
+    if not isinstance(saved, dict):
+        raise KDError(f"--resume: {path} is not a kd configuration (a mapping of flag: value); restore it, "
+                      f"or move {folder} out of the experiment")
+    return saved
+
+
+def _moved_along(saved: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A stage's saved flags with each teacher checkpoint it recorded in this experiment before it was moved
+    or copied read where it lies now: ``<stage>/version_N/checkpoints/<file>`` here, and the recorded file
+    gone or of the same bytes."""
+    def now(recorded: Any) -> Any:
+        path = Path(recorded) if isinstance(recorded, str) else None
+        if path is None or len(path.parts) < 6 or path.parts[-5] != root.name:
+            return recorded
+        here = root.resolve().joinpath(*path.parts[-4:])
+        same = here.is_file() and (not path.exists() or filecmp.cmp(path, here, shallow=False))
+        return str(here) if same else recorded
+
+    checkpoints = saved.get("teacher_checkpoint")
+    return saved | {"teacher_checkpoint": [now(p) for p in checkpoints]} if isinstance(checkpoints, list) else saved
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _teachers(c: Config, metrics: dict[str, float]) -> list[dict[str, Any]]:
@@ -277,18 +393,12 @@ def format_summary(results: list[StageResult], report: Path | None = None) -> st
     if any(len(runs) > 1 for runs in groups.values()):
         lines += ["", comparison_table(results)]
     lines += ensemble_lines(results)
+    lines += [f"warning: {r.label}, seed {r.seed}: {warning}" for r in results for warning in r.warnings]
     if report is not None:
         lines.append(f"report: {report} (and report.png beside it)")
     lines.append("each stage's best and last checkpoints are in <logs>/checkpoints; "
                  "view the logs with: tensorboard --logdir " + str(results[0].log_dir.parent.parent))
     return "\n".join(lines)
-
-
-def next_version(folder: Path) -> Path:
-    """``folder/version_N`` for the first N not yet taken, as TensorBoardLogger numbers its runs."""
-    taken = {int(p.name.removeprefix("version_")) for p in folder.glob("version_*")
-             if p.name.removeprefix("version_").isdigit()}
-    return folder / f"version_{max(taken, default=-1) + 1}"
 
 
 def _report_folder(config: Config) -> Path:
