@@ -29,7 +29,7 @@ from kd.errors import Interrupted, KDError, warn
 from kd.files import write_text, written_atomically
 from kd.losses import LOSSES
 from kd.losses.objective import loss_key, weights_in_force
-from kd.models import read_checkpoint
+from kd.models import build_model, load_weights, read_checkpoint
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
@@ -147,7 +147,7 @@ class StageRunner:
                              teacher_checkpoint=[str(path) for path in teacher.checkpoints],
                              ensemble_weights=list(teacher.weights), student_arch=arch, assistant_arch=[],
                              student_weights=c.student_weights if stage == "distill" else None)
-        earlier = self._earlier(stage, config) if config.resume else None
+        earlier = self._earlier(stage, arch, config) if config.resume else None
         if isinstance(earlier, StageResult):
             if is_main_process():
                 print(f"\n== {stage}, seed {seed}: finished earlier in {earlier.log_dir}", flush=True)
@@ -168,7 +168,7 @@ class StageRunner:
                   flush=True)
         return result
 
-    def _earlier(self, stage: str, config: Config) -> StageResult | Path | None:
+    def _earlier(self, stage: str, arch: str, config: Config) -> StageResult | Path | None:
         """For --resume: the latest run of this stage with the same seed, stage flags and classes.
 
         Its result if it finished, its folder if it can continue from ``last.ckpt``; None starts anew.
@@ -183,7 +183,7 @@ class StageRunner:
             checkpoint = result.best_checkpoint if result else folder / "checkpoints" / "last.ckpt"
             if result is None and not checkpoint.is_file():
                 continue
-            why = self._unusable(checkpoint)
+            why = self._unusable(checkpoint, arch)
             if why is None:
                 return result or folder
             if is_main_process():
@@ -191,15 +191,19 @@ class StageRunner:
                      "it is left as it is, and not used")
         return None
 
-    def _unusable(self, checkpoint: Path) -> str | None:
-        """Why a stage's ``checkpoint`` cannot be reused or continued from (None when it can)."""
+    def _unusable(self, checkpoint: Path, arch: str) -> str | None:
+        """Why a stage's ``checkpoint`` cannot be reused or continued from (None when it can): unreadable,
+        trained on other classes, or holding weights that do not fit an ``arch``."""
+        classes = self.build.classes
         try:
-            _, meta = read_checkpoint(checkpoint, "--resume")
+            state, meta = read_checkpoint(checkpoint, "--resume")
+            saved = list(meta.get("class_names", classes))
+            if saved == classes:
+                load_weights(build_model(arch, len(classes), flag="--resume"), state, len(classes), str(checkpoint),
+                             "--resume", new_head=False)
+                return None
         except KDError as exc:
             return str(exc).removeprefix("--resume: ")
-        saved, classes = list(meta.get("class_names", self.build.classes)), self.build.classes
-        if saved == classes:
-            return None
         added, gone = [c for c in classes if c not in saved], [c for c in saved if c not in classes]
         change = "; ".join([*([f"added: {_names(added)}"] if added else []),
                             *([f"gone: {_names(gone)}"] if gone else [])]) or "in another order"

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import FAST, PROJECT
 from kd.cli import main
+from kd.models import build_model
 
 
 def _flags(data: Path, out: Path, *stages: str) -> list[str]:
@@ -223,3 +225,40 @@ def test_a_finished_stage_whose_checkpoint_was_deleted_is_trained_anew(finished,
     err = capsys.readouterr().err
     assert f"--resume: reusing {stage} is not possible: file {stage / 'checkpoints' / 'best.ckpt'}" in err
     assert _versions(stage.parent) == ["version_0", "version_1"]
+
+
+def test_a_last_checkpoint_of_another_network_is_named_not_loaded(finished, capsys):
+    flags, stage = finished
+    (stage / "result.json").unlink()
+    last = stage / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)  # a hand-copied file: cnn_small weights under cnn_tiny's name
+    checkpoint["state_dict"] = {f"model.{k}": v for k, v in build_model("cnn_small", 12).state_dict().items()}
+    torch.save(checkpoint, last)
+    capsys.readouterr()
+    assert main([*flags, "--resume"]) == 0  # before: a traceback of size mismatches from load_state_dict
+    assert f"--resume: continuing {stage} is not possible: {last} does not fit this model: " in capsys.readouterr().err
+    assert _versions(stage.parent) == ["version_0", "version_1"]
+
+
+def test_a_stage_folder_that_is_a_file_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    (tmp_path / "kd").mkdir()
+    (tmp_path / "kd" / "baseline").write_text("not a folder")
+    assert main(_flags(tiny_data, tmp_path, "--baseline")) == 2  # before: NotADirectoryError's traceback
+    version = tmp_path / "kd" / "baseline" / "version_0"
+    assert _one_line_error(capsys) == f"error: --output_dir: cannot create {version}: Not a directory"
+
+
+def test_a_version_folder_another_run_just_took_is_not_shared(tmp_path, monkeypatch):
+    import kd.versions
+
+    first, taken = kd.versions.next_version, []
+
+    def raced(folder: Path) -> Path:  # another run creates version_0 between the choice and the mkdir
+        chosen = first(folder)
+        if not taken:
+            chosen.mkdir(parents=True)
+            taken.append(chosen)
+        return chosen
+
+    monkeypatch.setattr(kd.versions, "next_version", raced)
+    assert kd.versions.new_version(tmp_path / "baseline") == tmp_path / "baseline" / "version_1"
