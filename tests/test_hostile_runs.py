@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -262,3 +263,18 @@ def test_a_version_folder_another_run_just_took_is_not_shared(tmp_path, monkeypa
 
     monkeypatch.setattr(kd.versions, "next_version", raced)
     assert kd.versions.new_version(tmp_path / "baseline") == tmp_path / "baseline" / "version_1"
+
+
+def test_a_file_system_without_locks_trains_saying_so(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    from kd.versions import training_lock
+
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with training_lock(tmp_path):  # before: OSError's traceback
+        pass
+    assert capsys.readouterr().err == (f"warning: {tmp_path}: cannot lock training.lock (No locks available); do not "
+                                       "resume this stage twice at once\n")
