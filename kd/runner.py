@@ -397,7 +397,8 @@ def format_summary(results: list[StageResult], report: Path | None = None) -> st
     if any(len(runs) > 1 for runs in groups.values()):
         lines += ["", comparison_table(results)]
     lines += ensemble_lines(results)
-    lines += [f"warning: {r.label}, seed {r.seed}: {warning}" for r in results for warning in r.warnings]
+    warned = [f"warning: {r.label}, seed {r.seed}: {warning}" for r in results for warning in r.warnings]
+    lines += ["", *warned] if warned else []
     if report is not None:
         lines.append(f"report: {report} (and report.png beside it)")
     lines.append("each stage's best and last checkpoints are in <logs>/checkpoints; "
