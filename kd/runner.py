@@ -6,7 +6,6 @@ found again for --resume, fitted, and its result saved.
 
 from __future__ import annotations
 
-import filecmp
 import os
 import statistics
 import warnings
@@ -15,24 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import yaml
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from kd.checks import STAGES, Plan, check_experiment, check_run
-from kd.config import Config, Role, identity, save_config
+from kd.config import Config, Role, save_config
 from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
 from kd.errors import Interrupted, KDError, warn
 from kd.files import write_text, written_atomically
 from kd.losses import LOSSES
 from kd.losses.objective import loss_key, weights_in_force
-from kd.models import build_model, load_weights, read_checkpoint
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
+from kd.resume import find_earlier
 from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
 from kd.versions import new_version, next_version, training_lock
 
@@ -147,7 +145,11 @@ class StageRunner:
                              teacher_checkpoint=[str(path) for path in teacher.checkpoints],
                              ensemble_weights=list(teacher.weights), student_arch=arch, assistant_arch=[],
                              student_weights=c.student_weights if stage == "distill" else None)
-        earlier = self._earlier(stage, arch, config) if config.resume else None
+        earlier = None
+        if config.resume:
+            earlier, passed = find_earlier(self.root / stage, config, stage_role(stage), arch, self.build.classes)
+            for notice in passed if is_main_process() else []:
+                warn(notice)
         if isinstance(earlier, StageResult):
             if is_main_process():
                 print(f"\n== {stage}, seed {seed}: finished earlier in {earlier.log_dir}", flush=True)
@@ -167,47 +169,6 @@ class StageRunner:
                   f"({c.teacher_cache_dtype}{f', top {c.teacher_cache_topk}' if c.teacher_cache_topk else ''})",
                   flush=True)
         return result
-
-    def _earlier(self, stage: str, arch: str, config: Config) -> StageResult | Path | None:
-        """For --resume: the latest run of this stage with the same seed, stage flags and classes.
-
-        Its result if it finished, its folder if it can continue from ``last.ckpt``; None starts anew.
-        A run whose checkpoint cannot be read, or that learned other classes, is left as it is, saying why.
-        """
-        role = stage_role(stage)
-        wanted = config.identity(role)
-        for folder in _versions(self.root / stage):
-            if identity(_moved_along(_saved_config(folder), self.root), role) != wanted:
-                continue
-            result = StageResult.load(folder / RESULT_FILE) if (folder / RESULT_FILE).is_file() else None
-            checkpoint = result.best_checkpoint if result else folder / "checkpoints" / "last.ckpt"
-            if result is None and not checkpoint.is_file():
-                continue
-            why = self._unusable(checkpoint, arch)
-            if why is None:
-                return result or folder
-            if is_main_process():
-                warn(f"--resume: {'reusing' if result else 'continuing'} {folder} is not possible: {why}; "
-                     "it is left as it is, and not used")
-        return None
-
-    def _unusable(self, checkpoint: Path, arch: str) -> str | None:
-        """Why a stage's ``checkpoint`` cannot be reused or continued from (None when it can): unreadable,
-        trained on other classes, or holding weights that do not fit an ``arch``."""
-        classes = self.build.classes
-        try:
-            state, meta = read_checkpoint(checkpoint, "--resume")
-            saved = list(meta.get("class_names", classes))
-            if saved == classes:
-                load_weights(build_model(arch, len(classes), flag="--resume"), state, len(classes), str(checkpoint),
-                             "--resume", new_head=False)
-                return None
-        except KDError as exc:
-            return str(exc).removeprefix("--resume: ")
-        added, gone = [c for c in classes if c not in saved], [c for c in saved if c not in classes]
-        change = "; ".join([*([f"added: {_names(added)}"] if added else []),
-                            *([f"gone: {_names(gone)}"] if gone else [])]) or "in another order"
-        return f"it learned other classes: {len(saved)}, the data now has {len(classes)} ({change})"
 
     def _fit(self, stage: str, arch: str, module: KDModule, c: Config, resume_from: Path | None,
              notes: list[str]) -> StageResult:
@@ -311,47 +272,6 @@ def _recorded_top1(teacher: Teacher) -> float | None:
     except KDError:
         return None
     return result.best_top1 if result and result.best_checkpoint.resolve() == checkpoint.resolve() else None
-
-
-def _versions(folder: Path) -> list[Path]:
-    """The runs of a stage, newest first: ``version_N`` folders with their config.yaml (other names are not kd's)."""
-    numbered = [p for p in folder.glob("version_*") if p.name.removeprefix("version_").isdigit()]
-    return sorted((p for p in numbered if (p / "config.yaml").is_file()),
-                  key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
-
-
-def _saved_config(folder: Path) -> dict[str, Any]:
-    """The flags a stage folder was trained with (its config.yaml), or a one-line error naming the file."""
-    path = folder / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise KDError(f"--resume: {path} cannot be read ({type(exc).__name__}); restore it, or move {folder} "
-                      "out of the experiment") from None
-    if not isinstance(saved, dict):
-        raise KDError(f"--resume: {path} is not a kd configuration (a mapping of flag: value); restore it, "
-                      f"or move {folder} out of the experiment")
-    return saved
-
-
-def _moved_along(saved: dict[str, Any], root: Path) -> dict[str, Any]:
-    """A stage's saved flags with each teacher checkpoint it recorded in this experiment before it was moved
-    or copied read where it lies now: ``<stage>/version_N/checkpoints/<file>`` here, and the recorded file
-    gone or of the same bytes."""
-    def now(recorded: Any) -> Any:
-        path = Path(recorded) if isinstance(recorded, str) else None
-        if path is None or len(path.parts) < 6 or path.parts[-5] != root.name:
-            return recorded
-        here = root.resolve().joinpath(*path.parts[-4:])
-        same = here.is_file() and (not path.exists() or filecmp.cmp(path, here, shallow=False))
-        return str(here) if same else recorded
-
-    checkpoints = saved.get("teacher_checkpoint")
-    return saved | {"teacher_checkpoint": [now(p) for p in checkpoints]} if isinstance(checkpoints, list) else saved
-
-
-def _names(names: list[str], shown: int = 5) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _teachers(c: Config, metrics: dict[str, float]) -> list[dict[str, Any]]:
