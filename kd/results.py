@@ -46,9 +46,10 @@ class StageResult:
         Paths are saved relative to that folder, so the experiment can be moved or copied and still resumed.
         """
         data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        folder, best = self.log_dir.resolve(), self.best_checkpoint.resolve()
         data["log_dir"] = "."
-        if self.best_checkpoint.is_relative_to(self.log_dir):
-            data["best_checkpoint"] = str(self.best_checkpoint.relative_to(self.log_dir))
+        if best.is_relative_to(folder):
+            data["best_checkpoint"] = str(best.relative_to(folder))
         write_text(self.log_dir / RESULT_FILE, json.dumps(data, indent=1))
 
     @classmethod
@@ -60,14 +61,23 @@ class StageResult:
         """
         try:
             data = json.loads(path.read_text())
-            saved_dir, best = Path(data["log_dir"]), Path(data["best_checkpoint"])
-            if best.is_relative_to(saved_dir):
-                best = path.parent / best.relative_to(saved_dir)
-            data["log_dir"], data["best_checkpoint"] = path.parent, best
+            data["best_checkpoint"] = _moved(Path(data["best_checkpoint"]), Path(data["log_dir"]), path.parent)
+            data["log_dir"] = path.parent
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise KDError(f"{path} is not a kd result file ({type(exc).__name__}: {exc}); restore it, or move "
                           f"{path.parent} aside") from None
+
+
+def _moved(path: Path, saved_folder: Path, folder: Path) -> Path:
+    """``path``, saved in a stage folder then at ``saved_folder``, in that folder now at ``folder``.
+
+    Saved relative to it (``.``), or, before that, absolute or relative to the working directory of then.
+    """
+    parts = path.parts
+    if saved_folder.name and saved_folder.name in parts:
+        return folder.joinpath(*parts[len(parts) - parts[::-1].index(saved_folder.name):])
+    return path if path.is_absolute() else folder / path
 
 
 def find_results(paths: list[str]) -> list[StageResult]:

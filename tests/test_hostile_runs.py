@@ -278,3 +278,32 @@ def test_a_file_system_without_locks_trains_saying_so(tmp_path, monkeypatch, cap
         pass
     assert capsys.readouterr().err == (f"warning: {tmp_path}: cannot lock training.lock (No locks available); do not "
                                        "resume this stage twice at once\n")
+
+
+@pytest.mark.parametrize("log_dir, best", [
+    (".", "checkpoints/best.ckpt"),  # as kd saves it now
+    ("/old/kd/teacher/version_3", "/old/kd/teacher/version_3/checkpoints/best.ckpt"),  # before: absolute
+    ("runs/kd/teacher/version_3", "/home/u/runs/kd/teacher/version_3/checkpoints/best.ckpt"),  # relative --output_dir
+])
+def test_result_files_of_every_age_find_their_checkpoint_where_they_lie_now(tmp_path, log_dir, best):
+    from kd.results import StageResult
+
+    folder = tmp_path / "moved" / "kd" / "teacher" / "version_3"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({
+        "experiment": "kd", "stage": "teacher", "arch": "cnn_tiny", "seed": 0, "params": 1, "best_top1": 50.0,
+        "best_top5": 90.0, "best_epoch": 0, "seconds": 1.0, "log_dir": log_dir, "best_checkpoint": best}))
+    result = StageResult.load(folder / "result.json")
+    assert (result.log_dir, result.best_checkpoint) == (folder, folder / "checkpoints" / "best.ckpt")
+
+
+def test_a_result_saved_under_a_relative_output_dir_keeps_its_checkpoint_relative(tmp_path, monkeypatch):
+    from kd.results import StageResult
+
+    monkeypatch.chdir(tmp_path)
+    folder = Path("runs") / "kd" / "baseline" / "version_0"  # as the runner names it; Lightning's path is absolute
+    folder.mkdir(parents=True)
+    StageResult("kd", "baseline", "cnn_tiny", 0, 1, 50.0, 90.0, 0, 1.0, folder,
+                tmp_path / folder / "checkpoints" / "best.ckpt").save()
+    saved = json.loads((folder / "result.json").read_text())
+    assert (saved["log_dir"], saved["best_checkpoint"]) == (".", "checkpoints/best.ckpt")
