@@ -7,6 +7,7 @@ teacher, the caches) and build throwaway networks; they never write.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def check_stages(c: Config) -> list[str]:
     stages = [s for s, on in zip(STAGES, (c.train_teacher, c.baseline, c.distill)) if on]
     if not stages:
         raise KDError("nothing to run: pass --train_teacher, --baseline and/or --distill")
+    twice = sorted(seed for seed, times in Counter(c.seeds).items() if times > 1)  # linear: lists may be long
+    if twice:
+        raise KDError(f"--seeds: {', '.join(map(str, twice))} given more than once; a seed repeated trains the "
+                      "same runs again (and reports a spread of 0)")
     if c.distill and c.train_teacher and c.teacher_checkpoint:
         raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
     if c.distill and not (c.train_teacher or c.teacher_checkpoint):

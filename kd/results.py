@@ -33,6 +33,7 @@ class StageResult:
     val_top1: list[float] = field(default_factory=list)  # percent, one per epoch
     teachers: list[dict[str, Any]] = field(default_factory=list)  # arch, checkpoint, own top-1 of each teacher
     teacher_top1: float | None = None  # percent: the teacher (or the ensemble) the student learned from
+    warnings: list[str] = field(default_factory=list)  # what the user was told about this stage, e.g. a weak teacher
 
     @property
     def label(self) -> str:
@@ -40,19 +41,43 @@ class StageResult:
         return f"{self.stage} ({self.kd_loss})" if self.kd_loss else self.stage
 
     def save(self) -> None:
-        """Write result.json into the stage's log folder (atomically: a kill leaves no partial file)."""
+        """Write result.json into the stage's log folder (atomically: a kill leaves no partial file).
+
+        Paths are saved relative to that folder, so the experiment can be moved or copied and still resumed.
+        """
         data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        folder, best = self.log_dir.resolve(), self.best_checkpoint.resolve()
+        data["log_dir"] = "."
+        if best.is_relative_to(folder):
+            data["best_checkpoint"] = str(best.relative_to(folder))
         write_text(self.log_dir / RESULT_FILE, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> StageResult:
-        """Read a result.json written by :meth:`save`."""
+        """Read a result.json written by :meth:`save`, its paths taken from where it lies now.
+
+        Files from before relative paths name an absolute (or old working-directory) folder: their
+        checkpoint is found again in the folder that holds the file.
+        """
         try:
             data = json.loads(path.read_text())
-            data["log_dir"], data["best_checkpoint"] = Path(data["log_dir"]), Path(data["best_checkpoint"])
+            data["best_checkpoint"] = _moved(Path(data["best_checkpoint"]), Path(data["log_dir"]), path.parent)
+            data["log_dir"] = path.parent
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise KDError(f"--report: {path} is not a kd result file ({type(exc).__name__}: {exc})") from None
+            raise KDError(f"{path} is not a kd result file ({type(exc).__name__}: {exc}); restore it, or move "
+                          f"{path.parent} aside") from None
+
+
+def _moved(path: Path, saved_folder: Path, folder: Path) -> Path:
+    """``path``, saved in a stage folder then at ``saved_folder``, in that folder now at ``folder``.
+
+    Saved relative to it (``.``), or, before that, absolute or relative to the working directory of then.
+    """
+    parts = path.parts
+    if saved_folder.name and saved_folder.name in parts:
+        return folder.joinpath(*parts[len(parts) - parts[::-1].index(saved_folder.name):])
+    return path if path.is_absolute() else folder / path
 
 
 def find_results(paths: list[str]) -> list[StageResult]:
@@ -65,5 +90,8 @@ def find_results(paths: list[str]) -> list[StageResult]:
         found = sorted(root.rglob(RESULT_FILE))
         if not found:
             raise KDError(f"--report: no finished stage ({RESULT_FILE}) under {root}")
-        results += [StageResult.load(path) for path in found]
+        try:
+            results += [StageResult.load(path) for path in found]
+        except KDError as exc:
+            raise KDError(f"--report: {exc}") from None
     return results

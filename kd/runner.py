@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -26,7 +25,7 @@ from kd.config import Config, Role, identity, save_config
 from kd.console import progress_bar
 from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
-from kd.errors import Interrupted, KDError
+from kd.errors import Interrupted, KDError, warn
 from kd.files import write_text
 from kd.losses import LOSSES
 from kd.losses.base import accepted_settings
@@ -34,7 +33,9 @@ from kd.losses.objective import loss_key, parse_loss_options, weights_in_force
 from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
+from kd.resume import find_earlier
 from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
+from kd.versions import new_version, next_version, training_lock
 
 
 def with_weights_in_force(c: Config) -> Config:
@@ -160,7 +161,8 @@ class StageRunner:
         self.config, self.build, self.plan = config, build, plan
         self.root = Path(config.output_dir) / config.experiment_name
         self.kd_loss_name = "+".join(loss_key(spec) for spec in config.kd_loss)
-        self.teacher = plan.teacher  # the latest teacher trained or given, for the distill stages and --export
+        # The latest teacher trained or given, for the distill stages and --export.
+        self.teacher = replace(plan.teacher, top1=_recorded_top1(plan.teacher)) if plan.teacher else None
 
     def run(self) -> list[StageResult]:
         """Train every requested stage for each seed; distill uses the teacher trained just before.
@@ -174,22 +176,29 @@ class StageRunner:
             if "teacher" in self.plan.stages and (index == 0 or c.repeat_teacher):
                 results.append(self._stage("teacher", seed, c.teacher_arch[0]))
                 self.teacher = self._load_teacher(c.teacher_arch[0], results[-1])
+            baseline = None
             if "baseline" in self.plan.stages:
                 results.append(self._stage("baseline", seed, c.student_arch))
+                baseline = results[-1].best_top1
             if "distill" in self.plan.stages:
                 teacher = self.teacher
                 for number, arch in enumerate(c.assistant_arch, start=1):
                     results.append(self._stage(f"assistant{number}", seed, arch, teacher))
                     teacher = self._load_teacher(arch, results[-1])
-                results.append(self._stage("distill", seed, c.student_arch, teacher))
+                results.append(self._stage("distill", seed, c.student_arch, teacher, baseline))
         return results
 
     def _load_teacher(self, arch: str, result: StageResult) -> Teacher:
         """The network a finished stage trained, as the teacher of the stages after it."""
-        return self.build.teacher((arch,), (result.best_checkpoint.resolve(),))
+        return replace(self.build.teacher((arch,), (result.best_checkpoint.resolve(),)), top1=result.best_top1)
 
-    def _stage(self, stage: str, seed: int, arch: str, teacher: Teacher | None = None) -> StageResult:
-        """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new."""
+    def _stage(self, stage: str, seed: int, arch: str, teacher: Teacher | None = None,
+               baseline: float | None = None) -> StageResult:
+        """One stage for one seed: reused if --resume finds it finished, continued if unfinished, else new.
+
+        A student about to learn from a teacher no better than chance, or than the baseline student
+        (``baseline``, its top-1), is warned about, and the warning is kept in its result.
+        """
         c = self.config
         config = stage_config(c, stage, seed)
         if teacher is not None:  # record the very teacher and weights used, so --resume never mixes them up
@@ -197,52 +206,53 @@ class StageRunner:
                              teacher_checkpoint=[str(path) for path in teacher.checkpoints],
                              ensemble_weights=list(teacher.weights), student_arch=arch,
                              student_weights=c.student_weights if stage == "distill" else None)
-        earlier = self._earlier(stage, config) if config.resume else None
+        earlier = None
+        if config.resume:
+            role = stage_role(stage)
+            earlier, passed = find_earlier(self.root / stage, config.identity(role),
+                                           lambda saved: saved_identity(saved, config, role), arch, self.build.classes)
+            for notice in passed if is_main_process() else []:
+                warn(notice)
         if isinstance(earlier, StageResult):
             if is_main_process():
                 print(f"\n== {stage}, seed {seed}: finished earlier in {earlier.log_dir}", flush=True)
             return earlier
+        known = teacher is not None and teacher.top1 is not None
+        doubt = teacher_doubt(teacher.top1, len(self.build.classes), baseline) if known else None
+        if doubt and is_main_process():
+            print(f"\nwarning: {stage} (seed {seed}): {doubt}", flush=True)
         weights = c.teacher_weights if stage == "teacher" else c.student_weights if stage in STAGES else None
         model = self.build.network(arch, weights, f"--{'teacher' if stage == 'teacher' else 'student'}_weights", seed)
         cache = self.build.teacher_cache(teacher.checkpoints, seed) if teacher is not None and c.teacher_cache else None
         distiller = self.build.distiller(model, config, teacher.network if teacher else None, cache)
-        result = self._fit(stage, arch, self.build.module(distiller, arch, config), config, earlier)
+        result = self._fit(stage, arch, self.build.module(distiller, arch, config), config, earlier,
+                           [doubt] if doubt else [])
         if cache is not None and is_main_process():
             print(f"teacher cache: {cache.folder} holds {cache.nbytes() / 2**20:.1f} MiB "
                   f"({c.teacher_cache_dtype}{f', top {c.teacher_cache_topk}' if c.teacher_cache_topk else ''})",
                   flush=True)
         return result
 
-    def _earlier(self, stage: str, config: Config) -> StageResult | Path | None:
-        """For --resume: the latest run of this stage with the same seed and the same stage flags.
+    def _fit(self, stage: str, arch: str, module: KDModule, c: Config, resume_from: Path | None,
+             notes: list[str]) -> StageResult:
+        """Train one stage in ``resume_from`` or a new version folder, holding the folder's lock throughout."""
+        if not is_main_process():  # other ranks write nothing; Lightning broadcasts rank 0's checkpoint folder
+            return self._train(stage, arch, module, c, resume_from, resume_from is not None, notes)
+        folder = resume_from or new_version(self.root / stage)
+        with training_lock(folder):
+            return self._train(stage, arch, module, c, folder, resume_from is not None, notes)
 
-        Its result if it finished, its folder if it can continue from ``last.ckpt``; None starts anew.
-        """
-        folders = sorted((p for p in (self.root / stage).glob("version_*") if (p / "config.yaml").is_file()),
-                         key=lambda p: int(p.name.removeprefix("version_")), reverse=True)
-        role = stage_role(stage)
-        wanted = config.identity(role)
-        for folder in folders:
-            saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            if saved_identity(saved, config, role) != wanted:
-                continue
-            if (folder / RESULT_FILE).is_file():
-                return StageResult.load(folder / RESULT_FILE)
-            if (folder / "checkpoints" / "last.ckpt").is_file():
-                return folder
-        return None
-
-    def _fit(self, stage: str, arch: str, module: KDModule, c: Config, resume_from: Path | None) -> StageResult:
+    def _train(self, stage: str, arch: str, module: KDModule, c: Config, folder: Path | None, resumed: bool,
+               notes: list[str]) -> StageResult:
         data = self.build.data
         pl.seed_everything(c.seed, workers=True, verbose=False)
         data.set_seed(c.seed)
         params = sum(p.numel() for p in module.model.parameters())
-        version = int(resume_from.name.removeprefix("version_")) if resume_from else None
+        version = int(folder.name.removeprefix("version_")) if folder else None
         logger = TensorBoardLogger(self.root, name=stage, version=version, default_hp_metric=False)
-        log_dir = Path(logger.log_dir)  # other ranks write nothing; Lightning broadcasts rank 0's checkpoint folder
+        log_dir = Path(logger.log_dir)
         last = log_dir / "checkpoints" / "last.ckpt"
-        if is_main_process() and not resume_from:
-            log_dir.mkdir(parents=True, exist_ok=False)
+        if is_main_process() and not resumed:
             save_config(c, log_dir / "config.yaml")
             if data.skipped:
                 write_text(log_dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in data.skipped))
@@ -257,9 +267,9 @@ class StageRunner:
                                callbacks=[checkpoint, every_epoch, history, timer, EpochSeeding(data, c.seed),
                                           InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
                                           LearningRateMonitor("step"), progress_bar()])
-        ckpt_path = last if resume_from and last.is_file() else None
+        ckpt_path = last if resumed and last.is_file() else None
         if is_main_process():
-            how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resume_from else ""
+            how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resumed else ""
             print(f"\n== {stage}: {arch}, seed {c.seed} → {log_dir} {how}".rstrip(), flush=True)
         where = f"{stage} (seed {c.seed})"
         try:
@@ -288,10 +298,42 @@ class StageRunner:
                              int(best["epoch"]), timer.time_elapsed("train"), log_dir, Path(checkpoint.best_model_path),
                              self.kd_loss_name if module.distiller.distilling else "",
                              [e["val/top1"] for e in history.epochs], _teachers(c, history.epochs[-1]),
-                             history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None)
+                             history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None,
+                             notes)
         if is_main_process():
             result.save()
         return result
+
+
+NEAR_CHANCE = 0.1  # a teacher within this share of the way from chance to 100 % top-1 is "near chance"
+
+
+def teacher_doubt(top1: float, classes: int, baseline: float | None = None) -> str | None:
+    """Why a teacher of validation top-1 ``top1`` (percent) may have nothing to teach, or None when it may.
+
+    Near chance, or below ``baseline`` (the student's own top-1 trained on labels alone).
+    """
+    chance = 100 / classes
+    if top1 < chance + NEAR_CHANCE * (100 - chance):
+        return (f"the teacher's validation top-1 is {top1:.2f} %, near chance ({chance:.2f} % with {classes} "
+                "classes): it has little to teach; train it longer, or give a better --teacher_checkpoint")
+    if baseline is not None and top1 < baseline:
+        return (f"the teacher's validation top-1 ({top1:.2f} %) is below the baseline student's ({baseline:.2f} %): "
+                "distilling from it may hold the student back")
+    return None
+
+
+def _recorded_top1(teacher: Teacher) -> float | None:
+    """The validation top-1 of a single --teacher_checkpoint trained by kd, from the result.json beside it."""
+    if len(teacher.checkpoints) != 1:
+        return None
+    checkpoint = teacher.checkpoints[0]
+    path = checkpoint.parent.parent / RESULT_FILE
+    try:
+        result = StageResult.load(path) if path.is_file() else None
+    except KDError:
+        return None
+    return result.best_top1 if result and result.best_checkpoint.resolve() == checkpoint.resolve() else None
 
 
 def _teachers(c: Config, metrics: dict[str, float]) -> list[dict[str, Any]]:
@@ -314,18 +356,13 @@ def format_summary(results: list[StageResult], report: Path | None = None) -> st
     if any(len(runs) > 1 for runs in groups.values()):
         lines += ["", comparison_table(results)]
     lines += ensemble_lines(results)
+    warned = [f"warning: {r.label}, seed {r.seed}: {warning}" for r in results for warning in r.warnings]
+    lines += ["", *warned] if warned else []
     if report is not None:
         lines.append(f"report: {report} (and report.png beside it)")
     lines.append("each stage's best and last checkpoints are in <logs>/checkpoints; "
                  "view the logs with: tensorboard --logdir " + str(results[0].log_dir.parent.parent))
     return "\n".join(lines)
-
-
-def next_version(folder: Path) -> Path:
-    """``folder/version_N`` for the first N not yet taken, as TensorBoardLogger numbers its runs."""
-    taken = {int(p.name.removeprefix("version_")) for p in folder.glob("version_*")
-             if p.name.removeprefix("version_").isdigit()}
-    return folder / f"version_{max(taken, default=-1) + 1}"
 
 
 def _report_folder(config: Config) -> Path:

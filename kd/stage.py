@@ -36,6 +36,7 @@ class Teacher:
     checkpoints: tuple[Path, ...]
     network: nn.Module | None  # a TeacherEnsemble for several; None when the teacher cache holds every output
     weights: tuple[float, ...] = ()  # an ensemble's --ensemble_weights (empty: equal)
+    top1: float | None = None  # percent: its validation top-1 as kd recorded it, when known
 
 
 def teacher_archs(c: Config) -> list[str]:

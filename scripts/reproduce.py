@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing kd
 from kd.cli import main as kd_main  # noqa: E402
-from kd.config import Config, Role, identity, resolve  # noqa: E402
+from kd.config import Config, Role, resolve  # noqa: E402
 from kd.registry import did_you_mean  # noqa: E402
 from kd.results import StageResult, find_results  # noqa: E402
 from kd.tables import text_table  # noqa: E402
@@ -98,12 +98,12 @@ def _matches(result: StageResult, config: Config, role: Role, teacher: list[str]
     if not saved.is_file():
         return False
     values = yaml.safe_load(saved.read_text()) or {}
-    from kd.runner import with_weights_in_force  # imported here: it loads Lightning, which --help does without
+    from kd.runner import saved_identity, with_weights_in_force  # imported here: they load Lightning
 
     stage_config = replace(config, seed=result.seed, teacher_checkpoint=teacher)
     if role is Role.DISTILL:
         stage_config = with_weights_in_force(stage_config)
-    return identity(values, role) == stage_config.identity(role)
+    return saved_identity(values, stage_config, role) == stage_config.identity(role)
 
 
 def row_results(config: Config) -> dict[str, list[StageResult]]:
