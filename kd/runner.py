@@ -26,7 +26,7 @@ from kd.console import progress_bar
 from kd.data import ImageDataModule, draw_seed, make_datamodule
 from kd.deploy import deploy_students
 from kd.errors import Interrupted, KDError, warn
-from kd.files import write_text
+from kd.files import write_text, writer_thread_errors_raised_here
 from kd.losses import LOSSES
 from kd.losses.base import accepted_settings
 from kd.losses.objective import loss_key, parse_loss_options, weights_in_force
@@ -273,7 +273,7 @@ class StageRunner:
             print(f"\n== {stage}: {arch}, seed {c.seed} → {log_dir} {how}".rstrip(), flush=True)
         where = f"{stage} (seed {c.seed})"
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), writer_thread_errors_raised_here():  # a full disk: one line, below
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")  # --num_workers: the user's call
                 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
                 warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # --resume continues in place
