@@ -32,6 +32,7 @@ from kd.module import KDModule, NonFiniteLoss
 from kd.report import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.results import RESULT_FILE, StageResult, find_results
 from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
+from kd.tune import tune_distillation
 
 
 def with_weights_in_force(c: Config) -> Config:
@@ -116,6 +117,8 @@ class StageRunner:
             if "baseline" in self.plan.stages:
                 results.append(self._stage("baseline", seed, c.student_arch))
             if "distill" in self.plan.stages:
+                if index == 0 and c.tune:  # tuned once, with the first seed; every seed's stage gets the best
+                    self.config = tune_distillation(c, self.build, self.teacher, self.root)
                 teacher = self.teacher
                 for number, arch in enumerate(c.assistant_arch, start=1):
                     results.append(self._stage(f"assistant{number}", seed, arch, teacher))
