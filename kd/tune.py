@@ -159,7 +159,7 @@ class Tuner:
         processes left running are failed first, so a resumed tune runs them again under new numbers.
         """
         while True:
-            self._fail_orphans(study)
+            fail_orphans(study)
             trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
             finished = sum(t.state in FINISHED for t in trials)
             if finished >= self.base.tune:
@@ -172,13 +172,6 @@ class Tuner:
                     return trial
                 study.tell(trial, state=TrialState.FAIL)  # another process took the last one meanwhile
             time.sleep(2)
-
-    def _fail_orphans(self, study: optuna.Study) -> None:
-        host = socket.gethostname()
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner_host, _, pid = str(t.user_attrs.get("owner", "")).partition(":")
-            if owner_host == host and pid.isdigit() and not _alive(int(pid)):
-                study.tell(t.number, state=TrialState.FAIL)
 
     def _run_trial(self, study: optuna.Study, trial: optuna.Trial) -> None:
         """Train the student with the trial's settings on the split and tell the study its best slice top-1."""
@@ -213,6 +206,7 @@ class Tuner:
         module = self.build.module(self.build.distiller(model, c, network, self.cache), c.student_arch, c)
         logger = TensorBoardLogger(self.folder, name="trials", version=f"trial_{trial.number:04d}",
                                    default_hp_metric=False)
+        logger.log_hyperparams(rounded(point) | {"trial": trial.number}, {"hp/slice_top1": 0.0})
         score = SliceScore(trial)
         steps = max(1, len(self.data.layout.train) // c.batch_size)
         with quiet_lightning():
@@ -222,7 +216,7 @@ class Tuner:
             pl.seed_everything(self.seed, workers=True, verbose=False)
             self.data.set_seed(self.seed)
             trainer.fit(module, datamodule=self.data)
-        logger.log_hyperparams(rounded(point) | {"trial": trial.number}, {"hp/slice_top1": max(score.top1)})
+        logger.log_metrics({"hp/slice_top1": max(score.top1)})
         return score
 
 
@@ -239,6 +233,15 @@ def quiet_lightning() -> Iterator[None]:
             yield
     finally:
         notes.setLevel(level)
+
+
+def fail_orphans(study: optuna.Study) -> None:
+    """Fail the trials that processes of this machine, now dead, left running (a kill leaves them so)."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner_host, _, pid = str(trial.user_attrs.get("owner", "")).partition(":")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            study.tell(trial.number, state=TrialState.FAIL)
 
 
 def _alive(pid: int) -> bool:
