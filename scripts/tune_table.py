@@ -63,9 +63,13 @@ def main() -> None:
     parser.add_argument("--trials", default="16")
     parser.add_argument("--tune_epochs", default="10")
     parser.add_argument("--output_dir", default="runs")
+    parser.add_argument("--epochs", help="epochs of every stage instead of the preset's 40 (for a busy machine)")
+    parser.add_argument("--image_cache", help="decode the images once into this folder (faster epochs)")
     args = parser.parse_args()
     out = PROJECT / args.output_dir
-    seeds = ["--seeds", *args.seeds, "--output_dir", args.output_dir]
+    common = ["--output_dir", args.output_dir, *(["--epochs", args.epochs] if args.epochs else []),
+              *(["--image_cache", args.image_cache] if args.image_cache else [])]
+    seeds = ["--seeds", *args.seeds, *common]
     run(*seeds, "--experiment_name", "tune_table", "--train_teacher", "--baseline", "--distill", "false")
     teacher = out / "tune_table" / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
     baseline = top1(out / "tune_table", "baseline")
@@ -76,8 +80,8 @@ def main() -> None:
         if method in LOGIT:
             distill += ["--teacher_cache", str(out / "tune_table_cache")]
         run(*distill, "--experiment_name", f"tune_table_{method}")
-        run("--seed", args.seeds[0], "--output_dir", args.output_dir, "--experiment_name",
-            f"tune_table_clock_{method}", "--train_teacher", "false", "--baseline", "--distill", "false")
+        run(*common, "--seed", args.seeds[0], "--experiment_name", f"tune_table_clock_{method}",
+            "--train_teacher", "false", "--baseline", "--distill", "false")
         run(*distill, "--experiment_name", f"tune_table_{method}_tuned", "--tune", args.trials,
             "--tune_epochs", args.tune_epochs)
         clock = next(r.seconds for r in find_results([out / f"tune_table_clock_{method}"]))
