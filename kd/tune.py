@@ -31,7 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from kd.config import Config, Role
 from kd.data import ImageDataModule
 from kd.datasets import DatasetLayout, Split
-from kd.errors import KDError
+from kd.errors import Interrupted, KDError
 from kd.losses import LOSSES
 from kd.losses.base import loss_property
 from kd.module import NonFiniteLoss
@@ -184,8 +184,11 @@ class Tuner:
             study.tell(trial, state=TrialState.PRUNED)
             print(f"tune trial {trial.number}: {shown}: pruned, {exc}", flush=True)
             return
-        except BaseException:
+        except BaseException as exc:
             study.tell(trial, state=TrialState.FAIL)
+            if isinstance(exc, SystemExit):  # Lightning's graceful stop after Ctrl+C or SIGTERM
+                raise Interrupted(f"tune trial {trial.number} was interrupted; the study keeps its finished "
+                                  "trials") from None
             raise
         if score.pruned:
             study.tell(trial, state=TrialState.PRUNED)
