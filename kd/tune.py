@@ -36,6 +36,7 @@ from kd.losses import LOSSES
 from kd.losses.base import loss_property
 from kd.module import NonFiniteLoss
 from kd.stage import StageBuilder, Teacher, make_trainer
+from kd.teacher_cache import file_digest
 from kd.tune_report import write_tune_report
 from kd.tune_storage import open_storage, shown_url, storage_url
 from kd.tune_space import paper_point, rounded, search_space, settings_at
@@ -115,9 +116,10 @@ class Tuner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
     def study_name(self) -> str:
-        """Named by what decides its trials' scores: the distill flags, the teacher, the split, epochs and space."""
-        what = {"distill": replace(self.base, seed=self.seed).identity(Role.DISTILL),
-                "teacher": [str(p) for p in self.teacher.checkpoints], "fraction": self.base.tune_fraction,
+        """Named by what decides its trials' scores: the distill flags, the teacher's bytes (not its path, which
+        may differ between machines sharing the study), the split, the epochs and the space."""
+        what = {"distill": replace(self.base, seed=self.seed, teacher_checkpoint=[]).identity(Role.DISTILL),
+                "teacher": [file_digest(p) for p in self.teacher.checkpoints], "fraction": self.base.tune_fraction,
                 "epochs": self.epochs, "space": {k: [r.low, r.high, r.log] for k, r in self.space.items()}}
         return "kd-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
