@@ -49,7 +49,7 @@ def run(*flags: str) -> None:
 
 def top1(folder: Path, stage: str) -> dict[int, float]:
     """Best top-1 by seed of the finished ``stage`` runs under ``folder``."""
-    return {r.seed: r.top1 for r in find_results([folder]) if r.stage == stage}
+    return {r.seed: r.best_top1 for r in find_results([folder]) if r.stage == stage}
 
 
 def spread(values: list[float]) -> str:
