@@ -38,7 +38,7 @@ from kd.module import NonFiniteLoss
 from kd.stage import StageBuilder, Teacher, make_trainer
 from kd.teacher_cache import file_digest
 from kd.tune_report import write_tune_report
-from kd.tune_storage import open_storage, shown_url, storage_url
+from kd.tune_storage import HEARTBEAT_S, open_storage, shown_url, storage_url
 from kd.tune_space import paper_point, rounded, search_space, settings_at
 
 SLICE_SEED = 14  # the tuning slice is the same for every --seed, so each seed's final stage sees the same split
@@ -84,10 +84,19 @@ def tuning_split(layout: DatasetLayout, fraction: float) -> DatasetLayout:
 
 
 class SliceScore(pl.Callback):
-    """Reports the slice's top-1 to the trial after each epoch and stops the fit when Optuna's pruner says so."""
+    """Reports the slice's top-1 to the trial after each epoch and stops the fit when Optuna's pruner says so.
 
-    def __init__(self, trial: optuna.Trial) -> None:
-        self.trial, self.top1, self.pruned = trial, [], False
+    It also beats the trial's heartbeat while it trains, so other machines can tell a live trial from a dead one.
+    """
+
+    def __init__(self, trial: optuna.Trial, storage: optuna.storages.RDBStorage) -> None:
+        self.trial, self.storage, self.top1, self.pruned = trial, storage, [], False
+        self.beat = time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if time.monotonic() - self.beat >= HEARTBEAT_S:
+            self.storage.record_heartbeat(self.trial._trial_id)  # what Optuna's own optimize loop beats
+            self.beat = time.monotonic()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -130,8 +139,9 @@ class Tuner:
         self.folder.mkdir(parents=True, exist_ok=True)
         url = storage_url(self.base, self.folder)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.storage = open_storage(url)
         study = optuna.create_study(
-            storage=open_storage(url), study_name=self.study_name(), direction="maximize", load_if_exists=True,
+            storage=self.storage, study_name=self.study_name(), direction="maximize", load_if_exists=True,
             sampler=optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=max(4, self.base.tune // 3)),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, self.epochs // 3)))
         study.enqueue_trial(paper_point(self.base, self.space), skip_if_exists=True)
@@ -167,7 +177,10 @@ class Tuner:
             if finished >= self.base.tune:
                 return None
             if len(trials) < self.base.tune:
-                trial = study.ask()
+                with warnings.catch_warnings():  # kd beats the heartbeat itself (SliceScore), as optimize() would
+                    warnings.filterwarnings("ignore", ".*Heartbeat of storage is supposed to be used.*")
+                    trial = study.ask()
+                self.storage.record_heartbeat(trial._trial_id)
                 trial.set_user_attr("owner", self.owner)
                 earlier = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
                 if sum(t.number < trial.number for t in earlier) < self.base.tune:
@@ -212,7 +225,7 @@ class Tuner:
         logger = TensorBoardLogger(self.folder, name="trials", version=f"trial_{trial.number:04d}",
                                    default_hp_metric=False)
         logger.log_hyperparams(rounded(point) | {"trial": trial.number}, {"hp/slice_top1": 0.0})
-        score = SliceScore(trial)
+        score = SliceScore(trial, self.storage)
         steps = max(1, len(self.data.layout.train) // c.batch_size)
         with quiet_lightning():
             trainer = make_trainer(c, max_epochs=self.epochs, logger=logger, enable_checkpointing=False,
@@ -241,7 +254,11 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def fail_orphans(study: optuna.Study) -> None:
-    """Fail the trials that processes of this machine, now dead, left running (a kill leaves them so)."""
+    """Fail the trials that processes of this machine, now dead, left running (a kill leaves them so), and
+    other machines' trials whose heartbeat stopped (Optuna's stale trials)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner_host, _, pid = str(trial.user_attrs.get("owner", "")).partition(":")

@@ -12,6 +12,8 @@ from kd.config import Config
 from kd.errors import KDError
 
 STUDY_FILE = "study.db"
+HEARTBEAT_S = 30  # a running trial records a heartbeat this often; silent for GRACE_S, it is failed as stale
+GRACE_S = 600
 
 
 def storage_url(c: Config, folder: Path) -> str:
@@ -20,10 +22,14 @@ def storage_url(c: Config, folder: Path) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at ``url``; SQLite waits for a lock (other processes' trials) rather than failing."""
+    """Optuna's RDB storage at ``url``, with heartbeats, so a trial whose machine died is failed in the end.
+
+    SQLite waits for a lock (other processes' trials) rather than failing.
+    """
     engine = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S)
     except Exception as exc:  # SQLAlchemy's and the database drivers' errors have no common base
         raise KDError(f"--tune_storage {shown_url(url)}: cannot open the study: {one_line(exc)}") from None
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -113,6 +114,19 @@ def test_trials_a_dead_process_left_running_are_failed(tmp_path):
     orphan, mine = study.ask(), study.ask()
     orphan.set_user_attr("owner", f"{socket.gethostname()}:{dead.stdout.strip()}")
     mine.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")
+    fail_orphans(study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING]
+
+
+def test_another_machines_trial_whose_heartbeat_stopped_is_failed(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage)
+    silent, beating = study.ask(), study.ask()
+    for trial in (silent, beating):
+        trial.set_user_attr("owner", "another-machine:1")
+        storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+    storage.record_heartbeat(beating._trial_id)
     fail_orphans(study)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING]
 
