@@ -18,6 +18,9 @@ from kd.losses import LOSSES
 from kd.losses.base import loss_property, wanted_extras
 from kd.models import check_forward, require_file
 from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
+from kd.tune import tuning_split
+from kd.tune_space import search_space
+from kd.tune_storage import check_storage
 
 STAGES = ("teacher", "baseline", "distill")
 
@@ -88,7 +91,23 @@ def check_run(c: Config) -> Plan:
     # Checks the hardware flags now; the process count sizes the logging interval.
     world_size = make_trainer(c, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
     check_writable(Path(c.output_dir) / c.experiment_name, "--output_dir")
+    if c.tune:
+        check_tune(c, world_size)
     return Plan(stages, world_size, None)
+
+
+def check_tune(c: Config, world_size: int) -> None:
+    """Refuse a --tune that cannot work: no distill stage, assistants, several processes, a bad space or storage."""
+    if not c.distill:
+        raise KDError("--tune searches the distill stage's settings: add --distill")
+    if c.assistant_arch:
+        raise KDError("--tune with --assistant_arch: a tune searches one distillation; tune without assistants")
+    if world_size > 1:
+        raise KDError("--tune: trials run in one process; tune on one device (several machines can share one study "
+                      "through --tune_storage)")
+    search_space(c)
+    if c.tune_storage:
+        check_storage(c.tune_storage)
 
 
 def check_experiment(c: Config, build: StageBuilder, plan: Plan) -> Plan:
@@ -101,6 +120,8 @@ def check_experiment(c: Config, build: StageBuilder, plan: Plan) -> Plan:
     if c.baseline or c.distill:
         model = build.network(c.student_arch, c.student_weights, "--student_weights", c.seed)
         check_forward(model, c.student_arch, c.image_size, len(classes), "--student_arch")
+    if c.tune:
+        tuning_split(build.data.layout, c.tune_fraction)
     return replace(plan, teacher=_check_distillation(c, build, plan.world_size) if c.distill else None)
 
 

@@ -35,6 +35,7 @@ from kd.report import comparison_table, ensemble_lines, gains, group_results, st
 from kd.results import RESULT_FILE, StageResult, find_results
 from kd.resume import find_earlier
 from kd.stage import StageBuilder, Teacher, make_trainer, teacher_archs
+from kd.tune import tune_distillation
 from kd.versions import new_version, next_version, training_lock
 
 
@@ -181,6 +182,8 @@ class StageRunner:
                 results.append(self._stage("baseline", seed, c.student_arch))
                 baseline = results[-1].best_top1
             if "distill" in self.plan.stages:
+                if index == 0 and c.tune:  # tuned once, with the first seed; every seed's stage gets the best
+                    self.config = tune_distillation(c, self.build, self.teacher, self.root)
                 teacher = self.teacher
                 for number, arch in enumerate(c.assistant_arch, start=1):
                     results.append(self._stage(f"assistant{number}", seed, arch, teacher))

@@ -15,7 +15,8 @@ its own hyper-parameters (``--loss_options``). Extras: ``student_features`` / ``
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 from collections.abc import Callable
 
 import torch
@@ -31,19 +32,30 @@ LossOutput = torch.Tensor | dict[str, torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossOutput]
 
 
+@dataclass(frozen=True)
+class Range:
+    """A search range of one setting for ``--tune``: LOW to HIGH, sampled on a log scale when ``log``."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
 class DistillationLoss(nn.Module):
     """Base of kd's losses: the paper's defaults a run starts from, and what the loss needs.
 
     ``weight`` is the paper's weight of this term and ``ce_weight`` the weight it gives the label
     cross-entropy beside it; ``features`` asks for hooked features; ``connect`` passes the student's
     features through a learned connector to the teacher's shape first (for losses comparing them
-    element by element).
+    element by element). ``space`` is what ``--tune`` searches: ``weight``, ``ce_weight`` and the
+    constructor's own settings, each range holding the paper's value.
     """
 
     weight: float = 1.0
     ce_weight: float = 1.0
     features: bool = False
     connect: bool = False
+    space: ClassVar[dict[str, Range]] = {}
 
 
 def loss_property(loss: Loss, name: str) -> Any:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.losses.base import LOSSES, DistillationLoss
+from kd.losses.base import LOSSES, DistillationLoss, Range
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -51,6 +51,7 @@ class FeatureLoss(DistillationLoss):
     """Base of the feature losses: they ask for hooked features and weigh CE 1, as their papers do."""
 
     features = True
+    ce_range = Range(0.1, 2.0, log=True)  # the CE weight each feature loss's --tune space searches
 
 
 class FeaturePairLoss(FeatureLoss):
@@ -81,6 +82,7 @@ class FitNets(FeaturePairLoss):
 
     weight = 100.0
     connect = True
+    space = {"weight": Range(0.1, 200.0, log=True), "ce_weight": FeatureLoss.ce_range}
 
     def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if student.shape != teacher.shape:
@@ -108,6 +110,7 @@ class AttentionTransfer(FeaturePairLoss):
     """
 
     weight = 1000.0
+    space = {"weight": Range(1.0, 2000.0, log=True), "ce_weight": FeatureLoss.ce_range, "p": Range(1.0, 4.0)}
 
     def __init__(self, p: float = 2.0, student_shapes: Shapes | None = None,
                  teacher_shapes: Shapes | None = None) -> None:
@@ -165,6 +168,8 @@ class RelationalKD(FeatureLoss):
     """
 
     weight = 1.0
+    space = {"weight": Range(0.01, 2.0, log=True), "ce_weight": FeatureLoss.ce_range,
+             "distance_weight": Range(1.0, 50.0, log=True), "angle_weight": Range(1.0, 100.0, log=True)}
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, squared: bool = False,
                  eps: float = 1e-12) -> None:
@@ -213,6 +218,7 @@ class ProbabilisticKT(FeaturePairLoss):
     """
 
     weight = 30000.0
+    space = {"weight": Range(10.0, 50000.0, log=True), "ce_weight": FeatureLoss.ce_range}
 
     def __init__(self, eps: float = 1e-7) -> None:
         super().__init__()
@@ -234,6 +240,7 @@ class SimilarityPreserving(FeaturePairLoss):
     """
 
     weight = 3000.0
+    space = {"weight": Range(1.0, 5000.0, log=True), "ce_weight": FeatureLoss.ce_range}
 
     def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         s, t = flat(student), flat(teacher)
@@ -290,6 +297,8 @@ class ContrastiveRepresentationDistillation(FeatureLoss):
     """
 
     weight = 0.8
+    space = {"weight": Range(0.01, 2.0, log=True), "ce_weight": FeatureLoss.ce_range,
+             "nce_t": Range(0.02, 0.5, log=True)}
 
     memory_s: torch.Tensor
     memory_t: torch.Tensor

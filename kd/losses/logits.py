@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import LOSSES, DistillationLoss
+from kd.losses.base import LOSSES, DistillationLoss, Range
 
 
 def kl_softmax(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -22,6 +22,8 @@ class KLSoftmax(DistillationLoss):
 
     weight = 0.9
     ce_weight = 0.1
+    space = {"weight": Range(0.1, 10.0, log=True), "ce_weight": Range(0.01, 1.0, log=True),
+             "temperature": Range(1.0, 16.0, log=True)}
 
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
@@ -38,6 +40,7 @@ class MSELogits(DistillationLoss):
 
     weight = 0.9
     ce_weight = 0.1
+    space = {"weight": Range(0.01, 10.0, log=True), "ce_weight": Range(0.01, 1.0, log=True)}
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
@@ -71,6 +74,9 @@ class DKD(DistillationLoss):
 
     weight = 1.0
     ce_weight = 1.0
+    space = {"weight": Range(0.1, 4.0, log=True), "ce_weight": Range(0.1, 2.0, log=True),
+             "temperature": Range(1.0, 16.0, log=True), "alpha": Range(0.1, 4.0, log=True),
+             "beta": Range(0.5, 16.0, log=True)}
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0, warmup: int = 20) -> None:
         super().__init__()
@@ -122,6 +128,9 @@ class DIST(DistillationLoss):
 
     weight = 2.0
     ce_weight = 1.0
+    space = {"weight": Range(0.25, 8.0, log=True), "ce_weight": Range(0.1, 2.0, log=True),
+             "temperature": Range(0.5, 8.0, log=True), "beta": Range(0.25, 4.0, log=True),
+             "gamma": Range(0.25, 4.0, log=True)}
     eps: float = 1e-8  # added to the product of norms, as in hunto/image_classification_sota's dist_kd.py
 
     def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0) -> None:
@@ -157,6 +166,8 @@ class LogitStandardization(DistillationLoss):
 
     weight = 9.0
     ce_weight = 0.1
+    space = {"weight": Range(0.5, 20.0, log=True), "ce_weight": Range(0.01, 1.0, log=True),
+             "temperature": Range(0.5, 8.0, log=True)}
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()

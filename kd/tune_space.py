@@ -1,0 +1,113 @@
+"""What ``--tune`` searches, and the distill settings a point of that search stands for.
+
+The space is each chosen loss's declared ``space`` (its weight, the CE weight, its temperature and own
+settings), less what the run fixes with --kd_weights, --ce_weight, --temperature or --loss_options,
+with ranges replaced by ``--tune_space NAME.SETTING=LOW:HIGH[:log]``. A point becomes ordinary flags:
+--kd_weights, --ce_weight and ``NAME.SETTING=VALUE`` loss options, which the distill stage records.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from typing import Any
+
+from kd.config import Config
+from kd.errors import KDError
+from kd.losses import LOSSES
+from kd.losses.base import Range, loss_property
+from kd.losses.objective import loss_key, parse_loss_options, weights_in_force
+from kd.registry import did_you_mean
+
+CE = "ce_weight"
+
+
+def paper_value(loss: Any, setting: str) -> float:
+    """The default of one setting of a loss class: its ``weight``, ``ce_weight`` or a constructor default."""
+    if setting in ("weight", CE):
+        return float(loss_property(loss, setting))
+    return float(inspect.signature(loss).parameters[setting].default)
+
+
+def _declared(c: Config) -> dict[str, tuple[Range, str]]:
+    """Every setting the chosen losses declare a range for, with the flag that fixes it in this run ('' if none)."""
+    keys, losses = [loss_key(spec) for spec in c.kd_loss], [LOSSES.get(spec) for spec in c.kd_loss]
+    own, shared = parse_loss_options(c.loss_options, keys)
+    ce_ranges = [loss.space[CE] for loss in losses if CE in getattr(loss, "space", {})]
+    declared = {}
+    if ce_ranges:
+        declared[CE] = (Range(min(r.low for r in ce_ranges), max(r.high for r in ce_ranges),
+                              all(r.log for r in ce_ranges)), "--ce_weight" if c.ce_weight is not None else "")
+    for key, loss in zip(keys, losses):
+        for setting, bounds in getattr(loss, "space", {}).items():
+            fixed = ("--kd_weights" if setting == "weight" and c.kd_weights else
+                     "--temperature" if setting == "temperature" and c.temperature is not None else
+                     "--loss_options" if setting in own[key] or setting in shared else "")
+            if setting != CE:
+                declared[f"{key}.{setting}"] = (bounds, fixed)
+    return declared
+
+
+def parse_range(option: str) -> tuple[str, Range]:
+    """``NAME=LOW:HIGH[:log]`` as a name and a Range, refusing empty ranges and log scales reaching 0."""
+    name, eq, text = option.partition("=")
+    parts = text.split(":")
+    try:
+        low, high = float(parts[0]), float(parts[1])
+        ok = eq and len(parts) in (2, 3) and parts[2:] in ([], ["log"])
+    except (ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise KDError(f"--tune_space {option}: expected NAME.SETTING=LOW:HIGH or NAME.SETTING=LOW:HIGH:log, "
+                      "e.g. kl_softmax.temperature=1:8")
+    if not low < high:
+        raise KDError(f"--tune_space {option}: the range {low:g} to {high:g} is empty; LOW must be below HIGH")
+    if parts[2:] and low <= 0:
+        raise KDError(f"--tune_space {option}: a log range must start above 0")
+    return name, Range(low, high, bool(parts[2:]))
+
+
+def search_space(c: Config) -> dict[str, Range]:
+    """The ranges ``--tune`` samples, by name (``ce_weight``, ``kl_softmax.weight``, ``dkd.beta``, ...)."""
+    declared = _declared(c)
+    space = {name: bounds for name, (bounds, fixed) in declared.items() if not fixed}
+    for option in c.tune_space:
+        name, bounds = parse_range(option)
+        if name not in declared:
+            raise KDError(f"--tune_space {option}: no setting {name} to search{did_you_mean(name, list(declared))}; "
+                          f"the chosen losses' settings: {', '.join(declared) or 'none'}")
+        if declared[name][1]:
+            raise KDError(f"--tune_space {option}: {name} is fixed by {declared[name][1]}; drop one of the two")
+        space[name] = bounds
+    if not space:
+        raise KDError(f"--tune: nothing to search for --kd_loss {' '.join(c.kd_loss)}: its settings are fixed by "
+                      "flags or it declares no search space")
+    return space
+
+
+def paper_point(c: Config, space: dict[str, Range]) -> dict[str, float]:
+    """The papers' values of the searched settings that lie inside their ranges: the first trial of a study."""
+    losses = {loss_key(spec): LOSSES.get(spec) for spec in c.kd_loss}
+    ce_weight = weights_in_force(list(losses.values()), [], None)[1]
+    point = {}
+    for name, bounds in space.items():
+        key, _, setting = name.rpartition(".")
+        value = ce_weight if name == CE else paper_value(losses[key], setting)
+        if bounds.low <= value <= bounds.high:
+            point[name] = value
+    return point
+
+
+def rounded(point: dict[str, float]) -> dict[str, float]:
+    """A point's values to 4 significant digits: what trials train with and the stage records, readably."""
+    return {name: float(f"{value:.4g}") for name, value in point.items()}
+
+
+def settings_at(c: Config, point: dict[str, float]) -> Config:
+    """``c`` with the settings of a point of the search: --kd_weights, --ce_weight and loss options."""
+    point = rounded(point)
+    keys, losses = [loss_key(spec) for spec in c.kd_loss], [LOSSES.get(spec) for spec in c.kd_loss]
+    weights, ce_weight = weights_in_force(losses, c.kd_weights, c.ce_weight)
+    options = [f"{name}={value:g}" for name, value in point.items() if name != CE and not name.endswith(".weight")]
+    return replace(c, kd_weights=[point.get(f"{key}.weight", weight) for key, weight in zip(keys, weights)],
+                   ce_weight=point.get(CE, ce_weight), loss_options=[*c.loss_options, *options])

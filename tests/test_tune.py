@@ -1,0 +1,230 @@
+"""--tune: the search spaces, the held-out slice, the refusals, and tunes end to end (resumed, shared)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from conftest import FAST, PROJECT, run_cli
+from kd.cli import main
+from kd.config import Config
+from kd.data import make_datamodule
+from kd.errors import KDError
+from kd.losses import LOSSES
+from kd.losses.objective import build_objective
+from kd.tune import fail_orphans, tuning_split
+from kd.tune_space import paper_point, paper_value, search_space, settings_at
+
+SPACED = [name for name in LOSSES.names() if getattr(LOSSES.get(name), "space", {})]
+
+
+@pytest.mark.parametrize("name", SPACED)
+def test_each_space_holds_the_papers_values(name):
+    loss = LOSSES.get(name)
+    for setting, bounds in loss.space.items():
+        assert bounds.low < bounds.high and (bounds.low > 0 or not bounds.log)
+        assert bounds.low <= paper_value(loss, setting) <= bounds.high, f"{name}.{setting}"
+
+
+def test_the_logit_methods_search_weight_ce_weight_temperature_and_their_own_settings():
+    assert set(search_space(Config(kd_loss=["dkd"]))) == {"ce_weight", "dkd.weight", "dkd.temperature", "dkd.alpha",
+                                                           "dkd.beta"}
+    assert {"dist.beta", "dist.gamma"} <= set(search_space(Config(kd_loss=["dist"])))
+
+
+def test_settings_fixed_by_flags_are_not_searched():
+    c = Config(kd_loss=["kl_softmax", "dkd"], kd_weights=[1.0, 1.0], temperature=3.0, loss_options=["dkd.beta=4"])
+    assert set(search_space(c)) == {"ce_weight", "dkd.alpha"}
+    with pytest.raises(KDError, match="nothing to search"):
+        search_space(Config(kd_loss=["kl_softmax"], kd_weights=[1.0], ce_weight=0.5, temperature=2.0))
+
+
+def test_tune_space_replaces_a_range():
+    space = search_space(Config(tune_space=["kl_softmax.temperature=2:8:log", "ce_weight=0.2:0.5"]))
+    assert (space["kl_softmax.temperature"].low, space["kl_softmax.temperature"].high) == (2, 8)
+    assert space["kl_softmax.temperature"].log and not space["ce_weight"].log
+
+
+@pytest.mark.parametrize("option, message", [
+    ("kl_softmax.tempreature=1:8", "no setting kl_softmax.tempreature to search.*did you mean"),
+    ("dkd.beta=1:8", "no setting dkd.beta"),
+    ("kl_softmax.temperature=8:1", "is empty"),
+    ("kl_softmax.temperature=4:4", "is empty"),
+    ("kl_softmax.temperature=0:4:log", "log range must start above 0"),
+    ("kl_softmax.temperature=1-8", "expected NAME.SETTING=LOW:HIGH"),
+])
+def test_bad_tune_space_is_one_clear_error(option, message):
+    with pytest.raises(KDError, match=message):
+        search_space(Config(tune_space=[option]))
+
+
+def test_a_point_becomes_flags_that_build_the_objective():
+    c = Config(kd_loss=["dkd"], loss_options=["dkd.warmup=4"])
+    tuned = settings_at(c, {"ce_weight": 0.5, "dkd.weight": 2.0, "dkd.beta": 3.123456, "dkd.temperature": 2.0})
+    assert tuned.kd_weights == [2.0] and tuned.ce_weight == 0.5
+    assert tuned.loss_options == ["dkd.warmup=4", "dkd.beta=3.123", "dkd.temperature=2"]
+    objective = build_objective(tuned.kd_loss, tuned.kd_weights, tuned.ce_weight, tuned.temperature,
+                                tuned.loss_options, num_classes=10)
+    loss = objective.losses["dkd"]
+    assert (loss.beta, loss.temperature, loss.warmup, objective.ce_weight) == (3.123, 2.0, 4, 0.5)
+
+
+def test_the_papers_point_is_the_defaults():
+    c = Config(kd_loss=["kl_softmax"])
+    assert paper_point(c, search_space(c)) == {"ce_weight": 0.1, "kl_softmax.weight": 0.9,
+                                               "kl_softmax.temperature": 4.0}
+    narrowed = Config(kd_loss=["kl_softmax"], tune_space=["kl_softmax.temperature=5:8"])
+    assert "kl_softmax.temperature" not in paper_point(narrowed, search_space(narrowed))
+
+
+def test_the_slice_is_held_out_of_train_disjoint_from_val_and_the_same_for_every_seed(tiny_data):
+    layouts = [make_datamodule(Config(data_dir=str(tiny_data), seed=seed)).layout for seed in (0, 7)]
+    splits = [tuning_split(layout, 0.34) for layout in layouts]
+    files = [{name: {s.describe(i) for i in range(len(s))} for name, s in (("train", t.train), ("slice", t.val))}
+             for t in splits]
+    assert files[0] == files[1]  # stable across seeds
+    val = {layouts[0].val.describe(i) for i in range(len(layouts[0].val))}
+    train = {layouts[0].train.describe(i) for i in range(len(layouts[0].train))}
+    assert files[0]["slice"] and not files[0]["slice"] & val and not files[0]["slice"] & files[0]["train"]
+    assert files[0]["slice"] | files[0]["train"] == train
+    held = splits[0].val.labels
+    assert sorted(set(held)) == list(range(12)) and all(held.count(k) == 2 for k in set(held))  # 6 per class × 0.34
+
+
+def test_a_class_too_small_to_split_is_refused(tiny_data):
+    layout = make_datamodule(Config(data_dir=str(tiny_data))).layout
+    layout.train.labels[:] = [0] + [1] * (len(layout.train.labels) - 1)
+    with pytest.raises(KDError, match="has 1 training image"):
+        tuning_split(layout, 0.1)
+
+
+def test_trials_a_dead_process_left_running_are_failed(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan, mine = study.ask(), study.ask()
+    orphan.set_user_attr("owner", f"{socket.gethostname()}:{dead.stdout.strip()}")
+    mine.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")
+    fail_orphans(study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING]
+
+
+def test_another_machines_trial_whose_heartbeat_stopped_is_failed(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage)
+    silent, beating = study.ask(), study.ask()
+    for trial in (silent, beating):
+        trial.set_user_attr("owner", "another-machine:1")
+        storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+    storage.record_heartbeat(beating._trial_id)
+    fail_orphans(study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tune", "0"], "--tune must be at least 1, got 0"),
+    (["--tune", "2", "--tune_space", "kl_softmax.alpha=1:2"], "no setting kl_softmax.alpha"),
+    (["--tune", "2", "--tune_space", "ce_weight=1:0.5"], "is empty"),
+    (["--tune", "2", "--tune_storage", "sqlite:////no/such/folder/study.db"], "cannot reach the study storage"),
+    (["--tune", "2", "--tune_storage", "postgresql://kd:secret@127.0.0.1:9/kd"], "cannot reach the study storage"),
+    (["--tune", "2", "--tune_storage", "nosuchdb://x"], "cannot reach the study storage"),
+    (["--tune", "2", "--distill", "false", "--baseline"], "add --distill"),
+    (["--tune", "2", "--assistant_arch", "cnn_tiny"], "assistant_arch"),
+])
+def test_bad_tune_input_is_one_line_before_anything_runs(tiny_data, tmp_path, capsys, flags, message):
+    out = tmp_path / "runs"
+    code = main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(out), "--train_teacher", "--distill",
+                 *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+    assert "secret" not in err
+    assert not out.exists() or not any(out.rglob("*.ckpt"))
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def teacher(tiny_data, tmp_path_factory) -> Path:
+    """A 1-epoch teacher checkpoint on the tiny data."""
+    out = tmp_path_factory.mktemp("teacher")
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(out), "--train_teacher"]) == 0
+    return next(out.rglob("best.ckpt"))
+
+
+def _study(url: str) -> optuna.Study:
+    (name,) = optuna.get_all_study_names(url)
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _finished(study: optuna.Study) -> list[int]:
+    return sorted(t.number for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+
+
+@pytest.mark.slow
+def test_a_tune_end_to_end_and_its_preset_repeats_the_final_run(tiny_data, tmp_path):
+    run = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", "runs", "--train_teacher", "--baseline",
+                   "--distill", "--tune", "3"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    root = tmp_path / "runs" / "kd"
+    assert _finished(_study(f"sqlite:///{root / 'tune' / 'study.db'}")) == [0, 1, 2]
+    report = root / "tune" / "report" / "version_0"
+    assert {"tune.md", "tune.png", "best.yaml", "tune.json"} <= {p.name for p in report.iterdir()}
+    for number in range(3):  # each trial logs in its own folder, its settings as hparams
+        hparams = yaml.safe_load((root / "tune" / "trials" / f"trial_{number:04d}" / "hparams.yaml").read_text())
+        assert {"ce_weight", "kl_softmax.weight", "kl_softmax.temperature"} <= set(hparams)
+    preset, stage = (yaml.safe_load(p.read_text()) for p in (report / "best.yaml",
+                                                              root / "distill" / "version_0" / "config.yaml"))
+    for flag in ("kd_weights", "ce_weight", "loss_options", "teacher_checkpoint"):
+        assert preset[flag] == stage[flag]  # the distill stage trained and recorded the chosen settings
+    assert preset["tune"] is None and stage["tune"] == 3 and not preset["train_teacher"]
+    again = run_cli(["--flags_file", "none", "--config", str(report / "best.yaml"), "--experiment_name", "again"],
+                    tmp_path)
+    assert again.returncode == 0, again.stderr
+    weights = [torch.load(next((tmp_path / "runs" / name / "distill").rglob("best.ckpt")), weights_only=False)
+               ["state_dict"] for name in ("kd", "again")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_a_tune_stopped_between_trials_and_resumed_finishes_n_trials_none_repeated(tiny_data, teacher, tmp_path):
+    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", "runs", "--distill", "--teacher_checkpoint",
+             str(teacher)]
+    first = run_cli([*flags, "--tune", "2"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    study_file = tmp_path / "runs" / "kd" / "tune" / "study.db"
+    before = {t.number: t.params for t in _study(f"sqlite:///{study_file}").trials}
+    resumed = run_cli([*flags, "--tune", "4", "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    study = _study(f"sqlite:///{study_file}")
+    assert _finished(study) == [0, 1, 2, 3] and len(study.trials) == 4
+    assert {t.number: t.params for t in study.trials if t.number in before} == before
+    assert resumed.stdout.count("tune trial ") == 2
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study(tiny_data, teacher, tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    processes = [subprocess.Popen([sys.executable, str(PROJECT / "experiment.py"), *FAST, "--data_dir",
+                                   str(tiny_data), "--output_dir", "runs", "--experiment_name", name, "--distill",
+                                   "--teacher_checkpoint", str(teacher), "--tune", "5", "--tune_storage", url],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name in ("a", "b")]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+    study = _study(url)
+    assert _finished(study) == sorted(set(_finished(study))) and len(_finished(study)) == 5
+    ran = [{int(d.name.removeprefix("trial_")) for d in (tmp_path / "runs" / name / "tune" / "trials").glob("trial_*")}
+           for name in ("a", "b")]
+    assert not ran[0] & ran[1] and set(_finished(study)) <= ran[0] | ran[1]
