@@ -35,12 +35,14 @@ NOT_KD = {
     "docker": "needs Docker and an NVIDIA GPU",
     "torchrun": "needs two machines with eight GPUs each",
     "tensorboard": "starts a web server",
+    "sudo": "sets up a PostgreSQL server",
 }
 # kd commands that cannot run here as written: their flags are checked with --print_config, then skipped.
 CANNOT_RUN = {
     "configs/imagenette.yaml": "needs Imagenette in data/ (and a GPU for its bf16 precision)",
     "torchvision:CIFAR100": "downloads CIFAR-100 and needs RepDistiller's released teacher",
     "configs/cifar100/": "trains on CIFAR-100 (a download) for 240 epochs",
+    "postgresql://": "needs a PostgreSQL server shared by the machines",
 }
 # kd commands whose training is not the point here (they repeat a README figure over several seeds, or a
 # run made above): their flags are checked with --print_config, then skipped, to keep the suite's time.
