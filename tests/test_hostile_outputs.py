@@ -311,6 +311,6 @@ def test_a_full_disk_at_result_json_is_one_line_naming_it_and_keeps_the_checkpoi
     run = tmp_path / "kd" / "baseline" / "version_0"
     err = capsys.readouterr().err.strip()
     assert err == f"error: cannot write {run / 'result.json'}: No space left on device"
-    kept = ["checkpoints", "config.yaml", "hparams.yaml"]  # no .result.json.tmp-*
+    kept = ["checkpoints", "config.yaml", "hparams.yaml", "training.lock"]  # no .result.json.tmp-*
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events.")) == kept
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]

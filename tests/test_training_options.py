@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from kd.losses.objective import build_objective
 from kd.mixing import BatchMixing, batch_mixing
 from kd.models import build_model, load_network
 from kd.module import KDModule
+from kd.results import StageResult
 from kd.stage import StageBuilder
 
 CLASSES = [f"c{i}" for i in range(6)]
@@ -309,15 +309,15 @@ def test_experiment_runs_every_stage_with_all_three_and_reports_the_average(tiny
              "--ema", "0.9"]
     done = run_cli(flags, tmp_path)
     assert done.returncode == 0, done.stderr
-    result = json.loads((tmp_path / "kd" / "distill" / "version_0" / "result.json").read_text())
+    result = StageResult.load(tmp_path / "kd" / "distill" / "version_0" / "result.json")
     config = (tmp_path / "kd" / "distill" / "version_0" / "config.yaml").read_text()
     assert "ema: 0.9" in config and "mixup: 0.2" in config and "label_smoothing: 0.1" in config
-    checkpoint = Path(result["best_checkpoint"])
+    checkpoint = result.best_checkpoint
     assert any(k.startswith("raw_model.") for k in torch.load(checkpoint, weights_only=True)["state_dict"])
     evaluated = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--evaluate",
                          str(checkpoint)], tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     top1 = float(re.search(r"top-1 ([0-9.]+) %", evaluated.stdout).group(1))
-    assert top1 == pytest.approx(result["best_top1"], abs=0.01)  # the reported top-1 is the average's
+    assert top1 == pytest.approx(result.best_top1, abs=0.01)  # the reported top-1 is the average's
     again = run_cli([*flags, "--resume"], tmp_path)
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 3
