@@ -97,11 +97,15 @@ def check_run(c: Config) -> Plan:
 
 
 def check_tune(c: Config, world_size: int) -> None:
-    """Refuse a --tune that cannot work: no distill stage, assistants, several processes, a bad space or storage."""
+    """Refuse a --tune that cannot work: no distill stage, assistants, a cache-only teacher, several processes, a bad
+    space or storage."""
     if not c.distill:
         raise KDError("--tune searches the distill stage's settings: add --distill")
     if c.assistant_arch:
         raise KDError("--tune with --assistant_arch: a tune searches one distillation; tune without assistants")
+    if c.teacher_cache_only:
+        raise KDError("--tune with --teacher_cache_only: trials train on the training set less a held-out slice, whose "
+                      "teacher logits the cache does not hold; drop --teacher_cache_only")
     if world_size > 1:
         raise KDError("--tune: trials run in one process; tune on one device (several machines can share one study "
                       "through --tune_storage)")

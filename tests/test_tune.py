@@ -140,6 +140,7 @@ def test_another_machines_trial_whose_heartbeat_stopped_is_failed(tmp_path):
     (["--tune", "2", "--tune_storage", "nosuchdb://x"], "cannot reach the study storage"),
     (["--tune", "2", "--distill", "false", "--baseline"], "add --distill"),
     (["--tune", "2", "--assistant_arch", "cnn_tiny"], "assistant_arch"),
+    (["--tune", "2", "--teacher_cache", "cache", "--teacher_cache_only"], "drop --teacher_cache_only"),
 ])
 def test_bad_tune_input_is_one_line_before_anything_runs(tiny_data, tmp_path, capsys, flags, message):
     out = tmp_path / "runs"
