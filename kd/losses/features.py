@@ -82,7 +82,8 @@ class FitNets(FeaturePairLoss):
 
     weight = 100.0
     connect = True
-    space = {"weight": Range(0.1, 200.0, log=True), "ce_weight": FeatureLoss.ce_range}
+    # Reaches far below the paper's 100: on the digits preset the best tuned weight sat at 0.1, the old floor.
+    space = {"weight": Range(0.001, 200.0, log=True), "ce_weight": FeatureLoss.ce_range}
 
     def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if student.shape != teacher.shape:
