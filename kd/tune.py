@@ -31,6 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from kd.config import Config, Role
 from kd.data import ImageDataModule
 from kd.datasets import DatasetLayout, Split
+from kd.datasets.base import held_out
 from kd.errors import Interrupted, KDError
 from kd.losses import LOSSES
 from kd.losses.base import loss_property
@@ -71,16 +72,9 @@ def tuning_split(layout: DatasetLayout, fraction: float) -> DatasetLayout:
     The slice is drawn with a fixed seed, so it does not change with --seed; each class keeps at least
     one image on each side.
     """
-    rng, labels, held = np.random.default_rng(SLICE_SEED), np.asarray(layout.train.labels), []
-    for label in range(len(layout.classes)):
-        members = np.flatnonzero(labels == label)
-        if len(members) < 2:
-            raise KDError(f"--tune: class {layout.classes[label]} has {len(members)} training image(s); tuning "
-                          "holds out at least one per class (--tune_fraction) and trains on the rest")
-        count = min(len(members) - 1, max(1, round(len(members) * fraction)))
-        held += rng.permutation(members)[:count].tolist()
-    kept = sorted(set(range(len(labels))) - set(held))
-    return DatasetLayout(layout.classes, SubsetSplit(layout.train, kept), SubsetSplit(layout.train, sorted(held)))
+    kept, held = (sorted(indices) for indices in
+                  held_out(layout.train.labels, layout.classes, fraction, SLICE_SEED, "--tune_fraction"))
+    return DatasetLayout(layout.classes, SubsetSplit(layout.train, kept), SubsetSplit(layout.train, held))
 
 
 class SliceScore(pl.Callback):

@@ -50,6 +50,15 @@ def test_single_folder_is_split_stratified_and_fixed(tiny_data, tmp_path):
         assert first.train.labels.count(label) == 3
 
 
+def test_a_single_folder_class_of_one_image_is_refused_naming_the_flag_and_class(tiny_data, tmp_path):
+    root = _flatten(tiny_data, tmp_path / "flat")
+    lonely = sorted((root / "blue_circle").iterdir())
+    for extra in lonely[1:]:
+        extra.unlink()
+    with pytest.raises(KDError, match=r"^--val_fraction: class blue_circle has 1 image\(s\), too few to hold out one"):
+        scan_image_folder(root)
+
+
 def test_num_classes_must_agree(tiny_data):
     assert len(_data(tiny_data, num_classes=12).classes) == 12
     with pytest.raises(KDError, match=r"--num_classes is 5 but .* holds 12 classes: blue_circle"):

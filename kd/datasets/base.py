@@ -46,6 +46,27 @@ class Split(ABC):
         return resize_short(self.image(index), short_side)
 
 
+def held_out(labels: list[int], classes: list[str], fraction: float, seed: int,
+             flag: str) -> tuple[list[int], list[int]]:
+    """Indices kept and held out: ``round(fraction)`` of each class held out, at least one on each side.
+
+    Drawn with ``seed`` class by class; each list runs class by class, in index order within a class.
+    A class with fewer than two samples is a KDError naming ``flag``.
+    """
+    by_class: list[list[int]] = [[] for _ in classes]
+    for index, label in enumerate(labels):  # one pass: a filter per class took about a minute for ImageNet
+        by_class[label].append(index)
+    rng, kept, held = np.random.default_rng(seed), [], []
+    for name, members in zip(classes, by_class):
+        if len(members) < 2:
+            raise KDError(f"{flag}: class {name} has {len(members)} image(s), too few to hold out one and keep one")
+        order = rng.permutation(len(members))
+        count = min(len(members) - 1, max(1, round(len(members) * fraction)))
+        held += [members[i] for i in sorted(order[:count])]
+        kept += [members[i] for i in sorted(order[count:])]
+    return kept, held
+
+
 def file_stamps(paths: Iterable[str], what: str = "file") -> str:
     """A digest of files' absolute paths, sizes and modification times (ns): changes when any file may have.
 

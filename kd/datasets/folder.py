@@ -16,7 +16,7 @@ from tqdm import tqdm
 from kd.config import Config
 from kd.errors import KDError, warn
 from kd.images import check_header, decode_resized, load_rgb, printable
-from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
+from kd.datasets.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps, held_out
 from kd.datasets.demo import make_demo_dataset
 
 SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
@@ -110,19 +110,8 @@ def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], li
 
 def _split(samples: list[Sample], classes: list[str], val_fraction: float) -> tuple[list[Sample], list[Sample]]:
     """A stratified train/val split with a fixed seed: every class keeps images on both sides."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    by_class: list[list[Sample]] = [[] for _ in classes]
-    for sample in samples:  # one pass: a filter per class took about a minute for ImageNet
-        by_class[sample[1]].append(sample)
-    train, val = [], []
-    for name, own in zip(classes, by_class):
-        order = rng.permutation(len(own))
-        n_val = min(max(1, round(len(own) * val_fraction)), len(own) - 1)
-        if n_val < 1:
-            raise KDError(f"--val_fraction: class {name} has {len(own)} image, too few to split into train and val")
-        val += [own[i] for i in sorted(order[:n_val])]
-        train += [own[i] for i in sorted(order[n_val:])]
-    return train, val
+    kept, held = held_out([label for _, label in samples], classes, val_fraction, SPLIT_SEED, "--val_fraction")
+    return [samples[i] for i in kept], [samples[i] for i in held]
 
 
 def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2) -> DatasetLayout:
