@@ -49,11 +49,17 @@ def run(*flags: str) -> None:
         sys.exit(f"failed: {' '.join(command[1:])}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+def method_parser(doc: str, methods: list[str]) -> argparse.ArgumentParser:
+    """The flags every method script takes: which methods, which seeds, and where the runs go."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
     parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
     parser.add_argument("--output_dir", default="runs")
+    return parser
+
+
+def main() -> None:
+    parser = method_parser(__doc__, list(METHODS))
     parser.add_argument("--experiment_name", default="methods")
     args = parser.parse_args()
     common = ["--output_dir", args.output_dir, "--experiment_name", args.experiment_name, "--seeds", *args.seeds]

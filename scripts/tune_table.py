@@ -15,14 +15,12 @@ Re-running continues where it stopped (every call passes --resume).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from methods import LAST_MAP, MAPS
+from methods import LAST_MAP, MAPS, method_parser, run
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
@@ -39,14 +37,6 @@ METHODS = {
 LOGIT = {"kl_softmax", "dist", "dkd"}
 
 
-def run(*flags: str) -> None:
-    """``python experiment.py --config configs/digits.yaml FLAGS --resume``, stopping the script if it fails."""
-    command = [sys.executable, str(PROJECT / "experiment.py"), "--config", "configs/digits.yaml", *flags, "--resume"]
-    print("$", " ".join(command[1:]), flush=True)
-    if subprocess.run(command, cwd=PROJECT, stdout=subprocess.DEVNULL).returncode != 0:
-        sys.exit(f"failed: {' '.join(command[1:])}")
-
-
 def top1(folder: Path, stage: str) -> dict[int, float]:
     """Best top-1 by seed of the finished ``stage`` runs under ``folder``."""
     return {r.seed: r.best_top1 for r in find_results([folder]) if r.stage == stage}
@@ -57,17 +47,15 @@ def spread(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
+    parser = method_parser(__doc__, list(METHODS))
     parser.add_argument("--trials", default="16")
     parser.add_argument("--tune_epochs", default="10")
-    parser.add_argument("--output_dir", default="runs")
     parser.add_argument("--epochs", help="epochs of every stage instead of the preset's 40 (for a busy machine)")
     parser.add_argument("--image_cache", help="decode the images once into this folder (faster epochs)")
     args = parser.parse_args()
     out = PROJECT / args.output_dir
-    common = ["--output_dir", args.output_dir, *(["--epochs", args.epochs] if args.epochs else []),
+    common = ["--config", "configs/digits.yaml", "--output_dir", args.output_dir,
+              *(["--epochs", args.epochs] if args.epochs else []),
               *(["--image_cache", args.image_cache] if args.image_cache else [])]
     seeds = ["--seeds", *args.seeds, *common]
     run(*seeds, "--experiment_name", "tune_table", "--train_teacher", "--baseline", "--distill", "false")
