@@ -2,14 +2,12 @@
 
 Stages are grouped by experiment and label (teacher, baseline, distill (loss)); a group with several
 seeds shows mean ± standard deviation, and the gain of a distilled student over its baseline is
-paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the gain. Accuracies
-show in percent whether a result saved them as fractions or percent (:func:`in_percent`).
+paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the gain.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import statistics
 from collections import defaultdict
@@ -40,35 +38,11 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _percent_scale(values: list[float]) -> float:
-    """What brings one series of accuracies to percent: ×100 if all are at most 1 (fractions), ÷100 if one
-    exceeds 100 (percent scaled twice), else 1. A percent series never above 1 % would be misread."""
-    top = max(values, default=1.0)
-    return 100.0 if top <= 1 else 0.01 if top > 100 else 1.0
-
-
-def in_percent(result: StageResult) -> StageResult:
-    """``result`` with every accuracy in percent, whether it was saved as fractions or percent.
-
-    The scale is decided per series, so that runs logged before and after a change of units compare:
-    the curve on its own, the best top-1 and top-5 together, the teachers' top-1 together.
-    """
-    curve = _percent_scale(result.val_top1)
-    best = _percent_scale([result.best_top1, result.best_top5])
-    own = [value for value in [result.teacher_top1, *(t.get("top1") for t in result.teachers)] if value is not None]
-    teacher = _percent_scale(own)
-    return dataclasses.replace(
-        result, best_top1=best * result.best_top1, best_top5=best * result.best_top5,
-        val_top1=[curve * value for value in result.val_top1],
-        teacher_top1=None if result.teacher_top1 is None else teacher * result.teacher_top1,
-        teachers=[t | {"top1": teacher * t["top1"]} if t.get("top1") is not None else t for t in result.teachers])
-
-
 def group_results(results: list[StageResult]) -> dict[Group, list[StageResult]]:
-    """Results grouped by (experiment, label), in first-seen order, accuracies in percent."""
+    """Results grouped by (experiment, label), in first-seen order."""
     groups: dict[Group, list[StageResult]] = defaultdict(list)
     for result in results:
-        groups[(result.experiment, result.label)].append(in_percent(result))
+        groups[(result.experiment, result.label)].append(result)
     return dict(groups)
 
 
@@ -92,7 +66,6 @@ def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, list[float]]:
 def stage_table(results: list[StageResult], markdown: bool = False) -> str:
     """One row per trained stage, with where its logs and checkpoints are."""
     header = ("stage", "model", "seed", "top-1 %", "top-5 %", "best epoch", "time", "logs and checkpoints")
-    results = [in_percent(r) for r in results]
     rows = [(r.label, r.arch, str(r.seed), f"{r.best_top1:.2f}", f"{r.best_top5:.2f}", str(r.best_epoch),
              f"{r.seconds:.1f}s", str(r.log_dir)) for r in results]
     return text_table(header, rows, markdown)
@@ -117,7 +90,7 @@ def comparison_table(results: list[StageResult], markdown: bool = False) -> str:
 def ensemble_lines(results: list[StageResult], markdown: bool = False) -> list[str]:
     """For each stage distilled from an ensemble: the ensemble's validation top-1 and each teacher's own."""
     lines = []
-    for r in map(in_percent, results):
+    for r in results:
         if len(r.teachers) > 1:
             own = ", ".join(f"{t['arch']} {'-' if t['top1'] is None else format(t['top1'], '.2f')} %"
                             for t in r.teachers)
