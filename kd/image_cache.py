@@ -155,7 +155,8 @@ def _write(folder: Path, split: Split, short_side: int, meta: dict) -> int:
     offset = 0
     threads = max(1, min(MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
-    bar = tqdm(total=len(split), desc="caching images", unit="img", file=sys.stderr)
+    # On a terminal only: a file or pipe gets the one-line summary the caller prints after the build.
+    bar = tqdm(total=len(split), desc="caching images", unit="img", file=sys.stderr, disable=None)
     # PIL releases the GIL while decoding and resizing, so threads decode in parallel; map keeps the order.
     with open(folder / "pixels.u8", "wb") as out, ThreadPoolExecutor(threads) as pool, bar:
         for start in range(0, len(split), BUILD_CHUNK):

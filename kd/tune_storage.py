@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -28,8 +29,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """
     engine = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                          grace_period=GRACE_S)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 4 and kd relies on them knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S)
     except Exception as exc:  # SQLAlchemy's and the database drivers' errors have no common base
         raise KDError(f"--tune_storage {shown_url(url)}: cannot open the study: {one_line(exc)}") from None
 

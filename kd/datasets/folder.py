@@ -133,7 +133,8 @@ def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2) -> Datase
 def find_bad_images(samples: list[Sample], decode: bool) -> list[tuple[str, str]]:
     """(path, reason) of every image that cannot be read: header only, or fully decoded with a progress bar."""
     bad = []
-    for path, _ in tqdm(samples, desc="checking images", unit="img", disable=not decode, file=sys.stderr):
+    for path, _ in tqdm(samples, desc="checking images", unit="img", disable=None if decode else True,
+                         file=sys.stderr):
         try:
             (load_rgb if decode else check_header)(path)
         except KDError as exc:
