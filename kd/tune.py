@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytorch_lightning as pl
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -146,15 +147,16 @@ class Tuner:
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
         if not complete:
             raise KDError(f"--tune: no trial of study {study.study_name} finished unpruned; tune with more trials")
-        chosen = settings_at(self.base, study.best_params)
+        trial, why = chosen_trial(study, len(self.data.layout.val))
+        chosen = settings_at(self.base, trial.params)
         preset = replace(chosen, tune=None, train_teacher=False, baseline=False,
                          teacher_arch=list(self.teacher.archs), ensemble_weights=list(self.teacher.weights),
                          teacher_checkpoint=[str(path) for path in self.teacher.checkpoints])
-        report = write_tune_report(study, self.space, preset, next_version(self.folder / "report"),
+        report = write_tune_report(study, self.space, preset, trial, why, next_version(self.folder / "report"),
                                    time.monotonic() - started)
-        best = study.best_trial
-        print(f"tune: best trial {best.number}, slice top-1 {best.value:.2f}%: "
-              f"{', '.join(f'{k}={v:g}' for k, v in rounded(best.params).items())}\n"
+        print(f"tune: chose trial {trial.number}, slice top-1 {trial.value:.2f}%: "
+              f"{', '.join(f'{k}={v:g}' for k, v in rounded(trial.params).items())}"
+              f"{f' ({why})' if why else ''}\n"
               f"tune report: {report} (tune.png and the preset best.yaml beside it)", flush=True)
         return chosen
 
@@ -230,6 +232,23 @@ class Tuner:
             trainer.fit(module, datamodule=self.data)
         logger.log_metrics({"hp/slice_top1": max(score.top1)})
         return score
+
+
+def chosen_trial(study: optuna.Study, slice_size: int) -> tuple[FrozenTrial, str]:
+    """The best finished trial, or the papers' values and why, when the best beats them by no more than two
+    standard errors of the difference of two top-1s on ``slice_size`` images: a small slice is a noisy judge.
+    """
+    best = study.best_trial
+    paper = next((t for t in study.trials if "fixed_params" in t.system_attrs and t.state == TrialState.COMPLETE),
+                 None)
+    if paper is None or paper.number == best.number:
+        return best, ""
+    p, q = best.value / 100, paper.value / 100
+    margin = 200 * math.sqrt((p * (1 - p) + q * (1 - q)) / slice_size)
+    if best.value - paper.value > margin:
+        return best, ""
+    return paper, (f"the papers' values: the best trial, {best.number}, beat them by {best.value - paper.value:.2f} "
+                   f"points, within two standard errors ({margin:.2f}) on {slice_size} slice images")
 
 
 @contextmanager

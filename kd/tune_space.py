@@ -4,6 +4,7 @@ The space is each chosen loss's declared ``space`` (its weight, the CE weight, i
 settings), less what the run fixes with --kd_weights, --ce_weight, --temperature or --loss_options,
 with ranges replaced by ``--tune_space NAME.SETTING=LOW:HIGH[:log]``. A point becomes ordinary flags:
 --kd_weights, --ce_weight and ``NAME.SETTING=VALUE`` loss options, which the distill stage records.
+A loss with ``share_of_total`` searched alone gives the CE weight the rest of the papers' total.
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ def parse_range(option: str) -> tuple[str, Range]:
     return name, Range(low, high, bool(parts[2:]))
 
 
+def _share(c: Config, searched: set[str]) -> tuple[str, float] | None:
+    """The loss whose searched weight leaves the CE weight the rest of its papers' total, and that total.
+
+    That is the one chosen loss with ``share_of_total``, when no other range or flag sets the CE weight.
+    """
+    shares = [(loss_key(spec), LOSSES.get(spec)) for spec in c.kd_loss
+              if getattr(LOSSES.get(spec), "share_of_total", False)]
+    if len(shares) != 1 or CE in searched or c.ce_weight is not None or f"{shares[0][0]}.weight" not in searched:
+        return None
+    key, loss = shares[0]
+    return key, paper_value(loss, "weight") + paper_value(loss, CE)
+
+
 def search_space(c: Config) -> dict[str, Range]:
     """The ranges ``--tune`` samples, by name (``ce_weight``, ``kl_softmax.weight``, ``dkd.beta``, ...)."""
     declared = _declared(c)
@@ -79,6 +93,10 @@ def search_space(c: Config) -> dict[str, Range]:
         if declared[name][1]:
             raise KDError(f"--tune_space {option}: {name} is fixed by {declared[name][1]}; drop one of the two")
         space[name] = bounds
+    share = _share(c, set(space))
+    if share and space[f"{share[0]}.weight"].high >= share[1]:
+        raise KDError(f"--tune_space: {share[0]}.weight is its share of the papers' total weight {share[1]:g} (the CE "
+                      f"weight gets the rest), so its range must stay below {share[1]:g}")
     if not space:
         raise KDError(f"--tune: nothing to search for --kd_loss {' '.join(c.kd_loss)}: its settings are fixed by "
                       "flags or it declares no search space")
@@ -108,6 +126,8 @@ def settings_at(c: Config, point: dict[str, float]) -> Config:
     point = rounded(point)
     keys, losses = [loss_key(spec) for spec in c.kd_loss], [LOSSES.get(spec) for spec in c.kd_loss]
     weights, ce_weight = weights_in_force(losses, c.kd_weights, c.ce_weight)
+    if share := _share(c, set(point)):
+        ce_weight = rounded({CE: share[1] - point[f"{share[0]}.weight"]})[CE]
     options = [f"{name}={value:g}" for name, value in point.items() if name != CE and not name.endswith(".weight")]
     return replace(c, kd_weights=[point.get(f"{key}.weight", weight) for key, weight in zip(keys, weights)],
                    ce_weight=point.get(CE, ce_weight), loss_options=[*c.loss_options, *options])

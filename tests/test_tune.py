@@ -22,7 +22,7 @@ from kd.data import make_datamodule
 from kd.errors import KDError
 from kd.losses import LOSSES
 from kd.losses.objective import build_objective
-from kd.tune import fail_orphans, tuning_split
+from kd.tune import chosen_trial, fail_orphans, tuning_split
 from kd.tune_space import paper_point, paper_value, search_space, settings_at
 
 SPACED = [name for name in LOSSES.names() if getattr(LOSSES.get(name), "space", {})]
@@ -40,6 +40,24 @@ def test_the_logit_methods_search_weight_ce_weight_temperature_and_their_own_set
     assert set(search_space(Config(kd_loss=["dkd"]))) == {"ce_weight", "dkd.weight", "dkd.temperature", "dkd.alpha",
                                                            "dkd.beta"}
     assert {"dist.beta", "dist.gamma"} <= set(search_space(Config(kd_loss=["dist"])))
+    assert set(search_space(Config(kd_loss=["kl_softmax"]))) == {"kl_softmax.weight", "kl_softmax.temperature"}
+
+
+def test_kl_softmax_searched_alone_keeps_hintons_total_weight():
+    """Its weight is alpha and the CE weight 1 - alpha, so the tune cannot raise the learning rate through them."""
+    c = Config(kd_loss=["kl_softmax"])
+    tuned = settings_at(c, {"kl_softmax.weight": 0.7, "kl_softmax.temperature": 2.0})
+    assert tuned.kd_weights == [0.7] and tuned.ce_weight == 0.3
+    assert settings_at(Config(kd_loss=["kl_softmax"], ce_weight=0.5), {"kl_softmax.weight": 0.7}).ce_weight == 0.5
+    both = Config(kd_loss=["kl_softmax", "dkd"])
+    assert "ce_weight" in search_space(both)  # DKD's CE range decides the CE weight of the pair
+    assert settings_at(both, {"ce_weight": 0.4, "kl_softmax.weight": 0.7}).ce_weight == 0.4
+    for name in SPACED:
+        loss = LOSSES.get(name)
+        if loss.share_of_total:
+            assert loss.space["weight"].high < paper_value(loss, "weight") + paper_value(loss, "ce_weight")
+    with pytest.raises(KDError, match="kl_softmax.weight is its share of the papers' total weight 1"):
+        search_space(Config(kd_loss=["kl_softmax"], tune_space=["kl_softmax.weight=0.5:1.5"]))
 
 
 def test_settings_fixed_by_flags_are_not_searched():
@@ -50,9 +68,9 @@ def test_settings_fixed_by_flags_are_not_searched():
 
 
 def test_tune_space_replaces_a_range():
-    space = search_space(Config(tune_space=["kl_softmax.temperature=2:8:log", "ce_weight=0.2:0.5"]))
-    assert (space["kl_softmax.temperature"].low, space["kl_softmax.temperature"].high) == (2, 8)
-    assert space["kl_softmax.temperature"].log and not space["ce_weight"].log
+    space = search_space(Config(kd_loss=["dkd"], tune_space=["dkd.temperature=2:8:log", "ce_weight=0.2:0.5"]))
+    assert (space["dkd.temperature"].low, space["dkd.temperature"].high) == (2, 8)
+    assert space["dkd.temperature"].log and not space["ce_weight"].log
 
 
 @pytest.mark.parametrize("option, message", [
@@ -81,8 +99,8 @@ def test_a_point_becomes_flags_that_build_the_objective():
 
 def test_the_papers_point_is_the_defaults():
     c = Config(kd_loss=["kl_softmax"])
-    assert paper_point(c, search_space(c)) == {"ce_weight": 0.1, "kl_softmax.weight": 0.9,
-                                               "kl_softmax.temperature": 4.0}
+    assert paper_point(c, search_space(c)) == {"kl_softmax.weight": 0.9, "kl_softmax.temperature": 4.0}
+    assert settings_at(c, paper_point(c, search_space(c))).ce_weight == 0.1
     narrowed = Config(kd_loss=["kl_softmax"], tune_space=["kl_softmax.temperature=5:8"])
     assert "kl_softmax.temperature" not in paper_point(narrowed, search_space(narrowed))
 
@@ -106,6 +124,34 @@ def test_a_class_too_small_to_split_is_refused(tiny_data):
     layout.train.labels[:] = [0] + [1] * (len(layout.train.labels) - 1)
     with pytest.raises(KDError, match=r"^--tune_fraction: class \S+ has 1 image\(s\), too few to hold out one"):
         tuning_split(layout, 0.1)
+
+
+def _study_of(paper: float | None, others: list[float]) -> optuna.Study:
+    """An in-memory study: the papers' values enqueued first (pruned if ``paper`` is None), then other trials."""
+    study = optuna.create_study(direction="maximize")
+    x = optuna.distributions.FloatDistribution(0, 1)
+    study.enqueue_trial({"x": 0.5})
+    trial = study.ask({"x": x})
+    study.tell(trial, paper, state=TrialState.PRUNED if paper is None else TrialState.COMPLETE)
+    for value in others:
+        study.tell(study.ask({"x": x}), value)
+    return study
+
+
+@pytest.mark.parametrize("paper, others, slice_size, chosen", [
+    (82.0, [86.0, 40.0], 136, 0),    # 4 points on 136 images: within two standard errors (8.9), papers' values kept
+    (72.0, [85.0, 40.0], 136, 1),    # 13 points: beyond them (9.9), the best trial
+    (82.0, [86.0], 10000, 1),        # the same 4 points on 10,000 images are beyond them (1.0)
+    (None, [50.0, 60.0], 136, 2),    # the papers' values were pruned
+    (90.0, [80.0], 136, 0),          # the papers' values are the best
+])
+def test_the_papers_values_are_kept_unless_a_trial_beats_them_beyond_the_slices_noise(paper, others, slice_size,
+                                                                                        chosen):
+    trial, why = chosen_trial(_study_of(paper, others), slice_size)
+    assert trial.number == chosen
+    assert bool(why) == (chosen == 0 and max(others) > paper)
+    if why:
+        assert why.startswith("the papers' values: the best trial, 1, beat them by 4.00 points, within two standard")
 
 
 def test_trials_a_dead_process_left_running_are_failed(tmp_path):
@@ -135,6 +181,7 @@ def test_another_machines_trial_whose_heartbeat_stopped_is_failed(tmp_path):
     (["--tune", "0"], "--tune must be at least 1, got 0"),
     (["--tune", "2", "--tune_space", "kl_softmax.alpha=1:2"], "no setting kl_softmax.alpha"),
     (["--tune", "2", "--tune_space", "ce_weight=1:0.5"], "is empty"),
+    (["--tune", "2", "--tune_space", "kl_softmax.weight=0.5:1.5"], "its range must stay below 1"),
     (["--tune", "2", "--tune_storage", "sqlite:////no/such/folder/study.db"], "cannot reach the study storage"),
     (["--tune", "2", "--tune_storage", "postgresql://kd:secret@127.0.0.1:9/kd"], "cannot reach the study storage"),
     (["--tune", "2", "--tune_storage", "nosuchdb://x"], "cannot reach the study storage"),
@@ -176,13 +223,14 @@ def test_a_tune_end_to_end_and_its_preset_repeats_the_final_run(tiny_data, tmp_p
     run = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", "runs", "--train_teacher", "--baseline",
                    "--distill", "--tune", "3"], tmp_path)
     assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # no Optuna warnings or log lines on the console
     root = tmp_path / "runs" / "kd"
     assert _finished(_study(f"sqlite:///{root / 'tune' / 'study.db'}")) == [0, 1, 2]
     report = root / "tune" / "report" / "version_0"
     assert {"tune.md", "tune.png", "best.yaml", "tune.json"} <= {p.name for p in report.iterdir()}
     for number in range(3):  # each trial logs in its own folder, its settings as hparams
         hparams = yaml.safe_load((root / "tune" / "trials" / f"trial_{number:04d}" / "hparams.yaml").read_text())
-        assert {"ce_weight", "kl_softmax.weight", "kl_softmax.temperature"} <= set(hparams)
+        assert {"kl_softmax.weight", "kl_softmax.temperature"} <= set(hparams)
     preset, stage = (yaml.safe_load(p.read_text()) for p in (report / "best.yaml",
                                                               root / "distill" / "version_0" / "config.yaml"))
     for flag in ("kd_weights", "ce_weight", "loss_options", "teacher_checkpoint"):

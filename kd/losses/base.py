@@ -48,7 +48,8 @@ class DistillationLoss(nn.Module):
     cross-entropy beside it; ``features`` asks for hooked features; ``connect`` passes the student's
     features through a learned connector to the teacher's shape first (for losses comparing them
     element by element). ``space`` is what ``--tune`` searches: ``weight``, ``ce_weight`` and the
-    constructor's own settings, each range holding the paper's value.
+    constructor's own settings, each range holding the paper's value. With ``share_of_total`` the tune
+    searches ``weight`` alone and gives the CE weight the rest of the papers' total (Hinton's α and 1 − α).
     """
 
     weight: float = 1.0
@@ -56,6 +57,7 @@ class DistillationLoss(nn.Module):
     features: bool = False
     connect: bool = False
     space: ClassVar[dict[str, Range]] = {}
+    share_of_total: ClassVar[bool] = False
 
 
 def loss_property(loss: Loss, name: str) -> Any:
