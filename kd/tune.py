@@ -39,7 +39,7 @@ from kd.losses.base import loss_property
 from kd.module import NonFiniteLoss
 from kd.stage import StageBuilder, Teacher, make_trainer
 from kd.teacher_cache import file_digest
-from kd.tune_report import write_tune_report
+from kd.tune_report import papers_trial, write_tune_report
 from kd.tune_storage import HEARTBEAT_S, open_storage, shown_url, storage_url
 from kd.tune_space import paper_point, rounded, search_space, settings_at
 
@@ -239,9 +239,8 @@ def chosen_trial(study: optuna.Study, slice_size: int) -> tuple[FrozenTrial, str
     standard errors of the difference of two top-1s on ``slice_size`` images: a small slice is a noisy judge.
     """
     best = study.best_trial
-    paper = next((t for t in study.trials if "fixed_params" in t.system_attrs and t.state == TrialState.COMPLETE),
-                 None)
-    if paper is None or paper.number == best.number:
+    paper = papers_trial(study.trials)
+    if paper is None or paper.state != TrialState.COMPLETE or paper.number == best.number:
         return best, ""
     p, q = best.value / 100, paper.value / 100
     margin = 200 * math.sqrt((p * (1 - p) + q * (1 - q)) / slice_size)

@@ -50,13 +50,19 @@ def _figure_pixels(axes: object) -> object:
     return plt.imread(buffer)
 
 
-def write_png(study: optuna.Study, chosen: dict[str, float], path: Path) -> None:
-    """Optuna's optimisation history and parameter importances side by side, and the chosen settings as text."""
+def papers_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The trial of the papers' values: the one the tune enqueued first, whatever its state."""
+    return next((t for t in trials if "fixed_params" in t.system_attrs), None)
+
+
+def write_png(study: optuna.Study, chosen: dict[str, float], weights: dict[str, float], path: Path) -> None:
+    """Optuna's optimisation history and the parameter importances (when ``weights`` has them) side by side, and
+    the chosen settings as text."""
     from optuna.visualization import matplotlib as optuna_plots
     with warnings.catch_warnings(), few_trials_quiet():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         panels = [_figure_pixels(optuna_plots.plot_optimization_history(study))]
-        if importances(study):
+        if weights:
             panels.append(_figure_pixels(optuna_plots.plot_param_importances(
                 study, evaluator=PedAnovaImportanceEvaluator())))
     figure, axes = plt.subplots(1, len(panels) + 1, figsize=(6 * len(panels) + 4, 4.5),
@@ -80,7 +86,7 @@ def write_tune_report(study: optuna.Study, space: dict[str, Range], preset: Conf
     folder.mkdir(parents=True, exist_ok=False)
     trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     best = study.best_trial
-    paper = next((t for t in trials if "fixed_params" in t.system_attrs), None)
+    paper = papers_trial(trials)
     lines = [f"# Tune of {' + '.join(preset.kd_loss)}", "",
              f"Study `{study.study_name}`: {sum(t.state == TrialState.COMPLETE for t in trials)} trials finished and "
              f"{sum(t.state == TrialState.PRUNED for t in trials)} pruned, scored by their best top-1 on the tuning "
@@ -111,6 +117,6 @@ def write_tune_report(study: optuna.Study, space: dict[str, Range], preset: Conf
         "paper_slice_top1": paper.value if paper is not None else None,
         "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params}
                    for t in trials]}, indent=1))
-    write_png(study, chosen, folder / "tune.png")
+    write_png(study, chosen, weights, folder / "tune.png")
     write_text(folder / "tune.md", "\n".join(lines))
     return folder / "tune.md"

@@ -73,8 +73,8 @@ def _share(c: Config, searched: set[str]) -> tuple[str, float] | None:
 
     That is the one chosen loss with ``share_of_total``, when no other range or flag sets the CE weight.
     """
-    shares = [(loss_key(spec), LOSSES.get(spec)) for spec in c.kd_loss
-              if getattr(LOSSES.get(spec), "share_of_total", False)]
+    shares = [(loss_key(spec), loss) for spec, loss in zip(c.kd_loss, map(LOSSES.get, c.kd_loss))
+              if loss_property(loss, "share_of_total")]
     if len(shares) != 1 or CE in searched or c.ce_weight is not None or f"{shares[0][0]}.weight" not in searched:
         return None
     key, loss = shares[0]

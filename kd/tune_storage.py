@@ -29,7 +29,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """
     engine = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 4 and kd relies on them knowingly
+        with warnings.catch_warnings():  # Optuna marks heartbeats "experimental"; kd relies on them knowingly
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                                               grace_period=GRACE_S)

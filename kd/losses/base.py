@@ -61,7 +61,8 @@ class DistillationLoss(nn.Module):
 
 
 def loss_property(loss: Loss, name: str) -> Any:
-    """A loss's ``weight``/``ce_weight``/``features``/``connect``, with the base class's default for plain ones."""
+    """A loss's ``weight``/``ce_weight``/``features``/``connect``/``share_of_total``, with the base class's default
+    for plain ones."""
     return getattr(loss, name, getattr(DistillationLoss, name))
 
 
