@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
 import optuna
 from sqlalchemy import create_engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
 
 from kd.config import Config
@@ -15,6 +17,7 @@ from kd.errors import KDError
 STUDY_FILE = "study.db"
 HEARTBEAT_S = 30  # a running trial records a heartbeat this often; silent for GRACE_S, it is failed as stale
 GRACE_S = 600
+SCHEMA_RACE_TRIES = 3
 
 
 def storage_url(c: Config, folder: Path) -> str:
@@ -25,14 +28,21 @@ def storage_url(c: Config, folder: Path) -> str:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``url``, with heartbeats, so a trial whose machine died is failed in the end.
 
-    SQLite waits for a lock (other processes' trials) rather than failing.
+    SQLite waits for a lock (other processes' trials) rather than failing. Processes creating one new
+    database together race to write its schema version; the loser opens it again once the winner has.
     """
     engine = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
     try:
-        with warnings.catch_warnings():  # Optuna marks heartbeats "experimental"; kd relies on them knowingly
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
+        for attempt in range(SCHEMA_RACE_TRIES):
+            try:
+                with warnings.catch_warnings():  # Optuna marks heartbeats "experimental"; kd relies on them knowingly
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                      grace_period=GRACE_S)
+            except IntegrityError:
+                if attempt == SCHEMA_RACE_TRIES - 1:
+                    raise
+                time.sleep(1)
     except Exception as exc:  # SQLAlchemy's and the database drivers' errors have no common base
         raise KDError(f"--tune_storage {shown_url(url)}: cannot open the study: {one_line(exc)}") from None
 

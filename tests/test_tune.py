@@ -277,3 +277,20 @@ def test_two_processes_share_one_study(tiny_data, teacher, tmp_path):
     ran = [{int(d.name.removeprefix("trial_")) for d in (tmp_path / "runs" / name / "tune" / "trials").glob("trial_*")}
            for name in ("a", "b")]
     assert not ran[0] & ran[1] and set(_finished(study)) <= ran[0] | ran[1]
+
+
+def test_a_process_that_loses_the_race_to_create_a_new_study_database_opens_it_again(tmp_path, monkeypatch):
+    from sqlalchemy.exc import IntegrityError
+
+    import kd.tune_storage as tune_storage
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # what the second of two processes creating one file saw in CI
+            raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune_storage.optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(tune_storage.time, "sleep", lambda s: None)
+    assert tune_storage.open_storage(f"sqlite:///{tmp_path / 's.db'}") is not None and len(calls) == 2
