@@ -79,7 +79,9 @@ def tuning_split(layout: DatasetLayout, fraction: float) -> DatasetLayout:
 
 
 class SliceScore(pl.Callback):
-    """Reports the slice's top-1 to the trial after each epoch and stops the fit when Optuna's pruner says so.
+    """Reports the slice's best top-1 so far to the trial after each epoch and stops the fit when Optuna's pruner
+    says so. The best so far is the trial's score were it stopped now; a small student's top-1 at a high learning
+    rate swings by tens of points from one epoch to the next, so pruning on the latest epoch stops good trials.
 
     It also beats the trial's heartbeat while it trains, so other machines can tell a live trial from a dead one.
     """
@@ -97,7 +99,7 @@ class SliceScore(pl.Callback):
         if trainer.sanity_checking:
             return
         self.top1.append(float(trainer.callback_metrics["val/top1"]))  # logged in percent
-        self.trial.report(self.top1[-1], trainer.current_epoch)
+        self.trial.report(max(self.top1), trainer.current_epoch)
         if self.trial.should_prune():
             self.pruned = trainer.should_stop = True
 
@@ -203,8 +205,8 @@ class Tuner:
             raise
         if score.pruned:
             study.tell(trial, state=TrialState.PRUNED)
-            print(f"tune trial {trial.number}: {shown}: pruned after epoch {len(score.top1)}, slice top-1 "
-                  f"{score.top1[-1]:.2f}%", flush=True)
+            print(f"tune trial {trial.number}: {shown}: pruned after epoch {len(score.top1)}, best slice top-1 "
+                  f"{max(score.top1):.2f}%", flush=True)
         else:
             study.tell(trial, max(score.top1))
             print(f"tune trial {trial.number}: {shown}: slice top-1 {max(score.top1):.2f}%", flush=True)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -22,7 +23,7 @@ from kd.data import make_datamodule
 from kd.errors import KDError
 from kd.losses import LOSSES
 from kd.losses.objective import build_objective
-from kd.tune import chosen_trial, fail_orphans, tuning_split
+from kd.tune import SliceScore, chosen_trial, fail_orphans, tuning_split
 from kd.tune_space import paper_point, paper_value, search_space, settings_at
 
 SPACED = [name for name in LOSSES.names() if getattr(LOSSES.get(name), "space", {})]
@@ -152,6 +153,31 @@ def test_the_papers_values_are_kept_unless_a_trial_beats_them_beyond_the_slices_
     assert bool(why) == (chosen == 0 and max(others) > paper)
     if why:
         assert why.startswith("the papers' values: the best trial, 1, beat them by 4.00 points, within two standard")
+
+
+def _feed(score: SliceScore, curve: list[float]) -> bool:
+    """Report ``curve`` epoch by epoch as a Lightning trainer would; whether the pruner stopped the fit."""
+    for epoch, top1 in enumerate(curve):
+        trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/top1": torch.tensor(top1)},
+                                  current_epoch=epoch, should_stop=False)
+        score.on_validation_end(trainer, None)
+        if trainer.should_stop:
+            return True
+    return False
+
+
+def test_the_pruner_judges_a_trial_by_its_best_slice_top1_so_far_not_its_latest_epoch():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    for _ in range(2):
+        trial = study.ask()
+        assert not _feed(SliceScore(trial, None), [40.0, 45.0, 50.0])
+        study.tell(trial, 50.0)
+    trial = study.ask()
+    swinging = SliceScore(trial, None)
+    assert not _feed(swinging, [60.0, 15.0, 55.0])  # its epoch-2 dip to 15 is below the others' 45, its best is not
+    assert study.trials[-1].intermediate_values == {0: 60.0, 1: 60.0, 2: 60.0}
+    assert swinging.top1 == [60.0, 15.0, 55.0]
+    assert _feed(SliceScore(study.ask(), None), [30.0, 35.0])  # a trial that is never as good is still stopped
 
 
 def test_trials_a_dead_process_left_running_are_failed(tmp_path):
