@@ -174,7 +174,7 @@ def test_the_pruner_judges_a_trial_by_its_best_slice_top1_so_far_not_its_latest_
         study.tell(trial, 50.0)
     trial = study.ask()
     swinging = SliceScore(trial, None)
-    assert not _feed(swinging, [60.0, 15.0, 55.0])  # its epoch-2 dip to 15 is below the others' 45, its best is not
+    assert not _feed(swinging, [60.0, 15.0, 55.0])  # its second epoch's 15 is below the others' 45, its best not
     assert study.trials[-1].intermediate_values == {0: 60.0, 1: 60.0, 2: 60.0}
     assert swinging.top1 == [60.0, 15.0, 55.0]
     assert _feed(SliceScore(study.ask(), None), [30.0, 35.0])  # a trial that is never as good is still stopped
