@@ -8,8 +8,8 @@ from pathlib import Path
 
 import optuna
 from sqlalchemy import create_engine
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from kd.config import Config
 from kd.errors import KDError
@@ -31,20 +31,24 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     SQLite waits for a lock (other processes' trials) rather than failing. Processes creating one new
     database together race to write its schema version; the loser opens it again once the winner has.
     """
-    engine = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
     try:
-        for attempt in range(SCHEMA_RACE_TRIES):
+        for _ in range(SCHEMA_RACE_TRIES - 1):
             try:
-                with warnings.catch_warnings():  # Optuna marks heartbeats "experimental"; kd relies on them knowingly
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                                      grace_period=GRACE_S)
+                return _rdb_storage(url)
             except IntegrityError:
-                if attempt == SCHEMA_RACE_TRIES - 1:
-                    raise
                 time.sleep(1)
+        return _rdb_storage(url)
     except Exception as exc:  # SQLAlchemy's and the database drivers' errors have no common base
         raise KDError(f"--tune_storage {shown_url(url)}: cannot open the study: {one_line(exc)}") from None
+
+
+def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """One attempt at opening the storage, with the heartbeats and the SQLite lock wait."""
+    engine = {"connect_args": {"timeout": 300}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():  # Optuna marks heartbeats "experimental"; kd relies on them knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S)
 
 
 def shown_url(url: str) -> str:
