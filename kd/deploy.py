@@ -18,7 +18,8 @@ from kd.evaluate import Evaluation, confusion_figure, evaluate, format_evaluatio
 from kd.export import METADATA_FILE, export_model, format_profiles, profile_model, read_metadata
 from kd.files import writer_thread_errors_raised_here
 from kd.models import load_network, read_checkpoint
-from kd.results import StageResult
+from kd.model_sources import trusted_arch
+from kd.results import RESULT_FILE, StageResult
 
 EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
@@ -139,6 +140,11 @@ def _log_evaluation(result: Evaluation, folder: Path) -> Path | None:
     return Path(logger.log_dir)
 
 
+def named_archs(config: Config) -> set[str]:
+    """The architectures the user named (flags, flags file, preset): the only user code kd may import."""
+    return {config.student_arch, *config.teacher_arch, *config.assistant_arch}
+
+
 def evaluate_checkpoint(config: Config) -> Path | None:
     """``--evaluate CHECKPOINT``: accuracy, per-class accuracy and confusion matrix on the validation data.
 
@@ -149,7 +155,8 @@ def evaluate_checkpoint(config: Config) -> Path | None:
     _check_weights(path, state)
     # A kd checkpoint names its network and image size; a bare state_dict takes --student_arch/--image_size.
     _check_settings(path, meta)
-    arch = meta.get("arch", config.student_arch)
+    arch = trusted_arch(meta.get("arch", config.student_arch), named_archs(config), f"--evaluate: {path}",
+                        "--student_arch")
     config = replace(config, image_size=int(meta.get("image_size", config.image_size)),
                      augment=meta.get("augment", "imagenet" if meta else config.augment))  # older kd: imagenet
     data = make_datamodule(config)
@@ -173,8 +180,10 @@ def deploy_students(results: list[StageResult], teacher: nn.Module | None, confi
     for result in results:
         if result.stage == "teacher":
             continue
-        model = load_network(result.best_checkpoint, result.arch, classes, config.image_size, "--export")
+        flag = "--student_arch" if result.stage in ("baseline", "distill") else "--assistant_arch"
+        arch = trusted_arch(result.arch, named_archs(config), f"--export: {result.log_dir / RESULT_FILE}", flag)
+        model = load_network(result.best_checkpoint, arch, classes, config.image_size, "--export")
         profiles.setdefault("student", profile_model(model, config.image_size))
-        metadata = export_metadata(result.arch, classes, config.image_size, config.augment)
+        metadata = export_metadata(arch, classes, config.image_size, config.augment)
         lines.append(export_network(model, result.best_checkpoint, config.export, config.image_size, metadata))
     return "\n".join([*lines, format_profiles(profiles)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TypeVar
 from urllib.error import URLError
@@ -129,6 +129,24 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # an empty or relative name
         return False
+
+
+def runs_user_code(arch: str) -> bool:
+    """Whether building ``arch`` imports a user's module or file (``module:Name``, ``file.py:Name``)."""
+    prefix, colon, _ = arch.partition(":")
+    return bool(colon) and prefix not in SOURCES
+
+
+def trusted_arch(arch: str, named: Collection[str], where: str, flag: str) -> str:
+    """``arch`` as a file kd reads (``where``) records it, refused if it is user code the user did not name.
+
+    A checkpoint or a record from anywhere must never make kd import a module or run a file: the user's own
+    network is built only when the user names it too (``flag``), as ``trust_remote_code`` asks elsewhere.
+    """
+    if runs_user_code(arch) and arch not in named:
+        raise KDError(f"{where} names the architecture {arch}, which is code outside kd; kd runs such code only "
+                      f"when you name it yourself: give {flag} {arch} if you trust it")
+    return arch
 
 
 def find_source(arch: str, flag: str) -> tuple[ModelSource, str]:

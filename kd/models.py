@@ -19,7 +19,8 @@ from torch import nn
 from kd import cifar, timm_models  # noqa: F401 - registers the cifar: and timm: sources
 from kd.errors import KDError
 from kd.registry import Registry, did_you_mean
-from kd.model_sources import USER, ModelSource, RegistrySource, downloading, find_models, find_source, register_source
+from kd.model_sources import (USER, ModelSource, RegistrySource, downloading, find_models, find_source, register_source,
+                              runs_user_code)
 
 MODELS: Registry = Registry("model")
 # Weights that name a file rather than a source's named weights (DEFAULT, IMAGENET1K_V1).
@@ -257,6 +258,8 @@ def _same_network(saved: str, asked: str) -> bool:
     """Whether two names mean one network: ``resnet18`` is ``torchvision:resnet18``, ``cnn_tiny`` is ``kd:cnn_tiny``."""
     if saved == asked:
         return True
+    if runs_user_code(saved) or runs_user_code(asked):  # user code is only ever the same spelling
+        return False
     try:
         (source, name), (other, other_name) = find_source(saved, "--arch"), find_source(asked, "--arch")
     except KDError:  # a name no source knows (any more): only the same spelling is the same network
