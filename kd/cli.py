@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             print(resolved.table())
             return 0
         if resolved.config.list_models is not None:
-            from kd.models import describe_models  # imported here, like the runner: it imports torch
+            from kd.models.build import describe_models  # imported here, like the runner: it imports torch
 
             _print_all(describe_models(resolved.config.list_models))
             return 0
         from kd.console import quiet_lightning  # imported here: --help and config errors answer at once
-        from kd.deploy import evaluate_checkpoint
-        from kd.runner import compare_runs, run_experiment
+        from kd.deploy.commands import evaluate_checkpoint
+        from kd.run.runner import compare_runs, run_experiment
 
         quiet_lightning()
         if resolved.config.report:

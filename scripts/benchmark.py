@@ -48,16 +48,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing kd
-from kd.data import EpochSampler, ImageListDataset, normalize, train_transform  # noqa: E402
-from kd.image_cache import ImageCache  # noqa: E402
+from kd.data.loaders import EpochSampler, ImageListDataset  # noqa: E402
+from kd.data.transforms import normalize, train_transform
+from kd.data.image_cache import ImageCache  # noqa: E402
 from kd.losses.logits import kl_softmax  # noqa: E402
 from kd.losses.objective import build_objective  # noqa: E402
-from kd.models import build_model  # noqa: E402
-from kd.distiller import Distiller  # noqa: E402
-from kd.module import KDModule  # noqa: E402
-from kd.datasets.folder import FileSplit  # noqa: E402
+from kd.models.build import build_model  # noqa: E402
+from kd.train.distiller import Distiller  # noqa: E402
+from kd.train.module import KDModule  # noqa: E402
+from kd.data.sources.folder import FileSplit  # noqa: E402
 from kd.tables import text_table  # noqa: E402
-from kd.teacher_cache import TeacherCache  # noqa: E402
+from kd.train.teacher_cache import TeacherCache  # noqa: E402
 
 TRAINING = ("plain_distill", "kd_distill", "plain_student", "kd_student", "kd_cached")
 # (name, variant, reference, target): time ratio = reference images/s / variant images/s; a string: no target

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from kd.cli import main as kd_main  # noqa: E402
 from kd.config import Config, Role, resolve  # noqa: E402
 from kd.registry import did_you_mean  # noqa: E402
-from kd.results import StageResult, find_results  # noqa: E402
+from kd.report.results import StageResult, find_results  # noqa: E402
 from kd.tables import text_table  # noqa: E402
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "cifar100"
@@ -98,7 +98,7 @@ def _matches(result: StageResult, config: Config, role: Role, teacher: list[str]
     if not saved.is_file():
         return False
     values = yaml.safe_load(saved.read_text()) or {}
-    from kd.runner import saved_identity, with_weights_in_force  # imported here: they load Lightning
+    from kd.run.runner import saved_identity, with_weights_in_force  # imported here: they load Lightning
 
     stage_config = replace(config, seed=result.seed, teacher_checkpoint=teacher)
     if role is Role.DISTILL:
@@ -112,7 +112,7 @@ def row_results(config: Config) -> dict[str, list[StageResult]]:
     The experiment folder also holds the pair's other methods and runs with other flags. A distilled
     student must also have learnt from this run's teacher: the one given, or the teacher stage picked here.
     """
-    from kd.runner import stage_role  # imported here: it loads Lightning, which --help does without
+    from kd.run.runner import stage_role  # imported here: it loads Lightning, which --help does without
 
     found = find_results([str(Path(config.output_dir) / config.experiment_name)])
     seeds = config.seeds or [config.seed]
@@ -136,7 +136,7 @@ def row_results(config: Config) -> dict[str, list[StageResult]]:
 
 def comparison(row: str, config: Config, results: dict[str, list[StageResult]], published: dict) -> str:
     """kd's top-1 (best and last epoch) of each run of the row beside the published figure, and the difference."""
-    from kd.report import _mean_std  # kd's mean ± std, as its own tables show it (imported here: matplotlib)
+    from kd.report.comparison import _mean_std  # kd's mean ± std, as its own tables show it (imported here: matplotlib)
 
     pair, method = row.split("/")
     figures = published["figures"][pair]

@@ -24,7 +24,7 @@ from methods import LAST_MAP, MAPS, method_parser, run
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
-from kd.results import find_results  # noqa: E402
+from kd.report.results import find_results  # noqa: E402
 
 METHODS = {
     "kl_softmax": [],

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.cifar import MODELS
+from kd.models.cifar import MODELS
 from kd.cli import main
 from kd.errors import KDError
-from kd.hooks import FeatureHooks
-from kd.model_sources import SOURCES, find_source
-from kd.models import build_model, load_network
+from kd.train.hooks import FeatureHooks
+from kd.models.sources import SOURCES, find_source
+from kd.models.build import build_model, load_network
 from conftest import FAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import yaml
 from kd.config import Config, Role, cache_settings, help_text, identity, resolve, save_config, with_role
 from kd.errors import KDError
 from kd.losses import LOSSES
-from kd.models import check_model_name
+from kd.models.build import check_model_name
 
 PROJECT = Path(__file__).resolve().parent.parent
 NO_FILE = ["--flags_file", "none"]

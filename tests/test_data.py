@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from kd.config import Config
-from kd.data import (CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, RECIPES, ImageDataModule,
-                     make_datamodule, normalize)
+from kd.data.transforms import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, RECIPES, normalize
+from kd.data.loaders import ImageDataModule, make_datamodule
 from kd.errors import KDError
-from kd.images import load_rgb
-from kd.datasets.demo import make_demo_dataset
-from kd.datasets.folder import FileSplit, scan_image_folder
+from kd.data.images import load_rgb
+from kd.data.sources.demo import make_demo_dataset
+from kd.data.sources.folder import FileSplit, scan_image_folder
 
 
 def _data(data_dir: Path, **flags) -> ImageDataModule:

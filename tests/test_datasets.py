@@ -15,18 +15,18 @@ import torchvision
 
 from conftest import FAST
 from fake_datasets import FAKES, skip_md5_check
-import kd.datasets.folder
+import kd.data.sources.folder
 from kd.cli import main
 from kd.config import Config
-from kd.data import make_datamodule
+from kd.data.loaders import make_datamodule
 from kd.errors import KDError
-from kd.image_cache import ImageCache, image_cache_key
-from kd.images import resize_short
-from kd.datasets import SOURCES, DatasetLayout, open_source
-from kd.datasets.demo import make_demo_dataset
-from kd.datasets.folder import ImageFolderSource
-from kd.datasets.torchvision_datasets import DATASETS, DOWNLOAD_TIMEOUT_S, TorchvisionSource
-from kd.teacher_cache import cache_key
+from kd.data.image_cache import ImageCache, image_cache_key
+from kd.data.images import resize_short
+from kd.data.sources import SOURCES, DatasetLayout, open_source
+from kd.data.sources.demo import make_demo_dataset
+from kd.data.sources.folder import ImageFolderSource
+from kd.data.sources.torchvision_datasets import DATASETS, DOWNLOAD_TIMEOUT_S, TorchvisionSource
+from kd.train.teacher_cache import cache_key
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def test_demo_is_generated_under_the_output_folder(tmp_path, monkeypatch):
         made.append(root)
         return make_demo_dataset(root, train_per_class=2, val_per_class=1, image_size=16)
 
-    monkeypatch.setattr(kd.datasets.folder, "make_demo_dataset", small_demo)
+    monkeypatch.setattr(kd.data.sources.folder, "make_demo_dataset", small_demo)
     layout = _load("demo", output_dir=str(tmp_path / "runs"))
     assert made == [tmp_path / "runs" / "demo_data"] and len(layout.classes) == 12
     assert (len(layout.train), len(layout.val)) == (24, 12)

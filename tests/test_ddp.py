@@ -10,8 +10,9 @@ import torch
 
 from conftest import FAST, run_cli
 from kd.config import Config
-from kd.data import make_datamodule, normalize
-from kd.models import load_network
+from kd.data.loaders import make_datamodule
+from kd.data.transforms import normalize
+from kd.models.build import load_network
 
 pytestmark = pytest.mark.slow  # two processes train together
 

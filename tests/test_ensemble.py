@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import FAST
 from kd.cli import main
-from kd.ensemble import TeacherEnsemble
-from kd.models import build_model
+from kd.train.ensemble import TeacherEnsemble
+from kd.models.build import build_model
 
 
 def test_the_ensemble_is_the_weighted_mean_of_its_members_logits():
@@ -70,9 +70,9 @@ def test_an_ensemble_is_cached_like_one_teacher(tiny_data, teachers, tmp_path, m
     # epoch 1 validates on cached ensemble logits; the loaded teachers still give their own top-1
     result = json.loads((tmp_path / "first" / "kd" / "distill" / "version_0" / "result.json").read_text())
     assert all(t["top1"] is not None for t in result["teachers"])
-    import kd.stage  # a complete cache: the teachers are never loaded again
+    import kd.train.stage  # a complete cache: the teachers are never loaded again
 
-    monkeypatch.setattr(kd.stage, "load_network", lambda *a, **k: pytest.fail("a teacher was loaded"))
+    monkeypatch.setattr(kd.train.stage, "load_network", lambda *a, **k: pytest.fail("a teacher was loaded"))
     assert _ensemble(tiny_data, teachers, tmp_path / "second", "--teacher_cache", str(cache),
                      "--teacher_cache_only", "--epochs", "2") == 0
     assert _ensemble(tiny_data, teachers[::-1], tmp_path / "third", "--teacher_cache", str(cache),

@@ -1,4 +1,4 @@
-"""Tests of kd.evaluate: accuracies, per-class recall and confusion matrix against counts by hand; text and figure."""
+"""Tests of kd.deploy.metrics: accuracies, per-class recall, confusion matrix against counts by hand; text, figure."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd.evaluate import confusion_figure, evaluate, format_evaluation, weight_problems
+from kd.deploy.metrics import confusion_figure, evaluate, format_evaluation, weight_problems
 
 NAMES = ["red_circle", "orange_triangle", "blue", "orange_ring", "green_square", "x"]
 

@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import FAST, run_cli
 from kd.cli import main
 from kd.config import Config, Role
-from kd.models import load_network
-from kd.runner import History, saved_identity, with_weights_in_force
+from kd.models.build import load_network
+from kd.run.runner import History, saved_identity, with_weights_in_force
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

@@ -1,4 +1,4 @@
-"""Tests of kd.export: ONNX and TorchScript files that reproduce the model, and MACs, parameters and latency."""
+"""Tests of kd.deploy.export: ONNX and TorchScript files that reproduce the model, and MACs, parameters and latency."""
 
 import sys
 
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from kd.errors import KDError
-from kd.export import Profile, export_model, format_profiles, profile_model, read_metadata
-from kd.models import build_model
+from kd.deploy.export import Profile, export_model, format_profiles, profile_model, read_metadata
+from kd.models.build import build_model
 
 FORMATS = ["onnx", "torchscript"]
 SIDE = 32

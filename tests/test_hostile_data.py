@@ -22,14 +22,14 @@ from PIL import Image
 from conftest import FAST
 from kd.cli import main
 from kd.config import Config
-from kd.data import make_datamodule
-from kd.datasets.demo import make_demo_dataset
-from kd.datasets.folder import _split, scan_image_folder
+from kd.data.loaders import make_datamodule
+from kd.data.sources.demo import make_demo_dataset
+from kd.data.sources.folder import _split, scan_image_folder
 from kd.errors import KDError
-from kd.image_cache import ImageCache, image_cache_key
-from kd.images import load_rgb
-from kd.models import build_model
-from kd.teacher_cache import TeacherCache, cache_key
+from kd.data.image_cache import ImageCache, image_cache_key
+from kd.data.images import load_rgb
+from kd.models.build import build_model
+from kd.train.teacher_cache import TeacherCache, cache_key
 
 
 def _bmp_claiming(width: int, height: int) -> bytes:
@@ -159,9 +159,9 @@ def test_a_killed_teacher_cache_epoch_is_cleaned_up_by_the_next_save(tmp_path):
 def test_the_interrupt_hint_adds_resume_only_to_training(flags, hint, monkeypatch, capsys):
     def interrupted(*args) -> None:
         raise KeyboardInterrupt
-    monkeypatch.setattr("kd.deploy.evaluate_checkpoint", interrupted)
-    monkeypatch.setattr("kd.runner.compare_runs", interrupted)
-    monkeypatch.setattr("kd.runner.run_experiment", interrupted)
+    monkeypatch.setattr("kd.deploy.commands.evaluate_checkpoint", interrupted)
+    monkeypatch.setattr("kd.run.runner.compare_runs", interrupted)
+    monkeypatch.setattr("kd.run.runner.run_experiment", interrupted)
     assert main(["--flags_file", "none", *flags]) == 130
     message = capsys.readouterr().err.strip()
     assert hint in message and message.endswith(" ".join(flags) + (" --resume" if "--baseline" in flags else ""))

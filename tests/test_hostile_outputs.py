@@ -19,15 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.checkpoint_io import AtomicCheckpointIO
+from kd.train.checkpoint_io import AtomicCheckpointIO
 from conftest import FAST
 from kd.cli import main
-from kd.data import normalize, val_transform
-from kd.datasets.demo import DEMO_HUES, DEMO_SHAPES
+from kd.data.transforms import normalize, val_transform
+from kd.data.sources.demo import DEMO_HUES, DEMO_SHAPES
 from kd.errors import KDError
-from kd.export import export_model
+from kd.deploy.export import export_model
 from kd.files import WriteError, check_writable, write_text, written_atomically
-from kd.models import build_model, load_network
+from kd.models.build import build_model, load_network
 
 
 def _full_disk(*args, **kwargs):

@@ -15,7 +15,7 @@ import torch
 
 from conftest import FAST, PROJECT
 from kd.cli import main
-from kd.models import build_model
+from kd.models.build import build_model
 
 
 def _flags(data: Path, out: Path, *stages: str) -> list[str]:
@@ -166,7 +166,7 @@ def test_a_teacher_near_chance_is_warned_about_before_distilling_and_recorded(ti
 
 
 def test_teacher_doubt_names_chance_and_the_baseline():
-    from kd.runner import teacher_doubt  # imported here: it loads Lightning
+    from kd.run.runner import teacher_doubt  # imported here: it loads Lightning
 
     assert "near chance (8.33 % with 12 classes)" in teacher_doubt(8.33, 12)
     assert teacher_doubt(60.0, 12) is None and teacher_doubt(60.0, 12, baseline=55.0) is None
@@ -286,7 +286,7 @@ def test_a_file_system_without_locks_trains_saying_so(tmp_path, monkeypatch, cap
     ("runs/kd/teacher/version_3", "/home/u/runs/kd/teacher/version_3/checkpoints/best.ckpt"),  # relative --output_dir
 ])
 def test_result_files_of_every_age_find_their_checkpoint_where_they_lie_now(tmp_path, log_dir, best):
-    from kd.results import StageResult
+    from kd.report.results import StageResult
 
     folder = tmp_path / "moved" / "kd" / "teacher" / "version_3"
     folder.mkdir(parents=True)
@@ -298,7 +298,7 @@ def test_result_files_of_every_age_find_their_checkpoint_where_they_lie_now(tmp_
 
 
 def test_a_result_saved_under_a_relative_output_dir_keeps_its_checkpoint_relative(tmp_path, monkeypatch):
-    from kd.results import StageResult
+    from kd.report.results import StageResult
 
     monkeypatch.chdir(tmp_path)
     folder = Path("runs") / "kd" / "baseline" / "version_0"  # as the runner names it; Lightning's path is absolute

@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import FAST, run_cli
 from kd.cli import main
 from kd.errors import KDError
-from kd.hooks import Connector, FeatureHooks, feature_shapes
+from kd.train.hooks import Connector, FeatureHooks, feature_shapes
 from kd.losses import build_loss
 from kd.losses.objective import build_objective, parse_loss_options
-from kd.models import build_model, read_checkpoint
-from kd.distiller import Distiller
-from kd.module import KDModule
+from kd.models.build import build_model
+from kd.models.checkpoints import read_checkpoint
+from kd.train.distiller import Distiller
+from kd.train.module import KDModule
 
 CLASSES = [f"c{i}" for i in range(6)]
 LAYERS = ["features.3", "features.7"]  # two conv blocks of every SimpleCNN (cnn_tiny, cnn_small, cnn_medium)

@@ -16,12 +16,12 @@ import torchvision
 from huggingface_hub import close_session, constants
 
 from conftest import FAST, run_cli
-from kd.cifar import MODELS as CIFAR_MODELS
+from kd.models.cifar import MODELS as CIFAR_MODELS
 from kd.cli import main
 from kd.errors import KDError
-from kd.hooks import FeatureHooks
-from kd.models import build_model, check_model_name, load_network
-from kd.model_sources import SOURCES, ModelSource, find_source, register_source
+from kd.train.hooks import FeatureHooks
+from kd.models.build import build_model, check_model_name, load_network
+from kd.models.sources import SOURCES, ModelSource, find_source, register_source
 
 NUM_CLASSES = 7
 TIMM = "test_resnet"  # timm's own ~0.4M-parameter test network, with pretrained weights on the Hub
@@ -100,7 +100,7 @@ def assert_loaded(model, state, head="fc."):
     ("cnn_tiny", "SimpleCNN"), ("kd:cnn_small", "SimpleCNN"), ("resnet18", "torchvision.models.resnet.ResNet"),
     ("torchvision:mobilenet_v3_small", "torchvision.models.mobilenetv3.MobileNetV3"),
     (f"timm:{TIMM}", "timm.models.resnet.ResNet"), ("timm:test_convnext", "timm.models.convnext.ConvNeXt"),
-    ("timm:mobilenetv3_small_050", "timm.models.mobilenetv3.MobileNetV3"), ("kd.models:cnn_tiny", "SimpleCNN"),
+    ("timm:mobilenetv3_small_050", "timm.models.mobilenetv3.MobileNetV3"), ("kd.models.kd_cnns:cnn_tiny", "SimpleCNN"),
 ])
 def test_every_source_builds_a_network_with_the_class_count(arch, kind):
     model = build_model(arch, NUM_CLASSES).eval()

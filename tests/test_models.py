@@ -1,4 +1,4 @@
-"""Tests of kd.models: building built-in and torchvision networks, name checks and loading weights files."""
+"""Tests of kd.models.build: building built-in and torchvision networks, name checks and loading weights files."""
 
 import re
 import socket
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from kd.errors import KDError
-from kd.models import MODELS, build_model, check_forward, check_model_name, load_weights
+from kd.models.build import build_model, check_forward, check_model_name
+from kd.models.kd_cnns import CNNS as MODELS
+from kd.models.checkpoints import load_weights
 
 TORCHVISION = ["resnet18", "mobilenet_v3_small"]
 NUM_CLASSES = 7
@@ -87,7 +89,7 @@ def test_builtin_models_take_any_image_size(arch):
         assert model(torch.zeros(1, 3, size, size)).shape == (1, 3)
 
 
-@pytest.mark.parametrize("name", ["cnn_tiny", "resnet18", "vit_b_16", "kd.models:SimpleCNN", "{tmp}/nets.py:Net"])
+@pytest.mark.parametrize("name", ["cnn_tiny", "resnet18", "vit_b_16", "kd.models.build:SimpleCNN", "{tmp}/nets.py:Net"])
 def test_check_model_name_accepts_known_names_and_plugins(tmp_path, name):
     (tmp_path / "nets.py").write_text("")
     check_model_name(name.format(tmp=tmp_path))  # a plug-in's module or file must exist; it is imported on use

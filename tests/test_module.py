@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd.losses.objective import build_objective
 from kd.losses.logits import kl_softmax
-from kd.models import build_model
+from kd.models.build import build_model
 from kd.config import Config
-from kd.distiller import Distiller
-from kd.module import KDModule
-from kd.optim import OPTIMIZERS, SCHEDULERS, OptimSettings
+from kd.train.distiller import Distiller
+from kd.train.module import KDModule
+from kd.train.optim import OPTIMIZERS, SCHEDULERS, OptimSettings
 
 CLASSES = [f"c{i}" for i in range(6)]
 

@@ -353,6 +353,7 @@ def test_installed_kd_command_runs_the_cli(wheel: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_evaluate_and_export_do_not_set_up_the_report_plotting():
-    """--evaluate and --export need tables, not report.py's matplotlib back-end set-up."""
-    code = "import sys, kd.evaluate, kd.export, kd.deploy; assert 'kd.report' not in sys.modules, 'kd.report'"
+    """--evaluate and --export need tables, not kd/report/comparison.py's matplotlib back-end set-up."""
+    code = ("import sys, kd.deploy.metrics, kd.deploy.export, kd.deploy.commands; "
+            "assert 'kd.report.comparison' not in sys.modules, 'kd.report.comparison'")
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT, check=True, timeout=120)

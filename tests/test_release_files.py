@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from kd.cli import main
-from kd.image_cache import ImageCache
-from kd.images import load_rgb, resize_short
-from kd.teacher_cache import TeacherCache
+from kd.data.image_cache import ImageCache
+from kd.data.images import load_rgb, resize_short
+from kd.train.teacher_cache import TeacherCache
 
 RELEASE = Path(__file__).parent / "fixtures" / "release_2026_12"
 COMMON = ["--flags_file", "none", "--image_size", "16", "--num_workers", "0", "--accelerator", "cpu",

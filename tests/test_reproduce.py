@@ -17,8 +17,8 @@ import yaml
 from fake_datasets import FAKES, skip_md5_check
 from kd.cli import main as kd_main
 from kd.config import resolve
-from kd.models import build_model
-from kd.stage import StageBuilder
+from kd.models.build import build_model
+from kd.train.stage import StageBuilder
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT / "scripts" / "reproduce.py"

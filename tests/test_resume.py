@@ -22,7 +22,7 @@ from kd.cli import main
 SLOW_NET = """
 import time
 from torch import nn
-from kd.models import SimpleCNN
+from kd.models.kd_cnns import SimpleCNN
 
 class Slow(nn.Module):
     def __init__(self, num_classes):
@@ -210,7 +210,7 @@ def test_full_disk_is_reported_with_the_path_and_leaves_no_half_written_checkpoi
         path.open("wb").write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(Path, "write_bytes", full)  # as kd.checkpoint_io writes a checkpoint
+    monkeypatch.setattr(Path, "write_bytes", full)  # as kd.train.checkpoint_io writes a checkpoint
     code = main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--baseline"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kd.datasets.folder import scan_image_folder
+from kd.data.sources.folder import scan_image_folder
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_digits.py"
 

@@ -15,9 +15,9 @@ import yaml
 
 from conftest import FAST
 from kd.cli import main
-from kd.datasets.demo import DEMO_HUES, DEMO_SHAPES
+from kd.data.sources.demo import DEMO_HUES, DEMO_SHAPES
 from kd.config import resolve
-from kd.models import build_model, load_network
+from kd.models.build import build_model, load_network
 
 CLASSES = sorted(f"{hue}_{shape}" for hue in DEMO_HUES for shape in DEMO_SHAPES)  # as in the tiny_data fixture
 SIZE = ["--image_size", "16", "--num_workers", "0", "--accelerator", "cpu", "--flags_file", "none"]
@@ -28,7 +28,7 @@ def evil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     """A user file and a user module, each building cnn_tiny and writing a mark the moment it is imported."""
     mark = tmp_path / "imported"
     code = (f"import pathlib\npathlib.Path({str(mark)!r}).write_text('ran')\n"
-            "from kd.models import cnn_tiny as Net\n")
+            "from kd.models.kd_cnns import cnn_tiny as Net\n")
     (tmp_path / "evil.py").write_text(code)
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "kd_evil_module.py").write_text(code)

@@ -8,10 +8,11 @@ import torch
 from conftest import FAST
 from kd.cli import main
 from kd.config import Config
-from kd.data import ImageDataModule, make_datamodule, normalize
+from kd.data.loaders import ImageDataModule, make_datamodule
+from kd.data.transforms import normalize
 from kd.losses.objective import build_objective
-from kd.models import build_model
-from kd.distiller import Distiller
+from kd.models.build import build_model
+from kd.train.distiller import Distiller
 
 
 def _batches(data: ImageDataModule, train: bool) -> list[tuple[torch.Tensor, ...]]:

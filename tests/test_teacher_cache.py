@@ -10,11 +10,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import kd.stage
+import kd.train.stage
 from conftest import FAST
 from kd.cli import main
-from kd.datasets.folder import FileSplit
-from kd.teacher_cache import TeacherCache, cache_key
+from kd.data.sources.folder import FileSplit
+from kd.train.teacher_cache import TeacherCache, cache_key
 
 
 def _teacher(tiny_data: Path, out: Path) -> Path:
@@ -53,7 +53,7 @@ def test_cached_run_equals_online_run_and_never_loads_the_teacher(tiny_data, tea
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded although the cache holds every epoch")
 
-    monkeypatch.setattr(kd.stage, "load_network", refuse)  # every teacher is loaded there
+    monkeypatch.setattr(kd.train.stage, "load_network", refuse)  # every teacher is loaded there
     assert _distill(tiny_data, teacher, tmp_path / "cached", "--teacher_cache", cache, *float32,
                     "--teacher_cache_only") == 0
     online, filling, cached = (_run(tmp_path / name) for name in ("online", "filling", "cached"))
@@ -152,7 +152,7 @@ def test_each_seed_has_its_own_cache_and_the_filling_run_trains_on_the_stored_va
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded although the cache holds every epoch of both seeds")
 
-    monkeypatch.setattr(kd.stage, "load_network", refuse)  # every teacher is loaded there
+    monkeypatch.setattr(kd.train.stage, "load_network", refuse)  # every teacher is loaded there
     assert _distill(tiny_data, teacher, tmp_path / "cached", "--teacher_cache", cache, "--seeds", "0", "1",
                     "--teacher_cache_only") == 0
     for version in ("version_0", "version_1"):

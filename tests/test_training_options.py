@@ -15,15 +15,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import FAST, run_cli
 from kd.cli import main
 from kd.config import Config, resolve
-from kd.data import make_datamodule
-from kd.distiller import Distiller
+from kd.data.loaders import make_datamodule
+from kd.train.distiller import Distiller
 from kd.errors import KDError
 from kd.losses.objective import build_objective
-from kd.mixing import BatchMixing, batch_mixing
-from kd.models import build_model, load_network
-from kd.module import KDModule
-from kd.results import StageResult
-from kd.stage import StageBuilder
+from kd.train.mixing import BatchMixing, batch_mixing
+from kd.models.build import build_model, load_network
+from kd.train.module import KDModule
+from kd.report.results import StageResult
+from kd.train.stage import StageBuilder
 
 CLASSES = [f"c{i}" for i in range(6)]
 

@@ -19,12 +19,12 @@ from optuna.trial import TrialState
 from conftest import FAST, PROJECT, run_cli
 from kd.cli import main
 from kd.config import Config
-from kd.data import make_datamodule
+from kd.data.loaders import make_datamodule
 from kd.errors import KDError
 from kd.losses import LOSSES
 from kd.losses.objective import build_objective
-from kd.tune import SliceScore, chosen_trial, fail_orphans, tuning_split
-from kd.tune_space import paper_point, paper_value, search_space, settings_at
+from kd.tune.search import SliceScore, chosen_trial, fail_orphans, tuning_split
+from kd.tune.space import paper_point, paper_value, search_space, settings_at
 
 SPACED = [name for name in LOSSES.names() if getattr(LOSSES.get(name), "space", {})]
 
@@ -308,7 +308,7 @@ def test_two_processes_share_one_study(tiny_data, teacher, tmp_path):
 def test_a_process_that_loses_the_race_to_create_a_new_study_database_opens_it_again(tmp_path, monkeypatch):
     from sqlalchemy.exc import IntegrityError
 
-    import kd.tune_storage as tune_storage
+    import kd.tune.storage as tune_storage
     real, calls = optuna.storages.RDBStorage, []
 
     def racing(*args, **kwargs):

@@ -1,0 +1,1 @@
+"""Images in: the dataset sources (--data_dir), decoding, the image cache, transforms and the DataModule."""

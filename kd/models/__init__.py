@@ -1,0 +1,1 @@
+"""Networks: the model sources chosen by prefix (kd, torchvision, timm:, cifar:, your own), building and weights."""

@@ -1,0 +1,209 @@
+"""Comparison tables and plots of finished stages: the end-of-run summary, report.md and report.png.
+
+Stages are grouped by experiment and label (teacher, baseline, distill (loss)); a group with several
+seeds shows mean ± standard deviation, and the gain of a distilled student over its baseline is
+paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the gain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import statistics
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from kd.errors import KDError  # noqa: E402
+from kd.files import written_atomically  # noqa: E402
+from kd.report.provenance import settings_table  # noqa: E402
+from kd.report.results import StageResult  # noqa: E402
+from kd.tables import text_table  # noqa: E402
+
+Group = tuple[str, str]  # (experiment, label)
+
+
+def _mean_std(values: list[float], digits: int = 2) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def group_results(results: list[StageResult]) -> dict[Group, list[StageResult]]:
+    """Results grouped by (experiment, label), in first-seen order."""
+    groups: dict[Group, list[StageResult]] = defaultdict(list)
+    for result in results:
+        groups[(result.experiment, result.label)].append(result)
+    return dict(groups)
+
+
+def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, list[float]]:
+    """Top-1 gain in points of each distill group over the baseline of its experiment, seed by seed.
+
+    Where the two share no seed, the gain is the difference of their means.
+    """
+    out = {}
+    for (experiment, label), runs in groups.items():
+        baseline = groups.get((experiment, "baseline"))
+        if not label.startswith("distill") or not baseline:
+            continue
+        base_by_seed = {r.seed: r.best_top1 for r in baseline}
+        paired = [r.best_top1 - base_by_seed[r.seed] for r in runs if r.seed in base_by_seed]
+        out[(experiment, label)] = paired or [statistics.fmean(r.best_top1 for r in runs)
+                                             - statistics.fmean(base_by_seed.values())]
+    return out
+
+
+def stage_table(results: list[StageResult], markdown: bool = False) -> str:
+    """One row per trained stage, with where its logs and checkpoints are."""
+    header = ("stage", "model", "seed", "top-1 %", "top-5 %", "best epoch", "time", "logs and checkpoints")
+    rows = [(r.label, r.arch, str(r.seed), f"{r.best_top1:.2f}", f"{r.best_top5:.2f}", str(r.best_epoch),
+             f"{r.seconds:.1f}s", str(r.log_dir)) for r in results]
+    return text_table(header, rows, markdown)
+
+
+def comparison_table(results: list[StageResult], markdown: bool = False) -> str:
+    """One row per group: mean ± std over seeds of top-1, top-5, time, and the distillation gain."""
+    groups = group_results(results)
+    gain = gains(groups)
+    many = len({experiment for experiment, _ in groups}) > 1
+    header = ("run", "model", "params", "seeds", "top-1 %", "top-5 %", "gain (top-1 points)", "time (s)")
+    rows = []
+    for (experiment, label), runs in groups.items():
+        rows.append((f"{experiment}/{label}" if many else label, runs[0].arch, f"{runs[0].params:,}",
+                     " ".join(str(r.seed) for r in runs), _mean_std([r.best_top1 for r in runs]),
+                     _mean_std([r.best_top5 for r in runs]),
+                     _mean_std(gain[(experiment, label)]) if (experiment, label) in gain else "",
+                     _mean_std([r.seconds for r in runs], 1)))
+    return text_table(header, rows, markdown)
+
+
+def ensemble_lines(results: list[StageResult], markdown: bool = False) -> list[str]:
+    """For each stage distilled from an ensemble: the ensemble's validation top-1 and each teacher's own."""
+    lines = []
+    for r in results:
+        if len(r.teachers) > 1:
+            own = ", ".join(f"{t['arch']} {'-' if t['top1'] is None else format(t['top1'], '.2f')} %"
+                            for t in r.teachers)
+            seen = r.teacher_top1
+            lines.append(f"{'- ' if markdown else ''}{r.label}, seed {r.seed}: an ensemble of {len(r.teachers)} "
+                         f"teachers{'' if seen is None else f' ({seen:.2f} % top-1)'}; each alone: {own}")
+    return lines
+
+
+TEACHER_STYLES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 3)))  # one per teacher, then again
+
+
+def _teacher_archs(runs: list[StageResult]) -> str:
+    return "+".join(t.get("arch", "?") for t in runs[0].teachers)
+
+
+def figure(results: list[StageResult]) -> Figure:
+    """Validation top-1 per epoch of every student group, teachers' best as horizontal lines.
+
+    Each group has its own colour; each teacher its own dash pattern. A group of several seeds draws
+    its mean with a band of ± one standard deviation, both named in one legend entry. The legend
+    sits right of the axes, where it covers no curve.
+    """
+    drawn, axes = plt.subplots(figsize=(11, 5), layout="constrained")
+    groups = group_results(results)
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
+    many = len({experiment for experiment, _ in groups}) > 1
+    handles, labels, teachers = [], [], 0
+    for index, ((experiment, label), runs) in enumerate(groups.items()):
+        name, colour = f"{experiment}/{label}" if many else label, colours[index % len(colours)]
+        seeds = f"{len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
+        if label == "teacher":
+            best = statistics.fmean(r.best_top1 for r in runs)
+            handles.append(axes.axhline(best, color=colour, linestyle=TEACHER_STYLES[teachers % len(TEACHER_STYLES)]))
+            labels.append(f"{name}: {runs[0].arch}, best {best:.1f} %{' (mean)' if len(runs) > 1 else ''}, {seeds}")
+            teachers += 1
+            continue
+        length = min(len(r.val_top1) for r in runs)
+        epochs = range(length)  # 0-based, as in checkpoint names and Lightning's logs
+        curves = [r.val_top1[:length] for r in runs]
+        mean = [statistics.fmean(values) for values in zip(*curves)]
+        (line,) = axes.plot(epochs, mean, color=colour, marker="o" if length == 1 else None)
+        source = f" from {_teacher_archs(runs)}" if runs[0].teachers else ""
+        if len(runs) > 1:
+            spread = [statistics.stdev(values) for values in zip(*curves)]
+            band = axes.fill_between(epochs, [m - s for m, s in zip(mean, spread)],
+                                     [m + s for m, s in zip(mean, spread)], color=colour, alpha=0.2, linewidth=0)
+            handles.append((line, band))
+            labels.append(f"{name}: {runs[0].arch}{source}, mean ± std over {seeds}")
+        else:
+            handles.append(line)
+            labels.append(f"{name}: {runs[0].arch}{source}, {seeds}")
+    axes.set(xlabel="epoch (0 = the first)", ylabel="validation top-1 accuracy (%)",
+             title="Validation accuracy with and without distillation")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small",
+                handler_map={tuple: HandlerTuple(ndivide=1)})
+    return drawn
+
+
+def report_text(results: list[StageResult]) -> str:
+    """report.md: the comparison, the plot, how each stage was trained, and each stage's own row."""
+    ensembles = ensemble_lines(results, markdown=True)
+    return "\n".join([
+        "# kd report", "",
+        "Best validation top-1 and top-5 of each stage (mean ± standard deviation over seeds). The gain is the",
+        "distilled student's top-1 minus its baseline's, paired seed by seed.", "",
+        comparison_table(results, markdown=True), "",
+        "![validation top-1 per epoch](report.png)", "",
+        "## How each stage was trained", "",
+        "The teacher each stage learned from (an assistant's own teacher before the arrow; paths relative to the",
+        "experiment folder), the softmax temperature, the loss weights in force, and the training settings.", "",
+        settings_table(results, markdown=True), "",
+        "## Stages", "",
+        stage_table(results, markdown=True), "",
+        *(["## Ensembles", "", *ensembles, ""] if ensembles else []),
+    ])
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError in the block (a full disk, a read-only folder) as one line naming ``path`` and the reason."""
+    try:
+        yield
+    except OSError as exc:
+        raise KDError(f"report: cannot write {path}: {exc.strerror or exc}; no partial report is left") from None
+
+
+def write_report(results: list[StageResult], folder: Path) -> Path:
+    """Write report.md (tables) and report.png (curves) into ``folder``, all or nothing; returns report.md's path.
+
+    The folder is filled under a temporary name, then renamed. When a write fails (a full disk), nothing
+    is left, not even the empty folders made for the report, and the KDError names the file and why.
+    """
+    if folder.exists():
+        raise KDError(f"report: {folder} already exists; a report is never written over")
+    made = list(itertools.takewhile(lambda p: not p.exists(), folder.parents))  # deepest first
+    text, drawn = report_text(results), figure(results)
+    try:
+        with _writing(folder):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with written_atomically(folder) as tmp:
+                tmp.mkdir()
+                with _writing(folder / "report.png"):
+                    drawn.savefig(tmp / "report.png", dpi=120, format="png")
+                with _writing(folder / "report.md"):
+                    (tmp / "report.md").write_text(text)
+    except KDError:
+        for empty in made:
+            with contextlib.suppress(OSError):
+                empty.rmdir()  # only ever removes an empty folder
+        raise
+    finally:
+        plt.close(drawn)
+    return folder / "report.md"

@@ -1,0 +1,139 @@
+"""How each finished stage was trained, for reports: what it learned from and with which settings.
+
+Everything is read from the ``config.yaml`` a stage saves beside its ``result.json``. Reading is
+lenient: a missing file or key (a run saved by an older kd, a flag another version added) shows as
+``-`` or "not recorded", so a report of old runs still shows their results.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd.errors import KDError
+from kd.losses import LOSSES
+from kd.losses.objective import loss_key
+from kd.report.results import StageResult
+from kd.tables import text_table
+
+CONFIG_FILE = "config.yaml"
+# Settings some runs record and others lack; shown (as flag=value) when a stage's config sets them.
+OPTIONAL_PREFIXES = ("label_smoothing", "mixup", "cutmix", "ema")
+_LONGEST_CHAIN = 20  # assistants followed at most, in case checkpoints were copied into a loop
+
+
+def saved_config(log_dir: Path) -> dict[str, Any] | None:
+    """The stage's saved settings; None when its config.yaml is missing or unreadable."""
+    try:
+        data = yaml.safe_load((log_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def shown_path(path: str | Path, experiment: Path) -> str:
+    """``path`` relative to the experiment folder when it lies inside it, else as recorded."""
+    try:
+        return str(Path(path).resolve().relative_to(experiment.resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _teachers(config: dict[str, Any], result: StageResult | None) -> list[tuple[str, str]]:
+    """(arch, checkpoint) of each teacher: from the config, else from result.json's record."""
+    checkpoints = [str(path) for path in _listed(config.get("teacher_checkpoint"))]
+    archs = [str(arch) for arch in _listed(config.get("teacher_arch"))]
+    if checkpoints and archs:
+        return list(zip(archs * len(checkpoints) if len(archs) == 1 else archs, checkpoints))
+    return [(str(t.get("arch", "?")), str(t.get("checkpoint", "?"))) for t in (result.teachers if result else [])]
+
+
+def learned_from(config: dict[str, Any], experiment: Path, result: StageResult | None = None, depth: int = 0) -> str:
+    """The teacher a distilled stage learned from: ``arch (checkpoint)``; an ensemble lists each member
+    (with its weight when given), and a teacher that was itself an assistant is preceded by its chain."""
+    teachers = _teachers(config, result)
+    if not teachers:
+        return "not recorded"
+    if len(teachers) > 1:
+        weights = [f" ×{w:g}" for w in _listed(config.get("ensemble_weights"))] or [""] * len(teachers)
+        return f"ensemble of {len(teachers)}: " + ", ".join(
+            f"{arch} ({shown_path(path, experiment)}){w}" for (arch, path), w in zip(teachers, weights))
+    arch, path = teachers[0]
+    here = f"{arch} ({shown_path(path, experiment)})"
+    stage_folder = Path(path).parent.parent  # <stage>/version_N/checkpoints/best.ckpt
+    earlier = saved_config(stage_folder) if stage_folder.parent.name.startswith("assistant") else None
+    if earlier and _teachers(earlier, None) and depth < _LONGEST_CHAIN:
+        return f"{learned_from(earlier, experiment, depth=depth + 1)} → {here}"
+    return here
+
+
+def _default_temperature(spec: str) -> float | None:
+    """The temperature a registered loss uses when none is given (None: it has none, or is a user's loss)."""
+    if spec not in LOSSES:
+        return None
+    try:
+        default = inspect.signature(LOSSES.get(spec)).parameters["temperature"].default
+    except (KeyError, TypeError, ValueError, KDError):
+        return None
+    return default if isinstance(default, (int, float)) else None
+
+
+def temperature(config: dict[str, Any]) -> str:
+    """The softmax temperature in force: --temperature, else each loss's own default; --loss_options
+    that set one are added as given (they take precedence)."""
+    given = config.get("temperature")
+    if isinstance(given, (int, float)):
+        text = f"{given:g}"
+    else:
+        defaults = [(loss_key(str(spec)), _default_temperature(str(spec))) for spec in _listed(config.get("kd_loss"))]
+        text = ", ".join(f"{t:g} ({key}'s default)" for key, t in defaults if t is not None) or "-"
+    options = [str(o) for o in _listed(config.get("loss_options")) if "temperature=" in str(o)]
+    return "; ".join([text, *options])
+
+
+def weights(config: dict[str, Any]) -> str:
+    """The loss weights in force (a distill stage records them): ``ce 0.1, kl_softmax 0.9``."""
+    losses, kd_weights = _listed(config.get("kd_loss")), _listed(config.get("kd_weights"))
+    terms = [f"{loss_key(str(spec))} {w:g}" for spec, w in zip(losses, kd_weights) if isinstance(w, (int, float))]
+    ce = config.get("ce_weight")
+    return ", ".join([*([f"ce {ce:g}"] if isinstance(ce, (int, float)) else []), *terms]) or "-"
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def optional_settings(config: dict[str, Any]) -> str:
+    """Label smoothing, mixup, EMA and the like, where the stage recorded them set."""
+    return ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in config.items()
+                     if key.startswith(OPTIONAL_PREFIXES) and value not in (None, False, 0, "", [], "none")) or "-"
+
+
+def settings_row(result: StageResult) -> tuple[str, ...]:
+    """What ``result``'s stage learned from, T, the loss weights, lr, epochs and other recorded settings."""
+    config = saved_config(result.log_dir)
+    if config is None:
+        return ("not recorded (no readable config.yaml)", *["-"] * 5)
+    distilled = bool(result.kd_loss or result.teachers)
+    source = learned_from(config, result.log_dir.parent.parent, result) if distilled else "labels only"
+    return (source, temperature(config) if distilled else "-", weights(config) if distilled else "-",
+            _number(config.get("lr")), _number(config.get("epochs")), optional_settings(config))
+
+
+def settings_table(results: list[StageResult], markdown: bool = False) -> str:
+    """One row per stage and set of settings (seeds that share them share a row)."""
+    many = len({r.experiment for r in results}) > 1
+    rows: dict[tuple[str, ...], list[str]] = {}
+    for r in results:
+        key = (f"{r.experiment}/{r.label}" if many else r.label, *settings_row(r))
+        rows.setdefault(key, []).append(str(r.seed))
+    header = ("run", "seeds", "learned from", "temperature", "loss weights", "lr", "epochs", "other")
+    return text_table(header, [(key[0], " ".join(seeds), *key[1:]) for key, seeds in rows.items()], markdown)

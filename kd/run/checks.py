@@ -1,0 +1,183 @@
+"""Everything a run can get wrong up front, checked before the first stage starts.
+
+Data, architectures, losses, layers, the teacher checkpoint, the caches, the hardware and the output
+folder are tried here, so a bad flag never costs a trained teacher. The checks read (files, the
+teacher, the caches) and build throwaway networks; they never write.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kd.config import Config
+from kd.errors import KDError
+from kd.files import check_writable
+from kd.losses import LOSSES
+from kd.losses.base import loss_property, wanted_extras
+from kd.models.build import check_forward
+from kd.models.checkpoints import require_file
+from kd.train.stage import StageBuilder, Teacher, make_trainer, teacher_archs
+from kd.tune.search import tuning_split
+from kd.tune.space import search_space
+from kd.tune.storage import check_storage
+
+STAGES = ("teacher", "baseline", "distill")
+
+
+@dataclass
+class Plan:
+    """What the checks found that the run needs: its stages, its processes and the given teacher."""
+
+    stages: list[str]
+    world_size: int
+    teacher: Teacher | None  # --teacher_checkpoint(s), loaded unless the teacher cache holds all their outputs
+
+
+def check_stages(c: Config) -> list[str]:
+    """The stages to run, refusing combinations that cannot work."""
+    stages = [s for s, on in zip(STAGES, (c.train_teacher, c.baseline, c.distill)) if on]
+    if not stages:
+        raise KDError("nothing to run: pass --train_teacher, --baseline and/or --distill")
+    twice = sorted(seed for seed, times in Counter(c.seeds).items() if times > 1)  # linear: lists may be long
+    if twice:
+        raise KDError(f"--seeds: {', '.join(map(str, twice))} given more than once; a seed repeated trains the "
+                      "same runs again (and reports a spread of 0)")
+    if c.distill and c.train_teacher and c.teacher_checkpoint:
+        raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
+    if c.distill and not (c.train_teacher or c.teacher_checkpoint):
+        raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
+    if c.assistant_arch and not c.distill:
+        raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
+    _check_teachers(c)
+    if c.distill and (c.mixup or c.cutmix):
+        _check_mixing(c)
+    if c.milestones and c.scheduler != "multistep":
+        raise KDError(f"--milestones {' '.join(map(str, c.milestones))}: they are for --scheduler multistep, "
+                      f"not {c.scheduler}")
+    if c.scheduler == "multistep" and not c.milestones:
+        raise KDError("--scheduler multistep needs --milestones: the epochs after which the learning rate decays")
+    return stages
+
+
+def _check_mixing(c: Config) -> None:
+    """Refuse losses that learn per dataset image (they take ``indices``: CRD's memory bank); a mixed image is two."""
+    factories = {spec: LOSSES.get(spec) for spec in c.kd_loss}
+    indexed = [spec for spec, loss in factories.items() if "indices" in wanted_extras(getattr(loss, "forward", loss))]
+    if indexed:
+        raise KDError(f"--kd_loss {' '.join(indexed)} with --mixup {c.mixup} --cutmix {c.cutmix}: it learns per "
+                      "dataset image (indices), and a mixed image is two images; drop the loss or the mixing")
+
+
+def _check_teachers(c: Config) -> None:
+    """One --teacher_arch to train, or one per --teacher_checkpoint (or one for all); ensemble weights to match."""
+    count = len(c.teacher_checkpoint)
+    if not c.teacher_arch and (c.train_teacher or c.distill):
+        raise KDError("--teacher_arch names no network")
+    if c.train_teacher and len(c.teacher_arch) != 1:
+        raise KDError(f"--train_teacher trains one teacher, but --teacher_arch names {len(c.teacher_arch)}: "
+                      f"{' '.join(c.teacher_arch)}")
+    if count and len(c.teacher_arch) not in (1, count):
+        raise KDError(f"--teacher_arch names {len(c.teacher_arch)} networks for {count} --teacher_checkpoint "
+                      "files: give one for all, or one per checkpoint")
+    if c.ensemble_weights and (count < 2 or len(c.ensemble_weights) != count or not sum(c.ensemble_weights)):
+        raise KDError(f"--ensemble_weights {' '.join(map(str, c.ensemble_weights))}: give one weight per "
+                      f"--teacher_checkpoint ({count}), for an ensemble of two or more, not all zero")
+
+
+def check_run(c: Config) -> Plan:
+    """What can be checked before the data is read (or generated, or downloaded): flags, hardware, output folder."""
+    stages = check_stages(c)
+    # Checks the hardware flags now; the process count sizes the logging interval.
+    world_size = make_trainer(c, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
+    check_writable(Path(c.output_dir) / c.experiment_name, "--output_dir")
+    if c.tune:
+        check_tune(c, world_size)
+    return Plan(stages, world_size, None)
+
+
+def check_tune(c: Config, world_size: int) -> None:
+    """Refuse a --tune that cannot work: no distill stage, assistants, a cache-only teacher, several processes, a bad
+    space or storage."""
+    if not c.distill:
+        raise KDError("--tune searches the distill stage's settings: add --distill")
+    if c.assistant_arch:
+        raise KDError("--tune with --assistant_arch: a tune searches one distillation; tune without assistants")
+    if c.teacher_cache_only:
+        raise KDError("--tune with --teacher_cache_only: trials train on the training set less a held-out slice, whose "
+                      "teacher logits the cache does not hold; drop --teacher_cache_only")
+    if world_size > 1:
+        raise KDError("--tune: trials run in one process; tune on one device (several machines can share one study "
+                      "through --tune_storage)")
+    search_space(c)
+    if c.tune_storage:
+        check_storage(c.tune_storage)
+
+
+def check_experiment(c: Config, build: StageBuilder, plan: Plan) -> Plan:
+    """Check the rest of run ``c`` with the data ``build`` holds: networks, losses, teacher, caches."""
+    classes = build.classes
+    # Build and run each network once now, so a bad name, weights file or input size fails before training.
+    if c.train_teacher:
+        model = build.network(c.teacher_arch[0], c.teacher_weights, "--teacher_weights", c.seed)
+        check_forward(model, c.teacher_arch[0], c.image_size, len(classes), "--teacher_arch")
+    if c.baseline or c.distill:
+        model = build.network(c.student_arch, c.student_weights, "--student_weights", c.seed)
+        check_forward(model, c.student_arch, c.image_size, len(classes), "--student_arch")
+    if c.tune:
+        tuning_split(build.data.layout, c.tune_fraction)
+    return replace(plan, teacher=_check_distillation(c, build, plan.world_size) if c.distill else None)
+
+
+def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teacher | None:
+    """Check the losses, layers, assistants and caches, and run one trial step of every distillation.
+
+    Returns the --teacher_checkpoint teacher (its network None when the cache holds everything).
+    """
+    features = any(loss_property(LOSSES.get(spec), "features") for spec in c.kd_loss)
+    if features and len(c.teacher_checkpoint) > 1:
+        raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses compare one teacher's features; an "
+                      "ensemble of --teacher_checkpoint files has logits only")
+    if features and not (c.student_layers and c.teacher_layers):
+        raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses need --student_layers and "
+                      "--teacher_layers (module names, e.g. layer3 layer4)")
+    if len(c.student_layers) != len(c.teacher_layers):
+        raise KDError(f"--student_layers names {len(c.student_layers)} module(s) but --teacher_layers "
+                      f"{len(c.teacher_layers)}: they are compared pair by pair")
+    if c.teacher_cache_only and not c.teacher_cache:
+        raise KDError("--teacher_cache_only needs --teacher_cache DIR")
+    if c.teacher_cache and (features or world_size > 1 or c.assistant_arch):
+        why = ("feature losses need the teacher's features, and the cache holds logits only" if features else
+               "it is written by one process; run the cached distillation on one device" if world_size > 1
+               else "each assistant is a new teacher; cache the final distillation in a run without assistants")
+        raise KDError(f"--teacher_cache: {why}")
+    if c.teacher_cache:
+        check_writable(c.teacher_cache, "--teacher_cache")
+    paths = tuple(Path(p).expanduser().resolve() for p in c.teacher_checkpoint)
+    for path in paths:  # before the teacher cache's key reads them
+        require_file(path, "--teacher_checkpoint")
+    if c.teacher_cache_only and not paths:
+        raise KDError("--teacher_cache_only needs --teacher_checkpoint: the cache is keyed by its content")
+    caches = [build.teacher_cache(paths, seed) for seed in c.seeds or [c.seed]] if c.teacher_cache and paths else []
+    missing = [(cache, split) for cache in caches for split in cache.missing(c.epochs)]
+    teacher = None
+    if paths:
+        if c.teacher_cache_only and missing:
+            splits = [split for _, split in missing]
+            raise KDError(f"--teacher_cache_only: {missing[0][0].folder} lacks {', '.join(splits[:3])}"
+                          f"{' ...' if len(splits) > 3 else ''} for this teacher, data, transforms and seed")
+        teacher = build.teacher(tuple(teacher_archs(c)), paths, tuple(c.ensemble_weights), load=not caches or missing)
+    chain = [c.teacher_arch[0], *c.assistant_arch, c.student_arch]
+    trial = replace(c, compile=False)
+    for index, (teacher_arch, student_arch) in enumerate(zip(chain, chain[1:])):
+        network = (teacher.network if index == 0 and teacher is not None and teacher.network is not None
+                   else build.network(teacher_arch, None, "--teacher_arch", c.seed))
+        student = build.network(student_arch, None, "--assistant_arch", c.seed)
+        check_forward(student, student_arch, c.image_size, len(build.classes), "--assistant_arch")
+        distiller = build.distiller(student, trial, network, None)
+        try:
+            distiller.check_step(c.image_size, len(build.classes))
+        finally:
+            distiller.remove_hooks()
+    return teacher

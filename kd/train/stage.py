@@ -1,0 +1,126 @@
+"""Building one stage: its networks, teacher cache, distiller, LightningModule and Trainer.
+
+Nothing here writes to disk or trains: the checks build with it to try a run before it starts, and
+the runner builds with it to train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from kd.config import Config, cache_settings
+from kd.data.loaders import ImageDataModule
+from kd.train.distiller import Distiller
+from kd.errors import KDError
+from kd.train.hooks import feature_shapes
+from kd.losses.objective import build_objective
+from kd.train.ensemble import TeacherEnsemble
+from kd.train.mixing import batch_mixing
+from kd.models.build import build_model, load_network
+from kd.train.module import KDModule
+from kd.train.optim import OptimSettings
+from kd.train.teacher_cache import TeacherCache, cache_key
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """What a distill or assistant stage learns from: one network, or an ensemble, and their checkpoints."""
+
+    archs: tuple[str, ...]
+    checkpoints: tuple[Path, ...]
+    network: nn.Module | None  # a TeacherEnsemble for several; None when the teacher cache holds every output
+    weights: tuple[float, ...] = ()  # an ensemble's --ensemble_weights (empty: equal)
+    top1: float | None = None  # percent: its validation top-1 as kd recorded it, when known
+
+
+def teacher_archs(c: Config) -> list[str]:
+    """The architecture of each --teacher_checkpoint: one --teacher_arch for all, or one each."""
+    return c.teacher_arch * len(c.teacher_checkpoint) if len(c.teacher_arch) == 1 else list(c.teacher_arch)
+
+
+def _devices(devices: str) -> Any:
+    return int(devices) if devices.isdigit() else devices
+
+
+class StageBuilder:
+    """Builds the parts of a stage from the run's configuration and data."""
+
+    def __init__(self, config: Config, data: ImageDataModule) -> None:
+        self.config, self.data = config, data
+        self._cache_keys: dict[tuple[Path, int], str] = {}  # hashing the teacher and every file once per run
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+    def network(self, arch: str, weights: str | None, flag: str, seed: int) -> nn.Module:
+        """A freshly seeded network, so its initial weights depend on the seed alone."""
+        pl.seed_everything(seed, verbose=False)
+        return build_model(arch, len(self.classes), weights, flag)
+
+    def teacher_cache(self, checkpoints: tuple[Path, ...], seed: int) -> TeacherCache:
+        """The teacher-output cache of this run's data, transforms and ``seed`` and the teachers in ``checkpoints``."""
+        c, layout = self.config, self.data.layout
+        if (checkpoints, seed) not in self._cache_keys:
+            settings = cache_settings(replace(c, seed=seed, teacher_arch=teacher_archs(c)))
+            if c.mixup or c.cutmix:  # an image is mixed with its neighbour in the batch: the batch size decides it
+                settings["batch_size"] = c.batch_size
+            self._cache_keys[checkpoints, seed] = cache_key(list(checkpoints), {"train": layout.train,
+                                                                                "val": layout.val}, settings)
+        sizes = {"train": len(layout.train), "val": len(layout.val)}
+        return TeacherCache(c.teacher_cache, self._cache_keys[checkpoints, seed], sizes, len(self.classes),
+                            c.teacher_cache_dtype, c.teacher_cache_topk)
+
+    def teacher(self, archs: tuple[str, ...], checkpoints: tuple[Path, ...], weights: tuple[float, ...] = (),
+                load: bool = True) -> Teacher:
+        """The trained teacher(s) in ``checkpoints``: loaded (an ensemble for several) unless ``load`` is False."""
+        network = None
+        if load:
+            members = [load_network(path, arch, self.classes, self.config.image_size)
+                       for arch, path in zip(archs, checkpoints)]
+            network = members[0] if len(members) == 1 else TeacherEnsemble(members, list(weights) or None)
+        return Teacher(archs, checkpoints, network, weights)
+
+    def distiller(self, model: nn.Module, c: Config, teacher: nn.Module | None,
+                  cache: TeacherCache | None) -> Distiller:
+        """The training step of a stage with settings ``c``; distilling when it has a teacher or a teacher cache.
+
+        The objective is built anew for every stage, so a loss's state (CRD's memory bank) never
+        carries over from one student to the next.
+        """
+        options = {"label_smoothing": c.label_smoothing, "ema_decay": c.ema, "channels_last": c.channels_last,
+                   "compile": c.compile, "mixing": batch_mixing(c.mixup, c.cutmix, len(self.classes), c.seed)}
+        if teacher is None and cache is None:
+            return Distiller(model, **options)
+        shapes = None
+        if c.student_layers and teacher is not None:
+            shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),
+                      feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers"))
+        objective = build_objective(c.kd_loss, c.kd_weights, c.ce_weight, c.temperature, c.loss_options,
+                                    label_smoothing=c.label_smoothing, num_classes=len(self.classes),
+                                    num_samples=len(self.data.layout.train),
+                                    student_shapes=shapes[0] if shapes else {},
+                                    teacher_shapes=shapes[1] if shapes else {})
+        return Distiller(model, teacher=teacher, objective=objective, teacher_cache=cache,
+                         student_layers=c.student_layers, teacher_layers=c.teacher_layers, feature_shapes=shapes,
+                         **options)
+
+    def module(self, distiller: Distiller, arch: str, c: Config) -> KDModule:
+        """The LightningModule that trains ``distiller``'s student, an ``arch``, with the settings ``c``."""
+        return KDModule(distiller, arch, self.classes, image_size=c.image_size, augment=c.augment,
+                        optim=OptimSettings.from_config(c))
+
+def make_trainer(c: Config, **options: Any) -> pl.Trainer:
+    """A Trainer on the hardware ``c`` names; Lightning's refusals become one-line errors."""
+    try:
+        return pl.Trainer(accelerator=c.accelerator, devices=_devices(c.devices), num_nodes=c.num_nodes,
+                          strategy=c.strategy, precision=c.precision, enable_model_summary=False, **options)
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+        raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --num_nodes {c.num_nodes} "
+                      f"--strategy {c.strategy} --precision {c.precision}: {str(exc).splitlines()[0]}") from None
