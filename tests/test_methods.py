@@ -22,7 +22,9 @@ from kd.cli import main
 from kd.errors import KDError
 from kd.train.hooks import Connector, FeatureHooks, feature_shapes
 from kd.losses import build_loss
-from kd.losses.objective import build_objective, parse_loss_options
+from kd.losses.objective import build_objective
+from kd.losses.options import parse_loss_options
+from kd.losses.spec import losses_in_force
 from kd.models.build import build_model
 from kd.models.checkpoints import read_checkpoint
 from kd.train.distiller import Distiller
@@ -56,7 +58,8 @@ def _hinton(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tenso
 
 def test_total_is_ce_weight_times_ce_plus_each_weighted_loss():
     s, t, y = _logits(0).requires_grad_(True), _logits(1), _labels(2)
-    objective = build_objective(["kl_softmax", "mse_logits", "dkd"], [0.3, 0.5, 2.0], 0.7, 2.0, [], num_classes=7)
+    objective = build_objective(losses_in_force(["kl_softmax", "mse_logits", "dkd"], [0.3, 0.5, 2.0], 0.7, 2.0, []),
+                                num_classes=7)
     total, terms = _call(objective, s, t, y, epoch=19)  # dkd fully warmed up
     dkd = build_loss("dkd", temperature=2.0)(s, t, y, epoch=19)
     kl, mse, ce = _hinton(s, t, 2.0), ((s - t) ** 2).mean(), -F.log_softmax(s, 1)[torch.arange(5), y].mean()
@@ -79,12 +82,12 @@ def test_total_is_ce_weight_times_ce_plus_each_weighted_loss():
     (["fitnets", "dist"], {"fitnets": 100.0, "dist": 2.0}, 1.0),
 ])
 def test_default_weights_come_from_the_papers(losses, weights, ce_weight):
-    objective = build_objective(losses, [], None, None, [], num_classes=7)
+    objective = build_objective(losses_in_force(losses, [], None, None, []), num_classes=7)
     assert objective.weights == weights and objective.ce_weight == ce_weight
 
 
 def test_explicit_weights_replace_the_papers():
-    objective = build_objective(["kl_softmax", "dkd"], [0.25, 3.0], 0.0, None, [], num_classes=7)
+    objective = build_objective(losses_in_force(["kl_softmax", "dkd"], [0.25, 3.0], 0.0, None, []), num_classes=7)
     assert objective.weights == {"kl_softmax": 0.25, "dkd": 3.0} and objective.ce_weight == 0.0
     s, t, y = _logits(3), _logits(4), _labels(5)
     total, terms = _call(objective, s, t, y)
@@ -93,9 +96,11 @@ def test_explicit_weights_replace_the_papers():
 
 
 def test_temperature_reaches_every_loss_that_has_one_and_defaults_to_each_papers():
-    default = build_objective(["kl_softmax", "logit_std", "mse_logits"], [], None, None, [], num_classes=7)
+    default = build_objective(losses_in_force(["kl_softmax", "logit_std", "mse_logits"], [], None, None, []),
+                              num_classes=7)
     assert (default.losses["kl_softmax"].temperature, default.losses["logit_std"].temperature) == (4.0, 2.0)
-    chosen = build_objective(["kl_softmax", "logit_std", "mse_logits"], [], None, 1.5, [], num_classes=7)
+    chosen = build_objective(losses_in_force(["kl_softmax", "logit_std", "mse_logits"], [], None, 1.5, []),
+                             num_classes=7)
     assert chosen.losses["kl_softmax"].temperature == chosen.losses["logit_std"].temperature == 1.5
 
 
@@ -108,31 +113,33 @@ def test_temperature_reaches_every_loss_that_has_one_and_defaults_to_each_papers
 ])
 def test_weights_and_losses_that_do_not_pair_up_are_errors(losses, weights, parts):
     with pytest.raises(KDError) as info:
-        build_objective(losses, weights, None, None, [], num_classes=7)
+        build_objective(losses_in_force(losses, weights, None, None, []), num_classes=7)
     assert all(part in str(info.value) for part in parts), str(info.value)
 
 
 def test_a_loss_option_reaches_only_the_loss_it_names():
-    objective = build_objective(["kl_softmax", "dkd"], [], None, None, ["dkd.beta=4", "dkd.warmup=1"], num_classes=7)
+    objective = build_objective(losses_in_force(["kl_softmax", "dkd"], [], None, None, ["dkd.beta=4", "dkd.warmup=1"]),
+                                num_classes=7)
     dkd = objective.losses["dkd"]
     assert (dkd.beta, dkd.warmup, dkd.alpha) == (4, 1, 1.0)  # alpha keeps the paper's value
     assert objective.losses["kl_softmax"].temperature == 4.0
 
 
 def test_a_shared_option_reaches_every_loss_that_has_the_setting():
-    objective = build_objective(["dkd", "dist", "mse_logits"], [], None, None, ["beta=2", "gamma=0.5"], num_classes=7)
+    objective = build_objective(losses_in_force(["dkd", "dist", "mse_logits"], [], None, None, ["beta=2", "gamma=0.5"]),
+                                num_classes=7)
     assert objective.losses["dkd"].beta == objective.losses["dist"].beta == 2
     assert objective.losses["dist"].gamma == 0.5
 
 
 def test_the_most_specific_option_wins():
     """NAME.SETTING over SETTING=, which beats --temperature."""
-    objective = build_objective(["kl_softmax", "dkd", "logit_std"], [], None, 2.0,
-                                ["dkd.temperature=1", "logit_std.temperature=3", "beta=2", "dkd.beta=5"],
+    objective = build_objective(losses_in_force(["kl_softmax", "dkd", "logit_std"], [], None, 2.0,
+                                ["dkd.temperature=1", "logit_std.temperature=3", "beta=2", "dkd.beta=5"]),
                                 num_classes=7)
     assert [objective.losses[k].temperature for k in ("kl_softmax", "dkd", "logit_std")] == [2.0, 1, 3]
     assert objective.losses["dkd"].beta == 5
-    shared = build_objective(["kl_softmax"], [], None, 2.0, ["temperature=6"], num_classes=7)
+    shared = build_objective(losses_in_force(["kl_softmax"], [], None, 2.0, ["temperature=6"]), num_classes=7)
     assert shared.losses["kl_softmax"].temperature == 6
 
 
@@ -154,7 +161,7 @@ def test_the_most_specific_option_wins():
 ])
 def test_unknown_loss_or_setting_in_loss_options_is_an_error(losses, options, parts):
     with pytest.raises(KDError) as info:
-        build_objective(losses, [], None, None, options, num_classes=7)
+        build_objective(losses_in_force(losses, [], None, None, options), num_classes=7)
     assert all(part in str(info.value) for part in parts), str(info.value)
 
 
@@ -218,7 +225,7 @@ def user_file(tmp_path) -> Path:
 
 
 def test_a_three_argument_user_loss_still_works(user_file):
-    objective = build_objective([f"{user_file}:gap", "kl_softmax"], [], None, None, [], num_classes=7)
+    objective = build_objective(losses_in_force([f"{user_file}:gap", "kl_softmax"], [], None, None, []), num_classes=7)
     assert objective.weights == {"gap": 1.0, "kl_softmax": 0.9} and objective.ce_weight == 0.1
     s, t, y = _logits(6).requires_grad_(True), _logits(7), _labels(8)
     total, terms = _call(objective, s, t, y)  # features, indices and epoch are offered; gap takes none
@@ -296,7 +303,7 @@ def _feature_distiller(loss: str = "fitnets") -> KDModule:
     student, teacher = build_model("cnn_tiny", len(CLASSES)), build_model("cnn_medium", len(CLASSES))
     shapes = (feature_shapes(student, LAYERS, 16, "--student_layers"),
               feature_shapes(teacher, LAYERS, 16, "--teacher_layers"))
-    objective = build_objective([loss], [], None, None, [], num_classes=len(CLASSES), num_samples=16,
+    objective = build_objective(losses_in_force([loss], [], None, None, []), num_classes=len(CLASSES), num_samples=16,
                                 student_shapes=shapes[0], teacher_shapes=shapes[1])
     distiller = Distiller(student, teacher=teacher, objective=objective, student_layers=LAYERS, teacher_layers=LAYERS,
                           feature_shapes=shapes)
@@ -348,7 +355,8 @@ def test_check_step_changes_nothing_and_passes_a_feature_loss():
 
 def test_check_step_refuses_a_loss_that_ignores_the_student(user_file):
     torch.manual_seed(0)
-    objective = build_objective([f"{user_file}:ignores_student"], [], None, None, [], num_classes=len(CLASSES))
+    objective = build_objective(losses_in_force([f"{user_file}:ignores_student"], [], None, None, []),
+                                num_classes=len(CLASSES))
     distiller = Distiller(build_model("cnn_tiny", len(CLASSES)), teacher=build_model("cnn_tiny", len(CLASSES)),
                           objective=objective)
     with pytest.raises(KDError, match="--kd_loss ignores_student: its value does not depend on the student's "
@@ -475,7 +483,7 @@ def test_assistant_is_distilled_first_and_teaches_the_student(tiny_data, teacher
 def test_a_finished_stage_leaves_no_hooks_on_the_shared_teacher():
     """Each seed's stage hooks the same teacher: stale hooks would keep its feature maps alive."""
     teacher = build_model("cnn_medium", len(CLASSES)).eval()
-    objective = build_objective(["at"], [], None, None, [], num_classes=len(CLASSES))
+    objective = build_objective(losses_in_force(["at"], [], None, None, []), num_classes=len(CLASSES))
     for _ in range(2):
         module = KDModule(Distiller(build_model("cnn_tiny", len(CLASSES)), teacher=teacher, objective=objective,
                                     student_layers=LAYERS, teacher_layers=LAYERS), "cnn_tiny", CLASSES, image_size=16)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd.losses.objective import build_objective
+from kd.losses.spec import losses_in_force
 from kd.losses.logits import kl_softmax
 from kd.models.build import build_model
 from kd.config import Config
@@ -48,7 +49,8 @@ def _distiller(kd_weight: float = 0.7, ce_weight: float = 0.3, **kwargs) -> KDMo
     torch.manual_seed(0)
     teacher = build_model("cnn_small", len(CLASSES))
     student = build_model("cnn_tiny", len(CLASSES))
-    objective = build_objective(["kl_softmax"], [kd_weight], ce_weight, 3.0, [], num_classes=len(CLASSES))
+    objective = build_objective(losses_in_force(["kl_softmax"], [kd_weight], ce_weight, 3.0, []),
+                                num_classes=len(CLASSES))
     return KDModule(Distiller(student, teacher=teacher, objective=objective, **kwargs), "cnn_tiny", CLASSES)
 
 

@@ -11,6 +11,7 @@ from kd.config import Config
 from kd.data.loaders import ImageDataModule, make_datamodule
 from kd.data.transforms import normalize
 from kd.losses.objective import build_objective
+from kd.losses.spec import losses_in_force
 from kd.models.build import build_model
 from kd.train.distiller import Distiller
 
@@ -48,7 +49,7 @@ def test_cached_images_channels_last_and_bf16_train_on_a_cpu(tiny_data, tmp_path
 
 def test_compile_and_channels_last_apply_to_student_and_teacher():
     student, teacher = build_model("cnn_tiny", 3), build_model("cnn_small", 3)
-    objective = build_objective(["kl_softmax"], [], None, None, [], num_classes=3)
+    objective = build_objective(losses_in_force(["kl_softmax"], [], None, None, []), num_classes=3)
     module = Distiller(student, teacher=teacher, objective=objective, channels_last=True, compile=True)
     assert module.model._compiled_call_impl is not None and module.teacher._compiled_call_impl is not None
     conv = module.model.features[0].weight
@@ -59,8 +60,8 @@ def test_compile_and_channels_last_apply_to_student_and_teacher():
 def test_teacher_runs_in_inference_mode_under_mixed_precision(precision):
     """Teacher outputs come back as ordinary tensors the student's loss can save for backward."""
     student, teacher = build_model("cnn_tiny", 3), build_model("cnn_small", 3)
-    module = Distiller(student, teacher=teacher, objective=build_objective(["kl_softmax"], [], None, None, [],
-                                                                           num_classes=3))
+    objective = build_objective(losses_in_force(["kl_softmax"], [], None, None, []), num_classes=3)
+    module = Distiller(student, teacher=teacher, objective=objective)
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     with torch.autocast("cpu", dtype=dtype):
         logits, _ = module.teacher_outputs(torch.randn(2, 3, 16, 16), torch.arange(2), 0)

@@ -19,6 +19,7 @@ from kd.data.loaders import make_datamodule
 from kd.train.distiller import Distiller
 from kd.errors import KDError
 from kd.losses.objective import build_objective
+from kd.losses.spec import losses_in_force
 from kd.train.mixing import BatchMixing, batch_mixing
 from kd.models.build import build_model, load_network
 from kd.train.module import KDModule
@@ -56,7 +57,8 @@ def test_label_smoothing_ce_equals_the_formula_alone_and_in_the_objective():
     plain = Distiller(build_model("cnn_tiny", len(CLASSES)), label_smoothing=0.2)
     logits, loss, terms = plain.step(x, y, indices, epoch=0)
     torch.testing.assert_close(loss.double(), _smoothed_ce(logits, y, 0.2))
-    objective = build_objective(["kl_softmax"], [0.5], 0.5, 4.0, [], label_smoothing=0.2, num_classes=len(CLASSES))
+    objective = build_objective(losses_in_force(["kl_softmax"], [0.5], 0.5, 4.0, []),
+                                label_smoothing=0.2, num_classes=len(CLASSES))
     distill = Distiller(build_model("cnn_tiny", len(CLASSES)), teacher=build_model("cnn_small", len(CLASSES)),
                         objective=objective, label_smoothing=0.2)
     logits, _, terms = distill.step(x, y, indices, epoch=0)
@@ -127,7 +129,7 @@ def test_with_both_each_batch_gets_one_of_the_two():
 
 def _distilling_module(**options) -> KDModule:
     torch.manual_seed(0)
-    objective = build_objective(["kl_softmax"], [0.5], 0.5, 4.0, [], num_classes=len(CLASSES))
+    objective = build_objective(losses_in_force(["kl_softmax"], [0.5], 0.5, 4.0, []), num_classes=len(CLASSES))
     distiller = Distiller(build_model("cnn_tiny", len(CLASSES)), teacher=build_model("cnn_small", len(CLASSES)),
                           objective=objective, **options)
     return KDModule(distiller, "cnn_tiny", CLASSES)

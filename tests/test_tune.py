@@ -23,8 +23,10 @@ from kd.data.loaders import make_datamodule
 from kd.errors import KDError
 from kd.losses import LOSSES
 from kd.losses.objective import build_objective
+from kd.losses.spec import losses_in_force
 from kd.tune.search import SliceScore, chosen_trial, fail_orphans, tuning_split
-from kd.tune.space import paper_point, paper_value, search_space, settings_at
+from kd.losses.spec import paper_value
+from kd.tune.space import paper_point, search_space, settings_at
 
 SPACED = [name for name in LOSSES.names() if getattr(LOSSES.get(name), "space", {})]
 
@@ -92,8 +94,8 @@ def test_a_point_becomes_flags_that_build_the_objective():
     tuned = settings_at(c, {"ce_weight": 0.5, "dkd.weight": 2.0, "dkd.beta": 3.123456, "dkd.temperature": 2.0})
     assert tuned.kd_weights == [2.0] and tuned.ce_weight == 0.5
     assert tuned.loss_options == ["dkd.warmup=4", "dkd.beta=3.123", "dkd.temperature=2"]
-    objective = build_objective(tuned.kd_loss, tuned.kd_weights, tuned.ce_weight, tuned.temperature,
-                                tuned.loss_options, num_classes=10)
+    objective = build_objective(losses_in_force(tuned.kd_loss, tuned.kd_weights, tuned.ce_weight, tuned.temperature,
+                                tuned.loss_options), num_classes=10)
     loss = objective.losses["dkd"]
     assert (loss.beta, loss.temperature, loss.warmup, objective.ce_weight) == (3.123, 2.0, 4, 0.5)
 

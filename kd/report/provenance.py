@@ -7,15 +7,14 @@ lenient: a missing file or key (a run saved by an older kd, a flag another versi
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kd.errors import KDError
 from kd.losses import LOSSES
-from kd.losses.objective import loss_key
+from kd.losses.options import loss_key
+from kd.losses.spec import losses_in_force
 from kd.report.results import StageResult
 from kd.tables import text_table
 
@@ -74,26 +73,18 @@ def learned_from(config: dict[str, Any], experiment: Path, result: StageResult |
     return here
 
 
-def _default_temperature(spec: str) -> float | None:
-    """The temperature a registered loss uses when none is given (None: it has none, or is a user's loss)."""
-    if spec not in LOSSES:
-        return None
-    try:
-        default = inspect.signature(LOSSES.get(spec)).parameters["temperature"].default
-    except (KeyError, TypeError, ValueError, KDError):
-        return None
-    return default if isinstance(default, (int, float)) else None
-
-
 def temperature(config: dict[str, Any]) -> str:
-    """The softmax temperature in force: --temperature, else each loss's own default; --loss_options
-    that set one are added as given (they take precedence)."""
+    """The softmax temperature in force: --temperature as the stage recorded it, else each loss's own default
+    (registered losses only: a report never imports a user's code); --loss_options that set one are added as given
+    (they take precedence)."""
     given = config.get("temperature")
     if isinstance(given, (int, float)):
         text = f"{given:g}"
     else:
-        defaults = [(loss_key(str(spec)), _default_temperature(str(spec))) for spec in _listed(config.get("kd_loss"))]
-        text = ", ".join(f"{t:g} ({key}'s default)" for key, t in defaults if t is not None) or "-"
+        registered = [str(spec) for spec in _listed(config.get("kd_loss")) if str(spec) in LOSSES]
+        losses = losses_in_force(registered, [], None, None, []).losses if registered else ()
+        defaults = [(loss.key, loss.settings["temperature"].value) for loss in losses if "temperature" in loss.settings]
+        text = ", ".join(f"{t:g} ({key}'s default)" for key, t in defaults if isinstance(t, (int, float))) or "-"
     options = [str(o) for o in _listed(config.get("loss_options")) if "temperature=" in str(o)]
     return "; ".join([text, *options])
 

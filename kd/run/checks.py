@@ -14,8 +14,7 @@ from pathlib import Path
 from kd.config import Config
 from kd.errors import KDError
 from kd.files import check_writable
-from kd.losses import LOSSES
-from kd.losses.base import loss_property, wanted_extras
+from kd.losses.spec import resolve_losses
 from kd.models.build import check_forward
 from kd.models.checkpoints import require_file
 from kd.train.stage import StageBuilder, Teacher, make_trainer, teacher_archs
@@ -63,8 +62,7 @@ def check_stages(c: Config) -> list[str]:
 
 def _check_mixing(c: Config) -> None:
     """Refuse losses that learn per dataset image (they take ``indices``: CRD's memory bank); a mixed image is two."""
-    factories = {spec: LOSSES.get(spec) for spec in c.kd_loss}
-    indexed = [spec for spec, loss in factories.items() if "indices" in wanted_extras(getattr(loss, "forward", loss))]
+    indexed = [loss.spec for loss in resolve_losses(c).needing("indices")]
     if indexed:
         raise KDError(f"--kd_loss {' '.join(indexed)} with --mixup {c.mixup} --cutmix {c.cutmix}: it learns per "
                       "dataset image (indices), and a mixed image is two images; drop the loss or the mixing")
@@ -135,7 +133,7 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
 
     Returns the --teacher_checkpoint teacher (its network None when the cache holds everything).
     """
-    features = any(loss_property(LOSSES.get(spec), "features") for spec in c.kd_loss)
+    features = resolve_losses(c).features
     if features and len(c.teacher_checkpoint) > 1:
         raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses compare one teacher's features; an "
                       "ensemble of --teacher_checkpoint files has logits only")

@@ -6,7 +6,6 @@ found again for --resume, fitted, and its result saved.
 
 from __future__ import annotations
 
-import inspect
 import os
 import statistics
 import warnings
@@ -23,50 +22,28 @@ from kd.train.checkpoint_io import AtomicCheckpointIO, InterruptCheckpoint
 from kd.run.checks import STAGES, Plan, check_experiment, check_run
 from kd.config import Config, Role, identity, save_config
 from kd.console import progress_bar
-from kd.data.loaders import ImageDataModule, make_datamodule
-from kd.seeding import draw_seed
+from kd.data.loaders import make_datamodule
 from kd.deploy.commands import deploy_students
 from kd.errors import Interrupted, KDError, warn
 from kd.files import write_text, writer_thread_errors_raised_here
-from kd.losses import LOSSES
-from kd.losses.base import accepted_settings
-from kd.losses.objective import loss_key, parse_loss_options, weights_in_force
+from kd.losses.options import loss_key
+from kd.losses.spec import resolve_losses
 from kd.train.module import KDModule, NonFiniteLoss
 from kd.report.comparison import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.report.results import RESULT_FILE, StageResult, find_results
 from kd.run.resume import find_earlier
+from kd.train.callbacks import EpochSeeding, History
 from kd.train.stage import StageBuilder, Teacher, make_trainer, teacher_archs
 from kd.tune.search import tune_distillation
 from kd.versions import new_version, next_version, training_lock
 
 
 def with_weights_in_force(c: Config) -> Config:
-    """``c`` with the loss settings as they apply: --kd_weights and --ce_weight (the papers' where unset) and
-    --temperature (see :func:`temperature_in_force`). A distill stage records them, so its config.yaml says what
-    ran and a changed default never lets --resume reuse a stage trained with the old one."""
-    losses = [LOSSES.get(spec) for spec in c.kd_loss]
-    weights, ce_weight = weights_in_force(losses, c.kd_weights, c.ce_weight)
-    return replace(c, kd_weights=weights, ce_weight=ce_weight, temperature=temperature_in_force(c, losses))
-
-
-def temperature_in_force(c: Config, losses: list[Any]) -> float | None:
-    """The one temperature that every loss of ``c`` having one runs at (--loss_options, --temperature or its own).
-
-    Stays ``c.temperature`` where there is no single value (no loss has one, they differ) or a loss takes any
-    setting (``**kwargs``), to which a temperature recorded here would be new.
-    """
-    own, shared = parse_loss_options(c.loss_options, [loss_key(spec) for spec in c.kd_loss])
-    found = set()
-    for spec, loss in zip(c.kd_loss, losses):
-        accepted = accepted_settings(loss)
-        if accepted is None:
-            return c.temperature
-        if "temperature" in accepted:
-            default = inspect.signature(loss).parameters["temperature"].default
-            given = shared.get("temperature", default if c.temperature is None else c.temperature)
-            found.add(own[loss_key(spec)].get("temperature", given))
-    value = found.pop() if len(found) == 1 else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else c.temperature
+    """``c`` with the loss settings as they apply (see :mod:`kd.losses.spec`): --kd_weights, --ce_weight and the one
+    --temperature in force. A distill stage records them, so its config.yaml says what ran and a changed default
+    never lets --resume reuse a stage trained with the old one."""
+    losses = resolve_losses(c)
+    return replace(c, kd_weights=losses.weights, ce_weight=losses.ce_weight.value, temperature=losses.temperature)
 
 
 def stage_config(c: Config, stage: str, seed: int) -> Config:
@@ -89,57 +66,6 @@ def saved_identity(saved: dict[str, Any], config: Config, role: Role) -> dict[st
 def stage_role(stage: str) -> Role:
     """The role of the flags that make ``stage`` what it is; an assistant is a distill stage."""
     return {"teacher": Role.TEACHER, "baseline": Role.BASELINE}.get(stage, Role.DISTILL)
-
-
-class History(pl.Callback):
-    """Each epoch's validation metrics (accuracies in percent); saved in checkpoints for --resume."""
-
-    def __init__(self) -> None:
-        self.epochs: list[dict[str, float]] = []
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            self.epochs.append({"epoch": trainer.current_epoch, **metrics})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "unit": "percent"}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epochs = list(state_dict["epochs"])
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of a kd that logged accuracies as fractions: its history and best score read as percent."""
-        states = checkpoint.get("callbacks", {})
-        mine = states.get(self.state_key)
-        if not mine or mine.get("unit") == "percent":
-            return
-        mine["epochs"] = [{k: 100 * v if _is_accuracy(k) else v for k, v in epoch.items()} for epoch in mine["epochs"]]
-        for state in states.values():
-            if state.get("monitor") == "val/top1":  # ModelCheckpoint: the best so far must compare with percent
-                state |= {key: 100 * state[key] for key in ("best_model_score", "current_score", "kth_value")
-                          if state.get(key) is not None}
-                state["best_k_models"] = {path: 100 * score for path, score in state.get("best_k_models", {}).items()}
-
-
-def _is_accuracy(metric: str) -> bool:
-    """Whether ``metric`` is a validation accuracy or agreement (percent since kd logs them so)."""
-    return metric.startswith("val/") and metric.endswith(("top1", "top5", "agreement"))
-
-
-class EpochSeeding(pl.Callback):
-    """Makes each epoch's randomness a function of (seed, epoch): batch order, crops, dropout.
-
-    An epoch then runs the same whether the run went straight through or was resumed before it.
-    """
-
-    def __init__(self, data: ImageDataModule, seed: int) -> None:
-        self.data, self.seed = data, seed
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.data.set_epoch(trainer.current_epoch)
-        pl.seed_everything(draw_seed(self.seed, trainer.current_epoch) % 2**32, verbose=False)
 
 
 def is_main_process() -> bool:

@@ -20,6 +20,7 @@ from kd.train.distiller import Distiller
 from kd.errors import KDError
 from kd.train.hooks import feature_shapes
 from kd.losses.objective import build_objective
+from kd.losses.spec import resolve_losses
 from kd.train.ensemble import TeacherEnsemble
 from kd.train.mixing import batch_mixing
 from kd.models.build import build_model, load_network
@@ -102,8 +103,7 @@ class StageBuilder:
         if c.student_layers and teacher is not None:
             shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),
                       feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers"))
-        objective = build_objective(c.kd_loss, c.kd_weights, c.ce_weight, c.temperature, c.loss_options,
-                                    label_smoothing=c.label_smoothing, num_classes=len(self.classes),
+        objective = build_objective(resolve_losses(c), label_smoothing=c.label_smoothing, num_classes=len(self.classes),
                                     num_samples=len(self.data.layout.train),
                                     student_shapes=shapes[0] if shapes else {},
                                     teacher_shapes=shapes[1] if shapes else {})

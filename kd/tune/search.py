@@ -34,14 +34,15 @@ from kd.data.loaders import ImageDataModule
 from kd.data.sources import DatasetLayout, Split
 from kd.data.sources.base import held_out
 from kd.errors import Interrupted, KDError
-from kd.losses import LOSSES
-from kd.losses.base import loss_property
+from kd.losses.spec import resolve_losses
+from kd.train.callbacks import EpochSeeding
 from kd.train.module import NonFiniteLoss
 from kd.train.stage import StageBuilder, Teacher, make_trainer
 from kd.train.teacher_cache import file_digest
 from kd.tune.report import papers_trial, write_tune_report
 from kd.tune.storage import HEARTBEAT_S, open_storage, shown_url, storage_url
 from kd.tune.space import paper_point, rounded, search_space, settings_at
+from kd.versions import next_version
 
 SLICE_SEED = 14  # the tuning slice is the same for every --seed, so each seed's final stage sees the same split
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -115,7 +116,7 @@ class Tuner:
         layout = tuning_split(build.data.layout, c.tune_fraction)
         self.data = ImageDataModule(layout, c.image_size, c.batch_size, c.num_workers, c.min_crop_scale, c.hflip,
                                     self.seed, c.image_cache, c.augment)
-        logits_only = not any(loss_property(LOSSES.get(spec), "features") for spec in c.kd_loss)
+        logits_only = not resolve_losses(c).features
         cache_dir = (c.teacher_cache or str(self.folder / "teacher_cache")) if logits_only else None
         self.build = StageBuilder(replace(c, teacher_cache=cache_dir, seed=self.seed), self.data)
         self.cache = self.build.teacher_cache(teacher.checkpoints, self.seed) if cache_dir else None
@@ -131,7 +132,6 @@ class Tuner:
 
     def run(self) -> Config:
         """Run the study to --tune finished trials and return the run's config with the best settings."""
-        from kd.run.runner import next_version  # the runner imports this module to tune before its distill stage
         started = time.monotonic()
         self.folder.mkdir(parents=True, exist_ok=True)
         url = storage_url(self.base, self.folder)
@@ -212,7 +212,6 @@ class Tuner:
             print(f"tune trial {trial.number}: {shown}: slice top-1 {max(score.top1):.2f}%", flush=True)
 
     def _fit(self, trial: optuna.Trial, point: dict[str, float]) -> SliceScore:
-        from kd.run.runner import EpochSeeding  # (see run)
         c = replace(settings_at(self.base, point), epochs=self.epochs, seed=self.seed)
         network = self.teacher.network
         if network is None and (self.cache is None or self.cache.missing(self.epochs)):

@@ -9,44 +9,36 @@ A loss with ``share_of_total`` searched alone gives the CE weight the rest of th
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
-from typing import Any
 
 from kd.config import Config
 from kd.errors import KDError
-from kd.losses import LOSSES
 from kd.losses.base import Range, loss_property
-from kd.losses.objective import loss_key, parse_loss_options, weights_in_force
+from kd.losses.spec import Setting, paper_value, resolve_losses
 from kd.registry import did_you_mean
 
 CE = "ce_weight"
 
 
-def paper_value(loss: Any, setting: str) -> float:
-    """The default of one setting of a loss class: its ``weight``, ``ce_weight`` or a constructor default."""
-    if setting in ("weight", CE):
-        return float(loss_property(loss, setting))
-    return float(inspect.signature(loss).parameters[setting].default)
-
-
 def _declared(c: Config) -> dict[str, tuple[Range, str]]:
     """Every setting the chosen losses declare a range for, with the flag that fixes it in this run ('' if none)."""
-    keys, losses = [loss_key(spec) for spec in c.kd_loss], [LOSSES.get(spec) for spec in c.kd_loss]
-    own, shared = parse_loss_options(c.loss_options, keys)
-    ce_ranges = [loss.space[CE] for loss in losses if CE in getattr(loss, "space", {})]
+    losses = resolve_losses(c)
+    ce_ranges = [loss.space[CE] for loss in losses.losses if CE in loss.space]
     declared = {}
     if ce_ranges:
         declared[CE] = (Range(min(r.low for r in ce_ranges), max(r.high for r in ce_ranges),
-                              all(r.log for r in ce_ranges)), "--ce_weight" if c.ce_weight is not None else "")
-    for key, loss in zip(keys, losses):
-        for setting, bounds in getattr(loss, "space", {}).items():
-            fixed = ("--kd_weights" if setting == "weight" and c.kd_weights else
-                     "--temperature" if setting == "temperature" and c.temperature is not None else
-                     "--loss_options" if setting in own[key] or setting in shared else "")
+                              all(r.log for r in ce_ranges)), _fixed_by(losses.ce_weight))
+    for loss in losses.losses:
+        for setting, bounds in loss.space.items():
             if setting != CE:
-                declared[f"{key}.{setting}"] = (bounds, fixed)
+                value = loss.weight if setting == "weight" else loss.settings[setting]
+                declared[f"{loss.key}.{setting}"] = (bounds, _fixed_by(value))
     return declared
+
+
+def _fixed_by(setting: Setting) -> str:
+    """The flag that set a value (the first word of its source), or '' for the paper's."""
+    return setting.source.split()[0] if setting.given else ""
 
 
 def parse_range(option: str) -> tuple[str, Range]:
@@ -73,12 +65,10 @@ def _share(c: Config, searched: set[str]) -> tuple[str, float] | None:
 
     That is the one chosen loss with ``share_of_total``, when no other range or flag sets the CE weight.
     """
-    shares = [(loss_key(spec), loss) for spec, loss in zip(c.kd_loss, map(LOSSES.get, c.kd_loss))
-              if loss_property(loss, "share_of_total")]
-    if len(shares) != 1 or CE in searched or c.ce_weight is not None or f"{shares[0][0]}.weight" not in searched:
+    shares = [loss for loss in resolve_losses(c).losses if loss_property(loss.factory, "share_of_total")]
+    if len(shares) != 1 or CE in searched or c.ce_weight is not None or f"{shares[0].key}.weight" not in searched:
         return None
-    key, loss = shares[0]
-    return key, paper_value(loss, "weight") + paper_value(loss, CE)
+    return shares[0].key, paper_value(shares[0].factory, "weight") + paper_value(shares[0].factory, CE)
 
 
 def search_space(c: Config) -> dict[str, Range]:
@@ -105,12 +95,14 @@ def search_space(c: Config) -> dict[str, Range]:
 
 def paper_point(c: Config, space: dict[str, Range]) -> dict[str, float]:
     """The papers' values of the searched settings that lie inside their ranges: the first trial of a study."""
-    losses = {loss_key(spec): LOSSES.get(spec) for spec in c.kd_loss}
-    ce_weight = weights_in_force(list(losses.values()), [], None)[1]
+    losses = resolve_losses(c)
+    by_key = {loss.key: loss for loss in losses.losses}
     point = {}
     for name, bounds in space.items():
         key, _, setting = name.rpartition(".")
-        value = ce_weight if name == CE else paper_value(losses[key], setting)
+        loss = by_key.get(key)
+        value = (losses.ce_weight.default if name == CE else
+                 loss.weight.default if setting == "weight" else loss.settings[setting].default)
         if bounds.low <= value <= bounds.high:
             point[name] = value
     return point
@@ -124,8 +116,8 @@ def rounded(point: dict[str, float]) -> dict[str, float]:
 def settings_at(c: Config, point: dict[str, float]) -> Config:
     """``c`` with the settings of a point of the search: --kd_weights, --ce_weight and loss options."""
     point = rounded(point)
-    keys, losses = [loss_key(spec) for spec in c.kd_loss], [LOSSES.get(spec) for spec in c.kd_loss]
-    weights, ce_weight = weights_in_force(losses, c.kd_weights, c.ce_weight)
+    losses = resolve_losses(c)
+    keys, weights, ce_weight = [loss.key for loss in losses.losses], losses.weights, losses.ce_weight.value
     if share := _share(c, set(point)):
         ce_weight = rounded({CE: share[1] - point[f"{share[0]}.weight"]})[CE]
     options = [f"{name}={value:g}" for name, value in point.items() if name != CE and not name.endswith(".weight")]
