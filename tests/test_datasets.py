@@ -22,7 +22,7 @@ from kd.data.loaders import make_datamodule
 from kd.errors import KDError
 from kd.data.image_cache import ImageCache, image_cache_key
 from kd.data.images import resize_short
-from kd.data.sources import SOURCES, DatasetLayout, open_source
+from kd.data.sources import SOURCES, DatasetLayout, LoadOptions, open_source
 from kd.data.sources.demo import make_demo_dataset
 from kd.data.sources.folder import ImageFolderSource
 from kd.data.sources.torchvision_datasets import DATASETS, DOWNLOAD_TIMEOUT_S, TorchvisionSource
@@ -35,7 +35,7 @@ def no_md5(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _load(data_dir: str | Path, **flags) -> DatasetLayout:
-    return open_source(str(data_dir)).load(Config(data_dir=str(data_dir), **flags))
+    return open_source(str(data_dir)).load(LoadOptions.from_config(Config(data_dir=str(data_dir), **flags)))
 
 
 def _error(data_dir: str | Path, **flags) -> str:

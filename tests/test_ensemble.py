@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import FAST
 from kd.cli import main
-from kd.train.ensemble import TeacherEnsemble
+from kd.train.teachers import TeacherEnsemble
 from kd.models.build import build_model
 
 

@@ -24,7 +24,8 @@ from kd.errors import KDError
 from kd.losses import LOSSES
 from kd.losses.objective import build_objective
 from kd.losses.spec import losses_in_force
-from kd.tune.search import SliceScore, chosen_trial, fail_orphans, tuning_split
+from kd.tune.search import SliceScore, chosen_trial, fail_orphans
+from kd.tune.slice import tuning_split
 from kd.losses.spec import paper_value
 from kd.tune.space import paper_point, search_space, settings_at
 

@@ -20,7 +20,7 @@ from kd.errors import KDError
 from kd.data.image_cache import ImageCache
 from kd.data.transforms import RECIPES, normalize
 from kd.seeding import draw_seed
-from kd.data.sources import DatasetLayout, Split, open_source
+from kd.data.sources.base import DatasetLayout, LoadOptions, Split, open_source  # its package registers the sources
 
 
 class ImageListDataset(Dataset):
@@ -165,7 +165,7 @@ class ImageDataModule(pl.LightningDataModule):
 
 def make_datamodule(c: Config) -> ImageDataModule:
     """The DataModule of ``--data_dir``: its source's classes and splits, checked, with the loader settings."""
-    layout = open_source(c.data_dir).load(c)
+    layout = open_source(c.data_dir).load(LoadOptions.from_config(c))
     if len(layout.classes) < 2:
         raise KDError(f"--data_dir {c.data_dir} holds one class ({layout.classes[0]}): a classifier needs two or more")
     if c.num_classes is not None and c.num_classes != len(layout.classes):

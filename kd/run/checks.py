@@ -7,6 +7,8 @@ teacher, the caches) and build throwaway networks; they never write.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,10 +19,14 @@ from kd.files import check_writable
 from kd.losses.spec import resolve_losses
 from kd.models.build import check_forward
 from kd.models.checkpoints import require_file
-from kd.train.stage import StageBuilder, Teacher, make_trainer, teacher_archs
-from kd.tune.search import tuning_split
+from kd.train.teachers import Teacher, teacher_archs
+from kd.train.trainer import make_trainer
+from kd.tune.slice import tuning_split
 from kd.tune.space import search_space
 from kd.tune.storage import check_storage
+
+if TYPE_CHECKING:  # the builder is handed in; building with it needs no import here
+    from kd.train.stage import StageBuilder
 
 STAGES = ("teacher", "baseline", "distill")
 
@@ -179,3 +185,4 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
         finally:
             distiller.remove_hooks()
     return teacher
+

@@ -33,7 +33,9 @@ from kd.report.comparison import comparison_table, ensemble_lines, gains, group_
 from kd.report.results import RESULT_FILE, StageResult, find_results
 from kd.run.resume import find_earlier
 from kd.train.callbacks import EpochSeeding, History
-from kd.train.stage import StageBuilder, Teacher, make_trainer, teacher_archs
+from kd.train.stage import StageBuilder
+from kd.train.teachers import Teacher, teacher_archs
+from kd.train.trainer import make_trainer
 from kd.tune.search import tune_distillation
 from kd.versions import new_version, next_version, training_lock
 

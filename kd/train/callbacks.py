@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 
-from kd.data.loaders import ImageDataModule
 from kd.seeding import draw_seed
+
+if TYPE_CHECKING:
+    from kd.data.loaders import ImageDataModule
 
 
 class History(pl.Callback):

@@ -7,7 +7,7 @@ timm's task modules do). The LightningModule around it (:mod:`kd.train.module`) 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +16,11 @@ from torch import nn
 from kd.train.ema import weight_average
 from kd.errors import KDError
 from kd.train.hooks import Connector, FeatureHooks
-from kd.losses.objective import Objective
 from kd.train.mixing import BatchMixing, hard_labels
-from kd.train.teacher_cache import TeacherCache
+
+if TYPE_CHECKING:  # built by the stage builder and handed in; the step only calls them
+    from kd.losses.objective import Objective
+    from kd.train.teacher_cache import TeacherCache
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -121,7 +123,7 @@ class Distiller(nn.Module):
             return cached.to(x.device), {}
         if self.teacher is None:
             raise KDError(f"--teacher_cache has no teacher logits for some images of "
-                          f"{TeacherCache.split_name(epoch)}, and the teacher was not loaded")
+                          f"{self.teacher_cache.split_name(epoch)}, and the teacher was not loaded")
         with torch.inference_mode():
             logits = self.teacher(x)
             features = self.teacher_hooks.take() if self.teacher_hooks is not None else {}

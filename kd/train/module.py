@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd.train.distiller import Distiller
 from kd.train.ema import saved_layout, training_layout
-from kd.train.ensemble import TeacherEnsemble
+from kd.train.teachers import TeacherEnsemble
 from kd.errors import KDError
 from kd.losses.logits import kl_softmax
 from kd.train.mixing import hard_labels
 from kd.train.optim import OptimSettings
+
+if TYPE_CHECKING:  # the stage builder makes it; this module only runs its step
+    from kd.train.distiller import Distiller
 
 DISTILLER_PREFIX = "distiller."
 TEACHER_PREFIX = "teacher."

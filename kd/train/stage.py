@@ -1,4 +1,4 @@
-"""Building one stage: its networks, teacher cache, distiller, LightningModule and Trainer.
+"""Building one stage: its networks, teacher cache, distiller and LightningModule.
 
 Nothing here writes to disk or trains: the checks build with it to try a run before it starts, and
 the runner builds with it to train.
@@ -6,47 +6,24 @@ the runner builds with it to train.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from kd.config import Config, cache_settings
 from kd.data.loaders import ImageDataModule
 from kd.train.distiller import Distiller
-from kd.errors import KDError
 from kd.train.hooks import feature_shapes
 from kd.losses.objective import build_objective
 from kd.losses.spec import resolve_losses
-from kd.train.ensemble import TeacherEnsemble
+from kd.train.teachers import Teacher, TeacherEnsemble, teacher_archs
 from kd.train.mixing import batch_mixing
 from kd.models.build import build_model, load_network
 from kd.train.module import KDModule
 from kd.train.optim import OptimSettings
 from kd.train.teacher_cache import TeacherCache, cache_key
-
-
-@dataclass(frozen=True)
-class Teacher:
-    """What a distill or assistant stage learns from: one network, or an ensemble, and their checkpoints."""
-
-    archs: tuple[str, ...]
-    checkpoints: tuple[Path, ...]
-    network: nn.Module | None  # a TeacherEnsemble for several; None when the teacher cache holds every output
-    weights: tuple[float, ...] = ()  # an ensemble's --ensemble_weights (empty: equal)
-    top1: float | None = None  # percent: its validation top-1 as kd recorded it, when known
-
-
-def teacher_archs(c: Config) -> list[str]:
-    """The architecture of each --teacher_checkpoint: one --teacher_arch for all, or one each."""
-    return c.teacher_arch * len(c.teacher_checkpoint) if len(c.teacher_arch) == 1 else list(c.teacher_arch)
-
-
-def _devices(devices: str) -> Any:
-    return int(devices) if devices.isdigit() else devices
 
 
 class StageBuilder:
@@ -115,12 +92,3 @@ class StageBuilder:
         """The LightningModule that trains ``distiller``'s student, an ``arch``, with the settings ``c``."""
         return KDModule(distiller, arch, self.classes, image_size=c.image_size, augment=c.augment,
                         optim=OptimSettings.from_config(c))
-
-def make_trainer(c: Config, **options: Any) -> pl.Trainer:
-    """A Trainer on the hardware ``c`` names; Lightning's refusals become one-line errors."""
-    try:
-        return pl.Trainer(accelerator=c.accelerator, devices=_devices(c.devices), num_nodes=c.num_nodes,
-                          strategy=c.strategy, precision=c.precision, enable_model_summary=False, **options)
-    except (MisconfigurationException, ValueError, RuntimeError) as exc:
-        raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --num_nodes {c.num_nodes} "
-                      f"--strategy {c.strategy} --precision {c.precision}: {str(exc).splitlines()[0]}") from None

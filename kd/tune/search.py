@@ -9,6 +9,8 @@ a study stops at N finished trials, whoever ran them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import json
 import logging
@@ -22,61 +24,30 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytorch_lightning as pl
 from optuna.trial import FrozenTrial, TrialState
-from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from kd.config import Config, Role
 from kd.data.loaders import ImageDataModule
-from kd.data.sources import DatasetLayout, Split
-from kd.data.sources.base import held_out
 from kd.errors import Interrupted, KDError
 from kd.losses.spec import resolve_losses
 from kd.train.callbacks import EpochSeeding
 from kd.train.module import NonFiniteLoss
-from kd.train.stage import StageBuilder, Teacher, make_trainer
+from kd.train.teachers import Teacher
+from kd.train.trainer import make_trainer
 from kd.train.teacher_cache import file_digest
 from kd.tune.report import papers_trial, write_tune_report
 from kd.tune.storage import HEARTBEAT_S, open_storage, shown_url, storage_url
+from kd.tune.slice import tuning_split
 from kd.tune.space import paper_point, rounded, search_space, settings_at
 from kd.versions import next_version
 
-SLICE_SEED = 14  # the tuning slice is the same for every --seed, so each seed's final stage sees the same split
+if TYPE_CHECKING:  # the builder is handed in; building with it needs no import here
+    from kd.train.stage import StageBuilder
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class SubsetSplit(Split):
-    """The samples ``indices`` of another split (its images, labels and image cache alike)."""
-
-    def __init__(self, parent: Split, indices: list[int]) -> None:
-        self.parent, self.indices = parent, indices
-        self.labels = [parent.labels[i] for i in indices]
-
-    def image(self, index: int) -> Image.Image:
-        return self.parent.image(self.indices[index])
-
-    def describe(self, index: int) -> str:
-        return self.parent.describe(self.indices[index])
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.parent.fingerprint()}\0{self.indices}".encode()).hexdigest()
-
-    def resized(self, index: int, short_side: int) -> np.ndarray:
-        return self.parent.resized(self.indices[index], short_side)
-
-
-def tuning_split(layout: DatasetLayout, fraction: float) -> DatasetLayout:
-    """The training set as trials see it: ``train`` less a held-out slice of each class, and that slice as ``val``.
-
-    The slice is drawn with a fixed seed, so it does not change with --seed; each class keeps at least
-    one image on each side.
-    """
-    kept, held = (sorted(indices) for indices in
-                  held_out(layout.train.labels, layout.classes, fraction, SLICE_SEED, "--tune_fraction"))
-    return DatasetLayout(layout.classes, SubsetSplit(layout.train, kept), SubsetSplit(layout.train, held))
 
 
 class SliceScore(pl.Callback):

@@ -5,6 +5,7 @@ and that file's import below.
 """
 
 from kd.data.sources import folder, torchvision_datasets
-from kd.data.sources.base import SOURCES, DataSource, DatasetLayout, Split, open_source
+from kd.data.sources.base import SOURCES, DataSource, DatasetLayout, LoadOptions, Split, open_source
 
-__all__ = ["SOURCES", "DataSource", "DatasetLayout", "Split", "open_source", "folder", "torchvision_datasets"]
+__all__ = ["SOURCES", "DataSource", "DatasetLayout", "LoadOptions", "Split", "open_source", "folder",
+           "torchvision_datasets"]

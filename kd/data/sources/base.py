@@ -8,14 +8,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from kd.config import Config
 from kd.errors import KDError
 from kd.data.images import printable, resize_short
 from kd.registry import Registry, did_you_mean
+
+if TYPE_CHECKING:
+    from kd.config import Config
 
 
 class Split(ABC):
@@ -92,6 +95,22 @@ class DatasetLayout:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample, printable; why it cannot be read)
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a source may need besides its own spec: the flags it reads, typed (sources never see a Config)."""
+
+    data_dir: str  # --data_dir as given, for messages
+    output_dir: Path  # where kd may write (the generated demo)
+    val_fraction: float = 0.2  # a folder without val/: the share of train/ held out for validation
+    skip_bad_images: bool = False
+    download: bool = False  # --download_data
+
+    @classmethod
+    def from_config(cls, c: Config) -> LoadOptions:
+        """The options of a run's ``Config``."""
+        return cls(c.data_dir, Path(c.output_dir), c.val_fraction, c.skip_bad_images, c.download_data)
+
+
 class DataSource(ABC):
     """A kind of dataset, named by a ``--data_dir`` prefix (``torchvision:...``) and registered in SOURCES."""
 
@@ -100,7 +119,7 @@ class DataSource(ABC):
         self.spec = spec
 
     @abstractmethod
-    def load(self, config: Config) -> DatasetLayout:
+    def load(self, options: LoadOptions) -> DatasetLayout:
         """The dataset's classes and splits, read (or fetched) and checked; one-line KDErrors naming --data_dir."""
 
 

@@ -13,10 +13,9 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from kd.config import Config
 from kd.errors import KDError, warn
 from kd.data.images import check_header, decode_resized, load_rgb, printable
-from kd.data.sources.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps, held_out
+from kd.data.sources.base import SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps, held_out
 from kd.data.sources.demo import make_demo_dataset
 
 SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
@@ -169,6 +168,6 @@ class ImageFolderSource(DataSource):
     Any ``--data_dir`` without a registered prefix is one (``folder:PATH`` says so explicitly).
     """
 
-    def load(self, config: Config) -> DatasetLayout:
-        root = make_demo_dataset(Path(config.output_dir) / "demo_data") if self.spec == "demo" else self.spec
-        return without_bad_images(scan_image_folder(root, config.val_fraction), config.skip_bad_images)
+    def load(self, options: LoadOptions) -> DatasetLayout:
+        root = make_demo_dataset(options.output_dir / "demo_data") if self.spec == "demo" else self.spec
+        return without_bad_images(scan_image_folder(root, options.val_fraction), options.skip_bad_images)

@@ -15,12 +15,11 @@ import torchvision
 from PIL import Image
 from torchvision.datasets import VisionDataset
 
-from kd.config import Config
 from kd.errors import KDError
 from kd.files import written_atomically
 from kd.data.images import to_rgb
 from kd.registry import did_you_mean
-from kd.data.sources.base import SOURCES, DataSource, DatasetLayout, Split, file_stamps
+from kd.data.sources.base import SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps
 
 DOWNLOAD_TIMEOUT_S = 10  # per connection attempt: offline, --download_data fails in seconds (MNIST tries 2 mirrors)
 SPLITS = ("train", "test")  # torchvision's names; the test split is kd's validation split
@@ -144,13 +143,13 @@ class TorchvisionSource(DataSource):
     Its train split trains and its test split validates. --download_data fetches a dataset not in ROOT.
     """
 
-    def load(self, config: Config) -> DatasetLayout:
-        where = f"--data_dir {config.data_dir}"
+    def load(self, options: LoadOptions) -> DatasetLayout:
+        where = f"--data_dir {options.data_dir}"
         name, root = self._parse(where)
         info = DATASETS[name]
         datasets = _read(name, root, where)
         if datasets is None:
-            _fetch(name, root, where, config.download_data)
+            _fetch(name, root, where, options.download)
             datasets = _read(name, root, where)
             if datasets is None:
                 raise KDError(f"{where} --download_data: {name} is still incomplete in {root} after downloading it")
