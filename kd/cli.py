@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from kd.config import help_text, resolve
+from kd.flags import help_text, resolve
 from kd.errors import Interrupted, KDError
 
 

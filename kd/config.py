@@ -1,15 +1,10 @@
-"""The run configuration: every flag, its default and check, and how the layers combine.
-
-Later wins: built-in defaults → commandline_args.txt → YAML presets (in the order named) → command
-line. Every value remembers where it came from, for ``--print_config`` and for error messages.
-"""
+"""The run configuration: every flag with its default, check, help and roles (what --resume compares, what keys
+the teacher cache); how flags are read and layered is :mod:`kd.flags`."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import shlex
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -18,15 +13,8 @@ from collections.abc import Callable
 
 import yaml
 
-from kd.errors import KDError
 from kd.files import write_text
-from kd.registry import did_you_mean
 
-FLAGS_FILE = "commandline_args.txt"
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-# The checkout kd runs from (experiment.py beside the kd package), or None for an installed kd, whose
-# parent folder is site-packages: a flags file or preset another package left there is not kd's.
-CHECKOUT_DIR = PROJECT_DIR if (PROJECT_DIR / "experiment.py").is_file() else None
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
 
 
@@ -288,7 +276,7 @@ def identity(values: dict[str, Any], role: Role) -> dict[str, Any]:
     defaults = dataclasses.asdict(Config())
     found = {name: values.get(name, defaults[name]) for name in sorted(with_role(role))}
     found |= {name: [] if value is None else [value] for name, value in found.items()  # saved when it took one
-              if _is_list(name) and not isinstance(value, list)}
+              if is_list(name) and not isinstance(value, list)}
     return {name: _normal_path(value) if FIELDS[name].metadata["path"] else value for name, value in found.items()}
 
 
@@ -300,259 +288,16 @@ def cache_settings(config: Config) -> dict[str, Any]:
     return {name: bool(value) if FIELDS[name].metadata["path"] else value
             for name, value in identity(config.to_dict(), Role.CACHE_KEY).items()}
 TYPES = get_type_hints(Config)
-# Flags that only the command line understands: they choose which flags file is read.
-CLI_ONLY = {"flags_file": "read flags from this file instead of commandline_args.txt ('none' reads none)"}
-_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
-@dataclass
-class Setting:
-    """One flag as written somewhere: its name, raw values and where it was written."""
-
-    name: str
-    values: list[Any]
-    where: str  # "commandline_args.txt:3", "configs/x.yaml:5", "command line"
-
-
-def _scalar_type(name: str) -> type:
+def scalar_type(name: str) -> type:
     hint = TYPES[name]
     args = [a for a in get_args(hint) if a is not type(None)]
     return args[0] if get_origin(hint) is not None else hint
 
 
-def _is_list(name: str) -> bool:
+def is_list(name: str) -> bool:
     return get_origin(TYPES[name]) is list
-
-
-def _repr(value: Any, limit: int = 80) -> str:
-    """A value as shown in an error: repr'd, and cut short (a 5,000-digit number cannot even be repr'd)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return "<a number too long to show>"
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _convert_one(name: str, raw: Any, where: str) -> Any:
-    """Turn one raw value (a string from a flags file, or a YAML scalar) into the flag's type."""
-    kind = _scalar_type(name)
-    fail = KDError(f"{where}: --{name} expects {kind.__name__ if kind is not str else 'a string'}, got {_repr(raw)}")
-    if isinstance(raw, (list, dict, bytes)) or (kind is not bool and isinstance(raw, bool)):
-        raise fail
-    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
-        if type(None) in get_args(TYPES[name]):
-            return None
-        if raw is None:
-            raise fail
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        if str(raw).lower() in _TRUE | _FALSE:
-            return str(raw).lower() in _TRUE
-        raise KDError(f"{where}: --{name} expects true or false, got {_repr(raw)}")
-    if kind is str:
-        return str(raw)
-    try:
-        if kind is int and isinstance(raw, float):
-            raise ValueError
-        value = kind(raw)
-    except (TypeError, ValueError, OverflowError):
-        raise fail from None
-    if kind is float and not math.isfinite(value):
-        raise KDError(f"{where}: --{name} must be a finite number, got {_repr(raw)}")
-    return value
-
-
-def _convert(setting: Setting) -> Any:
-    """The typed, checked value of a setting, or a KDError naming where it was written."""
-    name, values, where = setting.name, setting.values, setting.where
-    meta = FIELDS[name].metadata
-    if _is_list(name):
-        values = [] if values == [None] else values  # an empty YAML value: no items
-        value = [_convert_one(name, v, where) for v in values]
-        items = value
-    else:
-        if not values and _scalar_type(name) is bool:
-            values = [True]
-        elif not values and meta["bare"] is not None:
-            values = [meta["bare"]]
-        if len(values) != 1:
-            raise KDError(f"{where}: --{name} takes one value, got {len(values)}: {' '.join(map(str, values))}")
-        value = _convert_one(name, values[0], where)
-        items = [] if value is None else [value]
-    for item in items:
-        if meta["choices"] and item not in meta["choices"]:
-            raise KDError(f"{where}: --{name} must be one of {', '.join(meta['choices'])}, got {_repr(item)}"
-                          f"{did_you_mean(str(item), meta['choices'])}")
-        if meta["check"] and not meta["check"](item):
-            raise KDError(f"{where}: --{name} must {meta['must']}, got {_repr(item)}")
-    return value
-
-
-def _unknown_flag(name: str, where: str) -> KDError:
-    shown = name if name.isprintable() else _repr(name)
-    return KDError(f"{where}: unknown flag --{shown}{did_you_mean(name, [*FIELDS, *CLI_ONLY], '--')}")
-
-
-def parse_tokens(tokens: list[str], where: str) -> list[Setting]:
-    """Group ``--flag value ...`` tokens (also ``--flag=value``) into settings."""
-    settings: list[Setting] = []
-    for token in tokens:
-        if token.startswith("--") and len(token) > 2:
-            name, eq, value = token[2:].partition("=")
-            if name not in FIELDS and name not in CLI_ONLY:
-                raise _unknown_flag(name, where)
-            settings.append(Setting(name, [value] if eq else [], where))
-        elif not settings:
-            raise KDError(f"{where}: expected a flag like --epochs, got {token!r}")
-        else:
-            settings[-1].values.append(token)
-    return settings
-
-
-def _strip_comment(line: str) -> str:
-    """``line`` up to a ``#`` that starts a word outside quotes (``--experiment_name run#2`` keeps its #)."""
-    quote = None
-    for i, char in enumerate(line):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char == "#" and (i == 0 or line[i - 1].isspace()):
-            return line[:i]
-    return line
-
-
-def read_flags_file(path: Path) -> list[Setting]:
-    """Settings from a flags file: one flag per line, ``#`` comments and blank lines allowed."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KDError(f"cannot read flags file {path}: {exc}") from exc
-    settings = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        where = f"{path}:{number}"
-        try:
-            tokens = shlex.split(_strip_comment(line))
-        except ValueError as exc:
-            raise KDError(f"{where}: cannot parse line ({exc}): {line.strip()}") from None
-        if not tokens:
-            continue
-        line_settings = parse_tokens(tokens, where)
-        if line_settings and line_settings[0].name in CLI_ONLY:
-            raise KDError(f"{where}: --{line_settings[0].name} can only be given on the command line")
-        if len(line_settings) > 1:
-            raise KDError(f"{where}: one flag per line, found {len(line_settings)}: {line.strip()}")
-        settings += line_settings
-    return settings
-
-
-def read_preset(path: Path) -> list[Setting]:
-    """Settings from a YAML preset: a flat mapping of flag names (without --) to values."""
-    try:
-        text = path.read_text()
-        node, data = yaml.compose(text), yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KDError(f"cannot read preset {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise KDError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    except (ValueError, TypeError, LookupError, AttributeError, RecursionError) as exc:  # PyYAML on odd tags
-        raise KDError(f"{path}: not a usable YAML preset ({type(exc).__name__}: {_repr(str(exc))})") from None
-    if node is None:
-        return []
-    if not isinstance(node, yaml.MappingNode):
-        raise KDError(f"{path}:{node.start_mark.line + 1}: a preset must be a mapping of flag: value")
-    settings: list[Setting] = []
-    for key_node, _ in node.value:
-        where = f"{path}:{key_node.start_mark.line + 1}"
-        name = str(key_node.value).removeprefix("--")
-        if name not in FIELDS:
-            raise _unknown_flag(name, where)
-        if name == "config":
-            raise KDError(f"{where}: a preset cannot name other presets; list them all with --config")
-        if not isinstance(data, dict) or key_node.value not in data:
-            raise KDError(f"{where}: a preset must map plain flag names to values")
-        if any(s.name == name for s in settings):
-            raise KDError(f"{where}: {name} is set twice in this preset")
-        value = data[key_node.value]
-        if isinstance(value, list) and not _is_list(name):
-            raise KDError(f"{where}: --{name} takes one value, got a list {_repr(value)}")
-        settings.append(Setting(name, value if isinstance(value, list) else [value], where))
-    return settings
-
-
-def _find(path: str, bases: list[Path], what: str, where: str) -> Path:
-    """Resolve a relative file name against the current directory, then ``bases``."""
-    try:
-        candidate = Path(path).expanduser()
-        for base in [Path.cwd(), *bases]:
-            if (base / candidate).is_file():
-                return base / candidate
-    except (RuntimeError, OSError) as exc:  # ~nosuchuser, a name too long for the file system
-        raise KDError(f"{where}: {what} {_repr(path)}: {exc}") from None
-    raise KDError(f"{where}: {what} {_repr(path)} not found")
-
-
-@dataclass
-class Resolved:
-    """A configuration plus the source of each value."""
-
-    config: Config
-    sources: dict[str, str]
-
-    def table(self) -> str:
-        """A three-column text table: flag, value, where it came from."""
-        rows = [(f"--{k}", _show(v), self.sources[k]) for k, v in dataclasses.asdict(self.config).items()]
-        widths = [max(len(r[i]) for r in rows) for i in range(2)]
-        return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, list):
-        return " ".join(map(str, value)) or "[]"
-    return str(value)
-
-
-def default_flags_file() -> Path | None:
-    """commandline_args.txt in the working directory, else the one beside experiment.py in a checkout."""
-    if Path(FLAGS_FILE).is_file():
-        return Path(FLAGS_FILE)
-    if CHECKOUT_DIR and (CHECKOUT_DIR / FLAGS_FILE).is_file():
-        return CHECKOUT_DIR / FLAGS_FILE
-    return None
-
-
-def resolve(argv: list[str]) -> Resolved:
-    """Build the configuration from the flags file, presets and command line ``argv``."""
-    cli = parse_tokens(argv, "command line")
-    flags_file = default_flags_file()
-    for setting in cli:
-        if setting.name == "flags_file":
-            if len(setting.values) != 1:
-                raise KDError("command line: --flags_file takes one value: a file, or none")
-            chosen = setting.values[0]
-            flags_file = None if chosen.lower() == "none" else _find(chosen, [], "flags file", "--flags_file")
-    cli = [s for s in cli if s.name != "flags_file"]
-    from_file = read_flags_file(flags_file) if flags_file else []
-
-    presets: list[tuple[str, Path]] = []
-    preset_bases = [CHECKOUT_DIR] if CHECKOUT_DIR else []
-    for settings, bases in ((from_file, [flags_file.parent] if flags_file else []), (cli, preset_bases)):
-        for setting in settings:
-            if setting.name == "config":
-                for name in _convert(setting):
-                    presets.append((name, _find(name, bases, "preset", setting.where)))
-    layers = from_file + [s for _, path in presets for s in read_preset(path)] + cli
-
-    values = {name: getattr(Config(), name) for name in FIELDS}
-    sources = dict.fromkeys(FIELDS, "default")
-    for setting in layers:
-        values[setting.name] = _convert(setting)
-        sources[setting.name] = setting.where
-    values["config"] = [name for name, _ in presets]
-    return Resolved(Config(**values), sources)
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -561,19 +306,3 @@ def save_config(config: Config, path: Path) -> None:
     Written to a temporary file and renamed, so a kill leaves no half-written file behind.
     """
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-def help_text() -> str:
-    """The list of flags with defaults and help, grouped as in Config."""
-    lines = ["usage: python experiment.py [--flag value ...]",
-             f"Flags are read from {FLAGS_FILE}, then --config presets, then the command line.", ""]
-    group = None
-    for name, f in FIELDS.items():
-        if f.metadata["group"] != group:
-            group = f.metadata["group"]
-            lines.append(f"{group}:")
-        default = _show(f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        choices = f" ({', '.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
-        lines.append(f"  --{name:<20} {f.metadata['help']}{choices} [default: {default}]")
-    lines += ["", *(f"  --{k:<20} {v}" for k, v in CLI_ONLY.items())]
-    return "\n".join(lines)

@@ -29,7 +29,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing kd
 from kd.cli import main as kd_main  # noqa: E402
-from kd.config import Config, Role, resolve  # noqa: E402
+from kd.config import Config, Role  # noqa: E402
+from kd.flags import resolve  # noqa: E402
 from kd.registry import did_you_mean  # noqa: E402
 from kd.report.results import StageResult, find_results  # noqa: E402
 from kd.tables import text_table  # noqa: E402

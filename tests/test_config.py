@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd.config import Config, Role, cache_settings, help_text, identity, resolve, save_config, with_role
+from kd.config import Config, Role, cache_settings, identity, save_config, with_role
+from kd.flags import help_text, resolve
 from kd.errors import KDError
 from kd.losses import LOSSES
 from kd.models.build import check_model_name

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the flags-file, preset and command-line parser (kd.config.resolve).
+"""Property-based fuzzing of the flags-file, preset and command-line parser (kd.flags.resolve).
 
 The property: any input gives either a configuration or a one-line KDError, never a traceback. Each
 example runs ``resolve`` in a temporary working directory holding just the generated files (always a
@@ -25,7 +25,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kd.config import Config, Resolved, resolve
+from kd.config import Config
+from kd.flags import Resolved, resolve
 from kd.errors import KDError
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(Config)]

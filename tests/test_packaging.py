@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import kd
-from kd.config import resolve
+from kd.flags import resolve
 
 PROJECT = Path(__file__).resolve().parent.parent
 

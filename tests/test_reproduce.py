@@ -16,7 +16,7 @@ import yaml
 
 from fake_datasets import FAKES, skip_md5_check
 from kd.cli import main as kd_main
-from kd.config import resolve
+from kd.flags import resolve
 from kd.models.build import build_model
 from kd.train.stage import StageBuilder
 

@@ -16,7 +16,7 @@ import yaml
 from conftest import FAST
 from kd.cli import main
 from kd.data.sources.demo import DEMO_HUES, DEMO_SHAPES
-from kd.config import resolve
+from kd.flags import resolve
 from kd.models.build import build_model, load_network
 
 CLASSES = sorted(f"{hue}_{shape}" for hue in DEMO_HUES for shape in DEMO_SHAPES)  # as in the tiny_data fixture

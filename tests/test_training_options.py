@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import FAST, run_cli
 from kd.cli import main
-from kd.config import Config, resolve
+from kd.config import Config
+from kd.flags import resolve
 from kd.data.loaders import make_datamodule
 from kd.train.distiller import Distiller
 from kd.errors import KDError
