@@ -1,5 +1,6 @@
-"""Tests of kd.losses.features: each feature loss against its paper's formula, computed independently
-in float64 with loops and numpy, plus gradients, perfect students and CRD's memory bank."""
+"""Tests of the feature losses (kd/losses/hints.py, attention.py, relations.py, contrastive.py): each against its
+paper's formula, computed independently in float64 with loops and numpy, plus gradients, perfect students and CRD's
+memory bank."""
 
 from __future__ import annotations
 
@@ -10,17 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import kd.losses.features  # noqa: F401  (registers the feature losses)
 from kd.errors import KDError
 from kd.losses.base import LOSSES, DistillationLoss, build_loss
-from kd.losses.features import (
-    AttentionTransfer,
-    ContrastiveRepresentationDistillation,
-    FitNets,
-    ProbabilisticKT,
-    RelationalKD,
-    SimilarityPreserving,
-)
+from kd.losses.attention import AttentionTransfer
+from kd.losses.contrastive import ContrastiveRepresentationDistillation
+from kd.losses.hints import FitNets
+from kd.losses.relations import ProbabilisticKT, RelationalKD, SimilarityPreserving
 
 B = 4
 SIMPLE = ["fitnets", "at", "sp", "pkt", "rkd"]

@@ -1,6 +1,7 @@
 """Loss modules by name. Adding one: a class in a file here and ``@LOSSES.register("name")``."""
 
-from kd.losses import features, labels, logits
+from kd.losses import attention, contrastive, hints, labels, logits, relations
 from kd.losses.base import LOSSES, Loss, build_loss, loss_terms
 
-__all__ = ["LOSSES", "Loss", "build_loss", "loss_terms", "features", "labels", "logits"]
+__all__ = ["LOSSES", "Loss", "build_loss", "loss_terms", "attention", "contrastive", "hints", "labels", "logits",
+           "relations"]
