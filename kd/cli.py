@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from kd.console import quiet_lightning  # imported here: --help and config errors answer at once
         from kd.deploy.commands import evaluate_checkpoint
-        from kd.run.runner import compare_runs, run_experiment
+        from kd.run.runner import run_experiment
+        from kd.run.summary import compare_runs
 
         quiet_lightning()
         if resolved.config.report:

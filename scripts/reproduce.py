@@ -99,7 +99,7 @@ def _matches(result: StageResult, config: Config, role: Role, teacher: list[str]
     if not saved.is_file():
         return False
     values = yaml.safe_load(saved.read_text()) or {}
-    from kd.run.runner import saved_identity, with_weights_in_force  # imported here: they load Lightning
+    from kd.run.plan import saved_identity, with_weights_in_force  # imported here: they load the losses
 
     stage_config = replace(config, seed=result.seed, teacher_checkpoint=teacher)
     if role is Role.DISTILL:
@@ -113,7 +113,7 @@ def row_results(config: Config) -> dict[str, list[StageResult]]:
     The experiment folder also holds the pair's other methods and runs with other flags. A distilled
     student must also have learnt from this run's teacher: the one given, or the teacher stage picked here.
     """
-    from kd.run.runner import stage_role  # imported here: it loads Lightning, which --help does without
+    from kd.run.plan import stage_role  # imported here: it loads torch, which --help does without
 
     found = find_results([str(Path(config.output_dir) / config.experiment_name)])
     seeds = config.seeds or [config.seed]

@@ -15,7 +15,7 @@ from conftest import FAST, run_cli
 from kd.cli import main
 from kd.config import Config, Role
 from kd.models.build import load_network
-from kd.run.runner import saved_identity, with_weights_in_force
+from kd.run.plan import saved_identity, with_weights_in_force
 from kd.train.callbacks import History
 
 

@@ -160,7 +160,7 @@ def test_the_interrupt_hint_adds_resume_only_to_training(flags, hint, monkeypatc
     def interrupted(*args) -> None:
         raise KeyboardInterrupt
     monkeypatch.setattr("kd.deploy.commands.evaluate_checkpoint", interrupted)
-    monkeypatch.setattr("kd.run.runner.compare_runs", interrupted)
+    monkeypatch.setattr("kd.run.summary.compare_runs", interrupted)
     monkeypatch.setattr("kd.run.runner.run_experiment", interrupted)
     assert main(["--flags_file", "none", *flags]) == 130
     message = capsys.readouterr().err.strip()

@@ -12,7 +12,7 @@ from kd.errors import KDError
 from kd.losses.objective import build_objective
 from kd.losses.spec import DEFAULT, losses_in_force, resolve_losses
 from kd.report.provenance import temperature as recorded_temperature
-from kd.run.runner import with_weights_in_force
+from kd.run.plan import with_weights_in_force
 from kd.tune.space import search_space
 
 

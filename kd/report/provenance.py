@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from kd.losses import LOSSES
+from kd.losses.base import LOSSES  # its package registers every loss
 from kd.losses.options import loss_key
 from kd.losses.spec import losses_in_force
 from kd.report.results import StageResult

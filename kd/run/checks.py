@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from kd.config import Config
@@ -19,6 +18,7 @@ from kd.files import check_writable
 from kd.losses.spec import resolve_losses
 from kd.models.build import check_forward
 from kd.models.checkpoints import require_file
+from kd.run.plan import Plan, plan_stages
 from kd.train.teachers import Teacher, teacher_archs
 from kd.train.trainer import make_trainer
 from kd.tune.slice import tuning_split
@@ -28,71 +28,10 @@ from kd.tune.storage import check_storage
 if TYPE_CHECKING:  # the builder is handed in; building with it needs no import here
     from kd.train.stage import StageBuilder
 
-STAGES = ("teacher", "baseline", "distill")
-
-
-@dataclass
-class Plan:
-    """What the checks found that the run needs: its stages, its processes and the given teacher."""
-
-    stages: list[str]
-    world_size: int
-    teacher: Teacher | None  # --teacher_checkpoint(s), loaded unless the teacher cache holds all their outputs
-
-
-def check_stages(c: Config) -> list[str]:
-    """The stages to run, refusing combinations that cannot work."""
-    stages = [s for s, on in zip(STAGES, (c.train_teacher, c.baseline, c.distill)) if on]
-    if not stages:
-        raise KDError("nothing to run: pass --train_teacher, --baseline and/or --distill")
-    twice = sorted(seed for seed, times in Counter(c.seeds).items() if times > 1)  # linear: lists may be long
-    if twice:
-        raise KDError(f"--seeds: {', '.join(map(str, twice))} given more than once; a seed repeated trains the "
-                      "same runs again (and reports a spread of 0)")
-    if c.distill and c.train_teacher and c.teacher_checkpoint:
-        raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
-    if c.distill and not (c.train_teacher or c.teacher_checkpoint):
-        raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
-    if c.assistant_arch and not c.distill:
-        raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
-    _check_teachers(c)
-    if c.distill and (c.mixup or c.cutmix):
-        _check_mixing(c)
-    if c.milestones and c.scheduler != "multistep":
-        raise KDError(f"--milestones {' '.join(map(str, c.milestones))}: they are for --scheduler multistep, "
-                      f"not {c.scheduler}")
-    if c.scheduler == "multistep" and not c.milestones:
-        raise KDError("--scheduler multistep needs --milestones: the epochs after which the learning rate decays")
-    return stages
-
-
-def _check_mixing(c: Config) -> None:
-    """Refuse losses that learn per dataset image (they take ``indices``: CRD's memory bank); a mixed image is two."""
-    indexed = [loss.spec for loss in resolve_losses(c).needing("indices")]
-    if indexed:
-        raise KDError(f"--kd_loss {' '.join(indexed)} with --mixup {c.mixup} --cutmix {c.cutmix}: it learns per "
-                      "dataset image (indices), and a mixed image is two images; drop the loss or the mixing")
-
-
-def _check_teachers(c: Config) -> None:
-    """One --teacher_arch to train, or one per --teacher_checkpoint (or one for all); ensemble weights to match."""
-    count = len(c.teacher_checkpoint)
-    if not c.teacher_arch and (c.train_teacher or c.distill):
-        raise KDError("--teacher_arch names no network")
-    if c.train_teacher and len(c.teacher_arch) != 1:
-        raise KDError(f"--train_teacher trains one teacher, but --teacher_arch names {len(c.teacher_arch)}: "
-                      f"{' '.join(c.teacher_arch)}")
-    if count and len(c.teacher_arch) not in (1, count):
-        raise KDError(f"--teacher_arch names {len(c.teacher_arch)} networks for {count} --teacher_checkpoint "
-                      "files: give one for all, or one per checkpoint")
-    if c.ensemble_weights and (count < 2 or len(c.ensemble_weights) != count or not sum(c.ensemble_weights)):
-        raise KDError(f"--ensemble_weights {' '.join(map(str, c.ensemble_weights))}: give one weight per "
-                      f"--teacher_checkpoint ({count}), for an ensemble of two or more, not all zero")
-
 
 def check_run(c: Config) -> Plan:
     """What can be checked before the data is read (or generated, or downloaded): flags, hardware, output folder."""
-    stages = check_stages(c)
+    stages = plan_stages(c)
     # Checks the hardware flags now; the process count sizes the logging interval.
     world_size = make_trainer(c, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
     check_writable(Path(c.output_dir) / c.experiment_name, "--output_dir")

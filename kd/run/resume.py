@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import filecmp
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kd.config import Config, Role
 from kd.errors import KDError
 from kd.models.build import build_model
 from kd.models.checkpoints import load_weights, read_checkpoint
 from kd.report.results import RESULT_FILE, StageResult
+from kd.run.plan import saved_identity
 
 
-def find_earlier(folder: Path, wanted: dict[str, Any], identify: Callable[[dict[str, Any]], dict[str, Any]],
-                 arch: str, classes: list[str]) -> tuple[StageResult | Path | None, list[str]]:
-    """The latest run under stage ``folder`` whose saved flags ``identify`` as ``wanted``, and why others were passed
-    over.
+def find_earlier(folder: Path, config: Config, role: Role, arch: str,
+                 classes: list[str]) -> tuple[StageResult | Path | None, list[str]]:
+    """The latest run under stage ``folder`` whose saved flags of ``role`` are ``config``'s (the stage's record), and
+    why others were passed over.
 
     Its result if it finished, its folder if it can continue from ``last.ckpt``, None if none can. A run
     whose checkpoint cannot be read, does not fit an ``arch``, or learned other ``classes`` is left as it is.
     """
-    passed = list[str]()
+    passed, wanted = list[str](), config.identity(role)
     for version in _versions(folder):
-        if identify(_moved_along(_saved_config(version), folder.parent)) != wanted:
+        if saved_identity(_moved_along(_saved_config(version), folder.parent), config, role) != wanted:
             continue
         result = StageResult.load(version / RESULT_FILE) if (version / RESULT_FILE).is_file() else None
         checkpoint = result.best_checkpoint if result else version / "checkpoints" / "last.ckpt"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytorch_lightning as pl
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities import rank_zero_only
 
 from kd.config import Config
 from kd.errors import KDError
@@ -23,3 +25,12 @@ def make_trainer(c: Config, **options: Any) -> pl.Trainer:
     except (MisconfigurationException, ValueError, RuntimeError) as exc:
         raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --num_nodes {c.num_nodes} "
                       f"--strategy {c.strategy} --precision {c.precision}: {str(exc).splitlines()[0]}") from None
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes summaries, configurations and reports (global rank 0).
+
+    Under DDP every rank runs this script; Lightning's rank comes from RANK/LOCAL_RANK/SLURM_PROCID,
+    and NODE_RANK tells a second machine's first process from the first machine's.
+    """
+    return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", "0")) == 0

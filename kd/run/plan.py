@@ -1,0 +1,181 @@
+"""The plan of a run: its stages as values, built from the Config once and checked without loading anything.
+
+A stage says what it trains (name, role, architecture, weights, seed) and where its teacher comes from: a
+stage trained earlier in this run, or checkpoint files. The runner loops over the plan; the record of a
+stage (its config.yaml) and what --resume compares come from here too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kd.config import Config, Role, identity
+from kd.errors import KDError
+from kd.losses.spec import resolve_losses
+from kd.train.teachers import Teacher, teacher_archs
+
+STAGES = ("teacher", "baseline", "distill")
+
+
+@dataclass(frozen=True)
+class TeacherFrom:
+    """Where a stage's teacher comes from: an earlier stage of this run (``stage`` of ``seed``), or files."""
+
+    stage: str | None = None
+    seed: int | None = None
+    archs: tuple[str, ...] = ()  # files: the architecture of each checkpoint
+    checkpoints: tuple[Path, ...] = ()
+    weights: tuple[float, ...] = ()  # an ensemble's --ensemble_weights
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of one seed: what it trains, from what, and whether it is tuned first or teaches a later stage."""
+
+    name: str  # teacher, baseline, assistant1, ..., distill
+    role: Role  # the flags that make it what it is (an assistant is a distill stage)
+    arch: str
+    seed: int
+    weights: str | None = None  # --teacher_weights or --student_weights to start from
+    weights_flag: str = "--student_weights"
+    teacher: TeacherFrom | None = None
+    baseline: str | None = None  # the stage (of this seed) whose top-1 its teacher should beat
+    tune: bool = False  # --tune searches its settings before it trains
+    teaches: bool = False  # a later stage (or --export's comparison) learns from it
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.name, self.seed
+
+
+@dataclass
+class Plan:
+    """A checked run: its stages in order, its processes and the given teacher (--teacher_checkpoint)."""
+
+    stages: list[Stage]
+    world_size: int
+    teacher: Teacher | None  # loaded unless the teacher cache holds all its outputs
+
+    def has(self, name: str) -> bool:
+        return any(stage.name == name for stage in self.stages)
+
+
+def plan_stages(c: Config) -> list[Stage]:
+    """The stages of run ``c`` for each seed, refusing combinations of flags that cannot work.
+
+    The teacher is trained once (with the first seed) unless --repeat_teacher asks for one per seed. With
+    --assistant_arch, each assistant learns from the network before it, and the student from the last one.
+    """
+    wanted = check_stages(c)
+    files = TeacherFrom(archs=tuple(teacher_archs(c)), weights=tuple(c.ensemble_weights),
+                        checkpoints=tuple(Path(p).expanduser().resolve() for p in c.teacher_checkpoint))
+    stages, teacher_seed = [], None
+    for index, seed in enumerate(c.seeds or [c.seed]):
+        if "teacher" in wanted and (index == 0 or c.repeat_teacher):
+            teacher_seed = seed
+            stages.append(Stage("teacher", Role.TEACHER, c.teacher_arch[0], seed, c.teacher_weights,
+                                "--teacher_weights", teaches=True))
+        if "baseline" in wanted:
+            stages.append(Stage("baseline", Role.BASELINE, c.student_arch, seed, c.student_weights))
+        if "distill" in wanted:
+            source = TeacherFrom("teacher", teacher_seed) if c.train_teacher else files
+            for number, arch in enumerate(c.assistant_arch, start=1):
+                stages.append(Stage(f"assistant{number}", Role.DISTILL, arch, seed, teacher=source, teaches=True))
+                source = TeacherFrom(f"assistant{number}", seed)
+            baseline = "baseline" if "baseline" in wanted else None
+            stages.append(Stage("distill", Role.DISTILL, c.student_arch, seed, c.student_weights, teacher=source,
+                                baseline=baseline, tune=index == 0 and bool(c.tune)))
+    return stages
+
+
+def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:
+    """``c`` narrowed to one stage: saved as its config.yaml (``--config`` repeats that stage alone), and what
+    --resume compares. A stage with a teacher records the very teacher and loss settings in force, so --resume
+    never mixes them up."""
+    config = replace(c, seed=stage.seed, seeds=[], train_teacher=stage.name == "teacher",
+                     baseline=stage.name == "baseline", distill=stage.role is Role.DISTILL, assistant_arch=[])
+    if teacher is None:
+        return config
+    return replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),
+                   teacher_checkpoint=[str(path) for path in teacher.checkpoints],
+                   ensemble_weights=list(teacher.weights), student_arch=stage.arch,
+                   student_weights=c.student_weights if stage.name == "distill" else None)
+
+
+def with_weights_in_force(c: Config) -> Config:
+    """``c`` with the loss settings as they apply (see :mod:`kd.losses.spec`): --kd_weights, --ce_weight and the one
+    --temperature in force. A distill stage records them, so its config.yaml says what ran and a changed default
+    never lets --resume reuse a stage trained with the old one."""
+    losses = resolve_losses(c)
+    return replace(c, kd_weights=losses.weights, ce_weight=losses.ce_weight.value, temperature=losses.temperature)
+
+
+def saved_identity(saved: dict[str, Any], config: Config, role: Role) -> dict[str, Any]:
+    """What --resume compares of a saved config.yaml, for a stage of ``config``.
+
+    A distill stage saved before kd recorded the temperature in force says ``temperature: null``: it ran at its
+    losses' own temperatures, read as they are now.
+    """
+    if role is Role.DISTILL and saved.get("temperature") is None:
+        saved = saved | {"temperature": with_weights_in_force(replace(config, temperature=None)).temperature}
+    return identity(saved, role)
+
+
+def stage_role(stage: str) -> Role:
+    """The role of the flags that make ``stage`` what it is; an assistant is a distill stage."""
+    return {"teacher": Role.TEACHER, "baseline": Role.BASELINE}.get(stage, Role.DISTILL)
+
+
+def check_stages(c: Config) -> list[str]:
+    """The stages to run, refusing combinations that cannot work."""
+    stages = [s for s, on in zip(STAGES, (c.train_teacher, c.baseline, c.distill)) if on]
+    if not stages:
+        raise KDError("nothing to run: pass --train_teacher, --baseline and/or --distill")
+    twice = sorted(seed for seed, times in Counter(c.seeds).items() if times > 1)  # linear: lists may be long
+    if twice:
+        raise KDError(f"--seeds: {', '.join(map(str, twice))} given more than once; a seed repeated trains the "
+                      "same runs again (and reports a spread of 0)")
+    if c.distill and c.train_teacher and c.teacher_checkpoint:
+        raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
+    if c.distill and not (c.train_teacher or c.teacher_checkpoint):
+        raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
+    if c.assistant_arch and not c.distill:
+        raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
+    _check_teachers(c)
+    if c.distill and (c.mixup or c.cutmix):
+        _check_mixing(c)
+    if c.milestones and c.scheduler != "multistep":
+        raise KDError(f"--milestones {' '.join(map(str, c.milestones))}: they are for --scheduler multistep, "
+                      f"not {c.scheduler}")
+    if c.scheduler == "multistep" and not c.milestones:
+        raise KDError("--scheduler multistep needs --milestones: the epochs after which the learning rate decays")
+    return stages
+
+
+def _check_mixing(c: Config) -> None:
+    """Refuse losses that learn per dataset image (they take ``indices``: CRD's memory bank); a mixed image is two."""
+    indexed = [loss.spec for loss in resolve_losses(c).needing("indices")]
+    if indexed:
+        raise KDError(f"--kd_loss {' '.join(indexed)} with --mixup {c.mixup} --cutmix {c.cutmix}: it learns per "
+                      "dataset image (indices), and a mixed image is two images; drop the loss or the mixing")
+
+
+def _check_teachers(c: Config) -> None:
+    """One --teacher_arch to train, or one per --teacher_checkpoint (or one for all); ensemble weights to match."""
+    count = len(c.teacher_checkpoint)
+    if not c.teacher_arch and (c.train_teacher or c.distill):
+        raise KDError("--teacher_arch names no network")
+    if c.train_teacher and len(c.teacher_arch) != 1:
+        raise KDError(f"--train_teacher trains one teacher, but --teacher_arch names {len(c.teacher_arch)}: "
+                      f"{' '.join(c.teacher_arch)}")
+    if count and len(c.teacher_arch) not in (1, count):
+        raise KDError(f"--teacher_arch names {len(c.teacher_arch)} networks for {count} --teacher_checkpoint "
+                      "files: give one for all, or one per checkpoint")
+    if c.ensemble_weights and (count < 2 or len(c.ensemble_weights) != count or not sum(c.ensemble_weights)):
+        raise KDError(f"--ensemble_weights {' '.join(map(str, c.ensemble_weights))}: give one weight per "
+                      f"--teacher_checkpoint ({count}), for an ensemble of two or more, not all zero")
+
+

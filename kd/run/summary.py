@@ -1,0 +1,74 @@
+"""What a run tells at its end: the summary table, gains and warnings, the report, and ``--report`` over old runs."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from kd.config import Config
+from kd.report.comparison import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
+from kd.report.results import StageResult, find_results
+from kd.versions import next_version
+
+
+NEAR_CHANCE = 0.1  # a teacher within this share of the way from chance to 100 % top-1 is "near chance"
+
+
+def teacher_doubt(top1: float, classes: int, baseline: float | None = None) -> str | None:
+    """Why a teacher of validation top-1 ``top1`` (percent) may have nothing to teach, or None when it may.
+
+    Near chance, or below ``baseline`` (the student's own top-1 trained on labels alone).
+    """
+    chance = 100 / classes
+    if top1 < chance + NEAR_CHANCE * (100 - chance):
+        return (f"the teacher's validation top-1 is {top1:.2f} %, near chance ({chance:.2f} % with {classes} "
+                "classes): it has little to teach; train it longer, or give a better --teacher_checkpoint")
+    if baseline is not None and top1 < baseline:
+        return (f"the teacher's validation top-1 ({top1:.2f} %) is below the baseline student's ({baseline:.2f} %): "
+                "distilling from it may hold the student back")
+    return None
+
+
+def format_summary(results: list[StageResult], report: Path | None = None) -> str:
+    """The end-of-run text: one row per stage, the distillation gain, and where everything is."""
+    lines = [stage_table(results)]
+    groups = group_results(results)
+    for (_, label), values in gains(groups).items():
+        spread = f" (± {statistics.stdev(values):.2f} over {len(values)} seeds)" if len(values) > 1 else ""
+        lines.append(f"{label} gain over the baseline: {statistics.fmean(values):+.2f} top-1 points{spread}")
+    if any(len(runs) > 1 for runs in groups.values()):
+        lines += ["", comparison_table(results)]
+    lines += ensemble_lines(results)
+    warned = [f"warning: {r.label}, seed {r.seed}: {warning}" for r in results for warning in r.warnings]
+    lines += ["", *warned] if warned else []
+    if report is not None:
+        lines.append(f"report: {report} (and report.png beside it)")
+    lines.append("each stage's best and last checkpoints are in <logs>/checkpoints; "
+                 "view the logs with: tensorboard --logdir " + str(results[0].log_dir.parent.parent))
+    return "\n".join(lines)
+
+
+def _report_folder(config: Config) -> Path:
+    return next_version(Path(config.output_dir) / config.experiment_name / "report")
+
+
+def report_and_summary(results: list[StageResult], config: Config) -> Path | None:
+    """Write the report when there are two stages or more, then print the summary; returns report.md's path.
+
+    The summary is printed even when the report cannot be written (a full disk), before that error.
+    """
+    report = None
+    try:
+        report = write_report(results, _report_folder(config)) if len(results) > 1 else None
+    finally:
+        print("\n" + format_summary(results, report), flush=True)
+    return report
+
+
+def compare_runs(config: Config) -> Path:
+    """``--report DIR ...``: one table and one plot of every finished stage under the folders, no training."""
+    results = find_results(config.report)
+    print(comparison_table(results), flush=True)  # first: it stands even if the report cannot be written
+    report = write_report(results, _report_folder(config))
+    print(f"report: {report} (and report.png beside it)", flush=True)
+    return report
