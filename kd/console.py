@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,6 +18,19 @@ from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
 # Warnings that come from inside Lightning or torch and that nothing a user can change would silence.
 LIBRARY_WARNINGS = (r".*isinstance\(treespec, LeafSpec\).*",)
+
+
+# Warnings every stage's fit raises on purpose: --num_workers is the user's call, the frozen teacher is in eval mode.
+FIT_WARNINGS = (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*")
+
+
+@contextlib.contextmanager
+def fit_warnings_silenced(*patterns: str) -> Iterator[None]:
+    """Inside, the warnings a stage's fit raises on purpose (and those matching ``patterns``) are not shown."""
+    with warnings.catch_warnings():
+        for pattern in (*FIT_WARNINGS, *patterns):
+            warnings.filterwarnings("ignore", pattern)
+        yield
 
 
 def quiet_lightning() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import fnmatch
 import glob
 import os
@@ -33,7 +34,7 @@ def _remove(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this machine (ours, or another user's)."""
     try:
         os.kill(pid, 0)
@@ -57,7 +58,7 @@ def dead_temporaries(folder: Path, target: str = "*") -> list[Path]:
         return []
     matches = [(entry, pattern.fullmatch(entry.name)) for entry in entries]
     return [entry for entry, match in matches if match and fnmatch.fnmatchcase(match[1], target)
-            and int(match[2]) != os.getpid() and not _alive(int(match[2]))]
+            and int(match[2]) != os.getpid() and not alive(int(match[2]))]
 
 
 def remove_dead_temporaries(folder: Path, target: str = "*", what: str = "") -> None:
@@ -138,3 +139,12 @@ def writer_thread_errors_raised_here() -> Iterator[None]:
         yield
     finally:
         threading.excepthook = default
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read a megabyte at a time: a checkpoint's content, whatever its name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from kd.data.loaders import make_datamodule
 from kd.errors import KDError, warn
 from kd.deploy.metrics import Evaluation, confusion_figure, evaluate, format_evaluation, weight_problems
 from kd.deploy.export import METADATA_FILE, export_model, format_profiles, profile_model, read_metadata
-from kd.files import writer_thread_errors_raised_here
+from kd.files import file_digest, writer_thread_errors_raised_here
 from kd.models.build import load_network
 from kd.models.checkpoints import read_checkpoint
 from kd.models.sources import trusted_arch
@@ -28,14 +27,6 @@ EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 def _device(config: Config) -> str:
     return "cuda" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "cpu"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def preprocessing(image_size: int, augment: str) -> str:
@@ -77,14 +68,14 @@ def export_network(model: nn.Module, checkpoint: Path, fmt: str, image_size: int
     earlier content (a run that resumed and went on) is exported anew, the earlier file kept beside it.
     """
     path = checkpoint.with_suffix(EXTENSIONS[fmt])
-    metadata = {**metadata, "checkpoint": checkpoint.name, "checkpoint_sha256": _sha256(checkpoint)}
+    metadata = {**metadata, "checkpoint": checkpoint.name, "checkpoint_sha256": file_digest(checkpoint)}
     previous = earlier = None
     if path.is_file():
         earlier = read_metadata(fmt, path).get("checkpoint_sha256")
         if earlier == metadata["checkpoint_sha256"]:
             return f"already exported from this very {checkpoint.name}: {path}\n{how_to_call(fmt, path, metadata)}"
         stem = path.name.removesuffix(EXTENSIONS[fmt])
-        previous = path.with_name(f"{stem}.old-{(earlier or _sha256(path))[:8]}{EXTENSIONS[fmt]}")
+        previous = path.with_name(f"{stem}.old-{(earlier or file_digest(path))[:8]}{EXTENSIONS[fmt]}")
     difference = export_model(model.cpu(), fmt, path, image_size, metadata=metadata, previous=previous)
     why = (f"{checkpoint.name} changed since it was exported" if earlier else
            "the file there names no checkpoint it came from (an older kd's export, or no export)")

@@ -6,7 +6,6 @@ found again for --resume, fitted, and its result saved.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ti
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from kd.config import Config, save_config
-from kd.console import progress_bar
+from kd.console import fit_warnings_silenced, progress_bar
 from kd.data.loaders import make_datamodule
 from kd.deploy.commands import deploy_students
 from kd.errors import Interrupted, KDError, warn
@@ -149,10 +148,8 @@ class StageRunner:
             print(f"\n== {stage}: {arch}, seed {c.seed} → {log_dir} {how}".rstrip(), flush=True)
         where = f"{stage} (seed {c.seed})"
         try:
-            with warnings.catch_warnings(), writer_thread_errors_raised_here():  # a full disk: one line, below
-                warnings.filterwarnings("ignore", ".*does not have many workers.*")  # --num_workers: the user's call
-                warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
-                warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # --resume continues in place
+            # a full disk: one line, below; --resume continues in place, into a folder that is not empty
+            with fit_warnings_silenced(".*exists and is not empty.*"), writer_thread_errors_raised_here():
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         except SystemExit:  # Lightning's graceful stop after Ctrl+C or SIGTERM
             if not trainer.interrupted:

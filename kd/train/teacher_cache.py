@@ -17,21 +17,11 @@ import numpy as np
 import torch
 
 from kd.errors import KDError, warn
-from kd.files import remove_dead_temporaries, written_atomically
+from kd.files import file_digest, remove_dead_temporaries, written_atomically
 from kd.data.sources.base import Split
 
 FORMAT_VERSION = 1
-_CHUNK = 1 << 20
 FLOAT16_TOLERANCE = 0.05  # the most float16 rounding may move a logit; a teacher's beyond it is stored as float32
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (the teacher checkpoint: its content, not its name, keys the cache)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_key(teacher_checkpoints: list[Path], splits: dict[str, Split], settings: dict[str, Any]) -> str:

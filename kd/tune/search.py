@@ -31,13 +31,14 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from kd.config import Config, Role
 from kd.data.loaders import ImageDataModule
+from kd.console import fit_warnings_silenced
 from kd.errors import Interrupted, KDError
+from kd.files import alive, file_digest
 from kd.losses.spec import resolve_losses
 from kd.train.callbacks import EpochSeeding
 from kd.train.module import NonFiniteLoss
 from kd.train.teachers import Teacher
 from kd.train.trainer import make_trainer
-from kd.train.teacher_cache import file_digest
 from kd.tune.report import papers_trial, write_tune_report
 from kd.tune.storage import HEARTBEAT_S, open_storage, shown_url, storage_url
 from kd.tune.slice import tuning_split
@@ -195,7 +196,7 @@ class Tuner:
         logger.log_hyperparams(rounded(point) | {"trial": trial.number}, {"hp/slice_top1": 0.0})
         score = SliceScore(trial, self.storage)
         steps = max(1, len(self.data.layout.train) // c.batch_size)
-        with quiet_lightning():
+        with quiet_trial():
             trainer = make_trainer(c, max_epochs=self.epochs, logger=logger, enable_checkpointing=False,
                                    enable_progress_bar=False, num_sanity_val_steps=0, log_every_n_steps=min(50, steps),
                                    callbacks=[score, EpochSeeding(self.data, self.seed)])
@@ -223,15 +224,13 @@ def chosen_trial(study: optuna.Study, slice_size: int) -> tuple[FrozenTrial, str
 
 
 @contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Lightning's notes and the warnings kd's stages also silence, off for a trial: it prints one line instead."""
+def quiet_trial() -> Iterator[None]:
+    """Lightning's notes and the warnings every stage silences, off for a trial: it prints one line instead."""
     notes = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     level = notes.level
     notes.setLevel(logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+        with fit_warnings_silenced():
             yield
     finally:
         notes.setLevel(level)
@@ -246,21 +245,10 @@ def fail_orphans(study: optuna.Study) -> None:
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner_host, _, pid = str(trial.user_attrs.get("owner", "")).partition(":")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        if owner_host == host and pid.isdigit() and not alive(int(pid)):
             study.tell(trial.number, state=TrialState.FAIL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def tune_distillation(c: Config, build: StageBuilder, teacher: Teacher, root: Path) -> Config:
     """``c`` with the distill settings a study of --tune trials chose (see :class:`Tuner`)."""
     return Tuner(c, build, teacher, root).run()
-
