@@ -13,7 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from typing import Generic, TypeVar
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from kd.errors import KDError
 
@@ -92,3 +92,19 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+    def __getitem__(self, name: str) -> T:
+        """The entry registered as ``name`` (never a ``module:Name`` import)."""
+        if name not in self._entries:
+            raise KDError(self.unknown(name))
+        return self._entries[name]
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def values(self) -> list[T]:
+        """The entries in registration order."""
+        return list(self._entries.values())

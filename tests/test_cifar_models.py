@@ -13,7 +13,7 @@ from kd.models.cifar import MODELS
 from kd.cli import main
 from kd.errors import KDError
 from kd.train.hooks import FeatureHooks
-from kd.models.sources import SOURCES, find_source
+from kd.models.sources import MODEL_SOURCES, find_source
 from kd.models.build import build_model, load_network
 from conftest import FAST
 
@@ -124,8 +124,8 @@ def test_the_readme_layers_hook_features(name):
 
 
 def test_a_bare_name_stays_torchvision_and_a_cifar_name_is_suggested():
-    assert find_source("vgg13", "--x")[0] is SOURCES["torchvision"]
-    assert find_source("cifar:vgg13", "--x") == (SOURCES["cifar"], "vgg13")
+    assert find_source("vgg13", "--x")[0] is MODEL_SOURCES["torchvision"]
+    assert find_source("cifar:vgg13", "--x") == (MODEL_SOURCES["cifar"], "vgg13")
     with pytest.raises(KDError, match=r"^--student_arch: unknown model 'resnet8x4' \(did you mean cifar:resnet8x4"):
         build_model("resnet8x4", 10, flag="--student_arch")
     with pytest.raises(KDError, match=r"^--teacher_arch: unknown cifar model 'resnet9' \(did you mean cifar:resnet8"):

@@ -22,7 +22,7 @@ from kd.data.loaders import make_datamodule
 from kd.errors import KDError
 from kd.data.image_cache import ImageCache, image_cache_key
 from kd.data.images import resize_short
-from kd.data.sources import SOURCES, DatasetLayout, LoadOptions, open_source
+from kd.data.sources import DATA_SOURCES, DatasetLayout, LoadOptions, open_source
 from kd.data.sources.demo import make_demo_dataset
 from kd.data.sources.folder import ImageFolderSource
 from kd.data.sources.torchvision_datasets import DATASETS, DOWNLOAD_TIMEOUT_S, TorchvisionSource
@@ -205,7 +205,7 @@ def examples(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     return {"folder": str(tiny_data), "torchvision": f"torchvision:SVHN:{tmp_path}"}
 
 
-@pytest.mark.parametrize("source", SOURCES.names())
+@pytest.mark.parametrize("source", DATA_SOURCES.names())
 def test_every_source_gives_classes_and_two_labelled_splits(source, examples):
     layout = _load(examples[source])
     for split in (layout.train, layout.val):

@@ -21,7 +21,7 @@ from kd.cli import main
 from kd.errors import KDError
 from kd.train.hooks import FeatureHooks
 from kd.models.build import build_model, check_model_name, load_network
-from kd.models.sources import SOURCES, ModelSource, find_source, register_source
+from kd.models.sources import MODEL_SOURCES, ModelSource, find_source, register_source
 
 NUM_CLASSES = 7
 TIMM = "test_resnet"  # timm's own ~0.4M-parameter test network, with pretrained weights on the Hub
@@ -135,7 +135,7 @@ def test_a_source_is_one_registered_class():
         with pytest.raises(ValueError, match="already registered"):
             register_source(Tiny)
     finally:
-        del SOURCES["tinytest"]
+        del MODEL_SOURCES["tinytest"]
 
 
 # ---------------------------------------------------------------- timm weights
@@ -275,9 +275,9 @@ def test_unknown_names_are_one_line_errors_naming_the_flag(arch, flag, expected)
 
 
 def test_names_resolve_to_their_source():
-    assert find_source("resnet18", "--x")[0] is SOURCES["torchvision"]
-    assert find_source("cnn_tiny", "--x")[0] is SOURCES["kd"]
-    assert find_source("timm:resnet18", "--x") == (SOURCES["timm"], "resnet18")
+    assert find_source("resnet18", "--x")[0] is MODEL_SOURCES["torchvision"]
+    assert find_source("cnn_tiny", "--x")[0] is MODEL_SOURCES["kd"]
+    assert find_source("timm:resnet18", "--x") == (MODEL_SOURCES["timm"], "resnet18")
 
 
 # ---------------------------------------------------------------- --list_models

@@ -163,3 +163,17 @@ def test_import_object_errors(tmp_path, spec, parts):
     message = error_message(import_object, spec.format(tmp=tmp_path))
     for part in parts:
         assert part in message
+
+
+def test_indexing_a_registry_never_imports_and_suggests_close_names():
+    """Model and dataset sources live in Registries too: ``registry[prefix]`` reads an entry, never a module:Name."""
+    registry = Registry("model source")
+    registry.register("timm")("the timm source")
+    assert registry["timm"] == "the timm source" and list(registry) == ["timm"] and registry.values() == [
+        "the timm source"]
+    with pytest.raises(KDError, match="unknown model source 'tim' \\(did you mean timm\\?\\)"):
+        registry["tim"]
+    with pytest.raises(KDError, match="unknown model source 'kd.errors:KDError'"):
+        registry["kd.errors:KDError"]
+    del registry["timm"]
+    assert "timm" not in registry

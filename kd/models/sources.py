@@ -74,18 +74,23 @@ class RegistrySource(ModelSource):
         return self.registry.get(name)(num_classes=num_classes)
 
 
-SOURCES: dict[str, ModelSource] = {}  # by prefix: those taking bare names first, each kind in registration order
+MODEL_SOURCES: Registry[ModelSource] = Registry("model source")  # by prefix, in registration order
 S = TypeVar("S", bound=type[ModelSource])
 
 
 def register_source(cls: S) -> S:
     """Class decorator: names written ``cls.prefix:NAME`` (and bare ones if ``cls.bare``) now come from ``cls``."""
-    if cls.prefix in SOURCES:
-        raise ValueError(f"model source '{cls.prefix}' is already registered ({SOURCES[cls.prefix]!r})")
-    ordered = sorted([*SOURCES.values(), cls()], key=lambda source: not source.bare)
-    SOURCES.clear()
-    SOURCES.update((source.prefix, source) for source in ordered)
+    MODEL_SOURCES.register(cls.prefix)(cls())
     return cls
+
+
+def _prefixes() -> str:
+    return ", ".join(source.prefix for source in sources())
+
+
+def sources() -> list[ModelSource]:
+    """Every model source, those taking bare names first (a bare name is theirs), each kind in registration order."""
+    return sorted(MODEL_SOURCES.values(), key=lambda source: not source.bare)
 
 
 class UserSource(ModelSource):
@@ -105,8 +110,9 @@ class UserSource(ModelSource):
             if not Path(module).expanduser().is_file():
                 raise KDError(f"{flag}: '{name}': file {module} does not exist")
         elif not _importable(module.partition(".")[0]):
-            raise KDError(f"{flag}: '{name}': '{module}' is neither a model source{did_you_mean(module, SOURCES)} "
-                          f"nor an importable module (the sources are {', '.join(SOURCES)})")
+            hint = did_you_mean(module, MODEL_SOURCES)
+            raise KDError(f"{flag}: '{name}': '{module}' is neither a model source{hint} "
+                          f"nor an importable module (the sources are {_prefixes()})")
 
     def build(self, name: str, num_classes: int) -> nn.Module:
         """The user's network, refusing anything that is not a Module and naming what failed."""
@@ -134,7 +140,7 @@ def _importable(module: str) -> bool:
 def runs_user_code(arch: str) -> bool:
     """Whether building ``arch`` imports a user's module or file (``module:Name``, ``file.py:Name``)."""
     prefix, colon, _ = arch.partition(":")
-    return bool(colon) and prefix not in SOURCES
+    return bool(colon) and prefix not in MODEL_SOURCES
 
 
 def trusted_arch(arch: str, named: Collection[str], where: str, flag: str) -> str:
@@ -153,13 +159,13 @@ def find_source(arch: str, flag: str) -> tuple[ModelSource, str]:
     """The source of ``arch`` and the name it has there, refusing names that no source has."""
     prefix, colon, name = arch.partition(":")
     if colon:
-        source = SOURCES.get(prefix)
+        source = MODEL_SOURCES[prefix] if prefix in MODEL_SOURCES else None
         if source is None:
             USER.check(arch, flag)
             return USER, arch
         source.check(name, flag)
         return source, name
-    for source in SOURCES.values():
+    for source in sources():
         if source.bare and source.has(arch):
             return source, arch
     raise KDError(f"{flag}: unknown model '{arch}'{_close_names(arch)}")
@@ -168,11 +174,11 @@ def find_source(arch: str, flag: str) -> tuple[ModelSource, str]:
 def _close_names(name: str) -> str:
     """A hint for an unknown bare name: the same name in a prefixed source, else close bare names, else close
     names in the prefixed sources."""
-    exact = [source.written(name) for source in SOURCES.values() if not source.bare and source.has(name)]
+    exact = [source.written(name) for source in sources() if not source.bare and source.has(name)]
     if exact:
         return f" (did you mean {' or '.join(exact)}?)"
-    hint = did_you_mean(name, [n for source in SOURCES.values() if source.bare for n in source.names()])
-    for source in SOURCES.values():
+    hint = did_you_mean(name, [n for source in sources() if source.bare for n in source.names()])
+    for source in sources():
         if hint:
             break
         if not source.bare:
@@ -184,11 +190,11 @@ def find_models(pattern: str, flag: str = "--list_models") -> dict[ModelSource, 
     """The names matching ``pattern`` in each source: ``timm:*net*`` searches timm only, ``*net*`` every source."""
     prefix, colon, rest = pattern.partition(":")
     if not colon:
-        return {source: source.names(pattern) for source in SOURCES.values()}
-    if prefix not in SOURCES:
-        raise KDError(f"{flag} {pattern}: '{prefix}' is not a model source{did_you_mean(prefix, SOURCES)}; "
-                      f"the sources are {', '.join(SOURCES)}")
-    return {SOURCES[prefix]: SOURCES[prefix].names(rest or "*")}
+        return {source: source.names(pattern) for source in sources()}
+    if prefix not in MODEL_SOURCES:
+        raise KDError(f"{flag} {pattern}: '{prefix}' is not a model source{did_you_mean(prefix, MODEL_SOURCES)}; "
+                      f"the sources are {_prefixes()}")
+    return {MODEL_SOURCES[prefix]: MODEL_SOURCES[prefix].names(rest or "*")}
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ class LoadOptions:
 
 
 class DataSource(ABC):
-    """A kind of dataset, named by a ``--data_dir`` prefix (``torchvision:...``) and registered in SOURCES."""
+    """A kind of dataset, named by a ``--data_dir`` prefix (``torchvision:...``) and registered in DATA_SOURCES."""
 
     def __init__(self, spec: str) -> None:
         """``spec`` is ``--data_dir`` without the source's prefix."""
@@ -123,16 +123,16 @@ class DataSource(ABC):
         """The dataset's classes and splits, read (or fetched) and checked; one-line KDErrors naming --data_dir."""
 
 
-SOURCES: Registry[type[DataSource]] = Registry("dataset source")
+DATA_SOURCES: Registry[type[DataSource]] = Registry("dataset source")
 DEFAULT_SOURCE = "folder"  # a --data_dir without a registered prefix: an ImageFolder path, as before sources
 
 
 def open_source(data_dir: str) -> DataSource:
     """The source ``data_dir`` names: ``PREFIX:REST`` for a registered prefix, else an ImageFolder path."""
     prefix, colon, rest = data_dir.partition(":")
-    if colon and prefix in SOURCES:
-        return SOURCES.get(prefix)(rest)
-    hint = did_you_mean(prefix, SOURCES.names()) if colon else ""
+    if colon and prefix in DATA_SOURCES:
+        return DATA_SOURCES.get(prefix)(rest)
+    hint = did_you_mean(prefix, DATA_SOURCES.names()) if colon else ""
     if hint and not Path(data_dir).expanduser().exists():
         raise KDError(f"--data_dir {data_dir}: no such folder, and no dataset source '{prefix}'{hint}")
-    return SOURCES.get(DEFAULT_SOURCE)(data_dir)
+    return DATA_SOURCES.get(DEFAULT_SOURCE)(data_dir)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kd.errors import KDError, warn
 from kd.data.images import check_header, decode_resized, load_rgb, printable
-from kd.data.sources.base import SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps, held_out
+from kd.data.sources.base import DATA_SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps, held_out
 from kd.data.sources.demo import make_demo_dataset
 
 SPLIT_SEED = 0  # the train/val split of a single folder never changes with --seed
@@ -161,7 +161,7 @@ def without_bad_images(layout: DatasetLayout, skip: bool) -> DatasetLayout:
                          [(printable(path), reason) for path, reason in skipped])
 
 
-@SOURCES.register("folder")
+@DATA_SOURCES.register("folder")
 class ImageFolderSource(DataSource):
     """A folder of class folders, with ``train/`` and ``val/`` or split by --val_fraction; ``demo`` generates one.
 

@@ -19,7 +19,7 @@ from kd.errors import KDError
 from kd.files import written_atomically
 from kd.data.images import to_rgb
 from kd.registry import did_you_mean
-from kd.data.sources.base import SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps
+from kd.data.sources.base import DATA_SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps
 
 DOWNLOAD_TIMEOUT_S = 10  # per connection attempt: offline, --download_data fails in seconds (MNIST tries 2 mirrors)
 SPLITS = ("train", "test")  # torchvision's names; the test split is kd's validation split
@@ -136,7 +136,7 @@ def _download(name: str, root: Path, where: str) -> None:
         socket.setdefaulttimeout(old_timeout)
 
 
-@SOURCES.register("torchvision")
+@DATA_SOURCES.register("torchvision")
 class TorchvisionSource(DataSource):
     """``torchvision:NAME:ROOT``: dataset NAME of DATASETS, read from folder ROOT by torchvision's reader.
 
