@@ -1,6 +1,6 @@
-"""Tests of the cifar: model source (kd/cifar/): RepDistiller's and mdistiller's CIFAR-100 networks with their
+"""Tests of the cifar: model source (kd/models/cifar/): RepDistiller's and mdistiller's CIFAR-100 networks with their
 parameter counts and state_dict keys, their released teacher files, feature hooks by name, and a distillation run
-end to end. The expected counts were computed from the references' code (see kd/cifar/*.py), not from kd's."""
+end to end. The expected counts were computed from the references' code (see kd/models/cifar/*.py), not from kd's."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the model sources (kd/model_sources.py): kd, torchvision, cifar, timm and user networks by prefix, timm's
+"""Tests of the model sources (kd/models/sources.py): kd, torchvision, cifar, timm and user networks by prefix, timm's
 DEFAULT weights from a fake local Hugging Face cache, the offline error, --list_models, and a timm
 teacher distilled into a timm student end to end. Nothing is downloaded."""
 
