@@ -72,3 +72,16 @@ def test_no_module_is_above_400_lines():
 def test_only_the_modules_every_layer_shares_stay_at_the_top_of_kd():
     top = {name for name, path in MODULES.items() if path.parent == KD and path.name != "__init__.py"}
     assert top <= SHARED, sorted(top - SHARED)
+
+
+def test_flags_offer_exactly_the_choices_of_the_tables_they_name():
+    """kd/config.py keeps its choice lists as text, so that --help, --print_config and a mistyped flag answer
+    without importing torch; each list must be the keys of the table it names."""
+    from kd.config import FIELDS
+    from kd.data.transforms import RECIPES
+    from kd.deploy.export import FORMATS
+    from kd.train.optim import OPTIMIZERS, SCHEDULERS
+
+    tables = {"augment": RECIPES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "export": FORMATS}
+    assert {flag: set(FIELDS[flag].metadata["choices"]) for flag in tables} == {
+        flag: set(table) for flag, table in tables.items()}
