@@ -33,6 +33,10 @@ class StageBuilder:
         self.config, self.data = config, data
         self._cache_keys: dict[tuple[Path, int], str] = {}  # hashing the teacher and every file once per run
 
+    def on(self, config: Config, data: ImageDataModule) -> StageBuilder:
+        """A builder of the same kind for other settings and data (a tune's trials on its slice)."""
+        return type(self)(config, data)
+
     @property
     def classes(self) -> list[str]:
         return self.data.classes

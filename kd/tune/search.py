@@ -90,7 +90,7 @@ class Tuner:
                                     self.seed, c.image_cache, c.augment)
         logits_only = not resolve_losses(c).features
         cache_dir = (c.teacher_cache or str(self.folder / "teacher_cache")) if logits_only else None
-        self.build = StageBuilder(replace(c, teacher_cache=cache_dir, seed=self.seed), self.data)
+        self.build = build.on(replace(c, teacher_cache=cache_dir, seed=self.seed), self.data)
         self.cache = self.build.teacher_cache(teacher.checkpoints, self.seed) if cache_dir else None
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
