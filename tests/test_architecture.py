@@ -85,3 +85,22 @@ def test_flags_offer_exactly_the_choices_of_the_tables_they_name():
     tables = {"augment": RECIPES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "export": FORMATS}
     assert {flag: set(FIELDS[flag].metadata["choices"]) for flag in tables} == {
         flag: set(table) for flag, table in tables.items()}
+
+
+def test_names_imported_for_typing_only_are_used_in_annotations_only():
+    """A name under ``if TYPE_CHECKING:`` does not exist when kd runs: using it outside an annotation is a NameError."""
+    misused = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        blocks = [node for node in ast.walk(tree)
+                  if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)]
+        inside = {id(node) for block in blocks for node in ast.walk(block)}
+        typing_names = {alias.asname or alias.name.rpartition(".")[2] for block in blocks for node in ast.walk(block)
+                        if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+        annotations = {id(node) for owner in ast.walk(tree) for part in
+                       ([owner.annotation] if isinstance(owner, (ast.arg, ast.AnnAssign)) and owner.annotation else
+                        [owner.returns] if isinstance(owner, ast.FunctionDef) and owner.returns else [])
+                       for node in ast.walk(part)}
+        misused += [f"{module}:{node.lineno} {node.id}" for node in ast.walk(tree) if isinstance(node, ast.Name)
+                    and node.id in typing_names and id(node) not in annotations | inside]
+    assert not misused, misused
