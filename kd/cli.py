@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from kd.config import named_paths
+from kd.files import checked_path
 from kd.flags import help_text, resolve
 from kd.errors import Interrupted, KDError
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
             _print_all(describe_models(resolved.config.list_models))
             return 0
+        resolved.check_modes()
+        for flag, path in named_paths(resolved.config):  # before anything opens them
+            checked_path(path, flag)
         from kd.console import quiet_lightning  # imported here: --help and config errors answer at once
         from kd.deploy.commands import evaluate_checkpoint
         from kd.run.runner import run_experiment

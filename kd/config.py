@@ -15,7 +15,11 @@ import yaml
 
 from kd.files import write_text
 
-PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")  # Lightning's
+# kd trains float32 weights, under autocast for the mixed modes; the true modes would cast the networks but not the
+# images and losses, so they are refused by name rather than failing in the first step.
+TRAINED_PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed")
+FLOAT32_MAX = 3.4028234663852886e38  # the largest value a float32 weight, and so the optimiser's factor on it, holds
 
 
 class Role(str, Enum):
@@ -54,6 +58,10 @@ def _flag(default: Any, help: str, *, roles: tuple[Role, ...], choices: tuple = 
 
 def _positive(x: float) -> bool:
     return x > 0
+
+
+def _float32(x: float) -> bool:
+    return 0 <= x <= FLOAT32_MAX
 
 
 def _seed_range(x: int) -> bool:
@@ -156,11 +164,14 @@ class Config:
     # Optimisation
     epochs: int = _flag(10, "training epochs of each stage", check=_positive, must="be positive",
                         group="training", roles=TRAINING)
-    lr: float = _flag(0.05, "peak learning rate", check=_positive, must="be positive", group="training", roles=TRAINING)
+    lr: float = _flag(0.05, "peak learning rate", check=lambda x: _positive(x) and _float32(x),
+                      must=f"be positive and at most {FLOAT32_MAX:.4g} (float32, the weights' type)", group="training",
+                      roles=TRAINING)
     optimizer: str = _flag("sgd", "optimizer", choices=("sgd", "adam", "adamw"), group="training", roles=TRAINING)
     momentum: float = _flag(0.9, "SGD momentum (Adam's beta1)", check=lambda x: 0 <= x < 1,
                             must="be in [0, 1)", group="training", roles=TRAINING)
-    weight_decay: float = _flag(5e-4, "weight decay", check=lambda x: x >= 0, must="be 0 or more",
+    weight_decay: float = _flag(5e-4, "weight decay", check=_float32,
+                                must=f"be 0 or more and at most {FLOAT32_MAX:.4g} (float32, the weights' type)",
                                 group="training", roles=TRAINING)
     scheduler: str = _flag("cosine", "learning-rate schedule after warm-up (step: /10 at 1/2 and 3/4 of the run; "
                            "multistep: x --lr_decay at each of --milestones)",
@@ -220,8 +231,12 @@ class Config:
                            group="hardware", roles=(R.RECORDED,))
     strategy: str = _flag("auto", "Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...",
                           group="hardware", roles=(R.RECORDED,))
-    precision: str = _flag("32-true", "Lightning precision", choices=PRECISIONS,
-                           group="hardware", roles=(*TRAINING, R.CACHE_KEY))
+    precision: str = _flag("32-true", "Lightning precision (16-true, bf16-true and 64-true are refused: kd trains "
+                           "float32 weights, in half precision under autocast with 16-mixed or bf16-mixed)",
+                           choices=PRECISIONS, check=lambda x: x in TRAINED_PRECISIONS,
+                           must="be 32-true, 16-mixed or bf16-mixed (kd trains float32 weights; a true mode would cast "
+                           "the networks but not the images fed to them)", group="hardware",
+                           roles=(*TRAINING, R.CACHE_KEY))
     # Output
     output_dir: str = _flag("runs", "where runs are written", group="output", roles=(R.RECORDED,), path=True)
     experiment_name: str = _flag("kd", "runs go to output_dir/experiment_name/<stage>/version_N",
@@ -237,7 +252,7 @@ class Config:
                                "checkpoint for deployment, checked against PyTorch", choices=("onnx", "torchscript"),
                                group="deployment", roles=(R.RECORDED,))
     report: list[str] = _flag([], "compare the finished runs under these folders in one table and plot, "
-                              "without training", group="config", roles=(R.INVOCATION,))
+                              "without training", group="config", roles=(R.INVOCATION,), path=True)
     print_config: bool = _flag(False, "print the resolved configuration with each value's source and exit",
                                group="config", roles=(R.INVOCATION,))
     list_models: str | None = _flag(None, "print the model names each source offers (kd, torchvision, timm:...) "
@@ -287,6 +302,23 @@ def cache_settings(config: Config) -> dict[str, Any]:
     """
     return {name: bool(value) if FIELDS[name].metadata["path"] else value
             for name, value in identity(config.to_dict(), Role.CACHE_KEY).items()}
+CODE_FLAGS = ("teacher_arch", "student_arch", "assistant_arch", "kd_loss")  # may name a user's file.py:Name
+
+
+def named_paths(config: Config) -> list[tuple[str, str]]:
+    """(flag, path) of every file or folder ``config`` names: the path flags' values and the .py file of each
+    ``file.py:Name`` network or loss, for :func:`kd.files.checked_path` to look at before anything opens them."""
+    found = []
+    for name, f in FIELDS.items():
+        value = getattr(config, name)
+        for item in value if isinstance(value, list) else [value]:
+            if f.metadata["path"] and item:
+                found.append((f"--{name}", item))
+            elif name in CODE_FLAGS and (module := item.rpartition(":")[0]).endswith(".py"):
+                found.append((f"--{name}", module))
+    return found
+
+
 TYPES = get_type_hints(Config)
 
 

@@ -1,4 +1,5 @@
-"""Writes that a kill cannot leave half done: everything kd saves goes through :func:`written_atomically`."""
+"""Paths and writes: every path kd is given goes through :func:`checked_path`, everything it saves through
+:func:`written_atomically` (a kill cannot leave it half done)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class WriteError(KDError, OSError):
     """
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove ``path`` (a file, a link or a whole folder), quietly where it is already gone or cannot be removed."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -65,10 +67,53 @@ def remove_dead_temporaries(folder: Path, target: str = "*", what: str = "") -> 
     """Remove :func:`dead_temporaries`; with ``what`` (the unfinished work's name), say so in one line."""
     removed = dead_temporaries(folder, target)
     for leftover in removed:
-        _remove(leftover)
+        remove_path(leftover)
     if removed and what:
         print(f"removed {len(removed)} unfinished {what}(s) left by a killed run, e.g. {removed[0]}",
               file=sys.stderr, flush=True)
+
+
+def printable(text: str) -> str:
+    """``text`` as one line any file or stream can hold: undecodable bytes of a file name as ``\\xNN`` escapes, line
+    breaks, tabs and other control characters escaped as Python writes them (``\\n``).
+
+    On Linux a name that is not UTF-8 arrives as a str with surrogate escapes, which no encoder takes; a folder
+    named with a newline would break a table row or an error line in two.
+    """
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+LONGEST_SHOWN = 60  # characters of one path component shown in a message before it is cut short
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as a message shows it: :func:`printable`, each overlong component cut short with its length."""
+    parts = printable(str(path)).split("/")
+    return "/".join(part if len(part) <= LONGEST_SHOWN else f"{part[:20]}…({len(part)} characters)" for part in parts)
+
+
+def checked_path(path: str | Path, flag: str, verb: str = "use") -> Path:
+    """``path`` with ``~`` expanded, once Python can look at it; else a KDError naming ``flag`` and why.
+
+    A name too long for the file system, a folder on the way that denies access, a symlink loop, a file where a
+    folder should be, or a NUL in the name would otherwise raise deep inside whatever opens it next (``OSError: File
+    name too long``, ``RuntimeError: Symlink loop``). A path that does not exist passes: the caller knows whether
+    it must. ``verb`` says what kd meant to do with it (read, create).
+    """
+    try:
+        path = Path(path).expanduser()
+        path.stat()
+    except FileNotFoundError:
+        return path
+    except NotADirectoryError:
+        file = next((p for p in Path(path).parents if p.is_file()), Path(path).parent)
+        raise KDError(f"{flag}: cannot {verb} {shown(path)}: {shown(file)} is not a folder") from None
+    except OSError as exc:  # ENAMETOOLONG, EACCES, ELOOP, EIO...
+        raise KDError(f"{flag}: cannot {verb} {shown(path)}: {reason(exc)}") from None
+    except (RuntimeError, ValueError) as exc:  # ~nosuchuser; a NUL in a name written in a preset
+        raise KDError(f"{flag}: cannot {verb} {shown(path)}: {exc}") from None
+    return Path(path)
 
 
 def reason(exc: OSError) -> str:
@@ -98,7 +143,7 @@ def written_atomically(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {reason(exc)}") from exc
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
 def check_writable(path: str | Path, flag: str) -> None:
@@ -106,7 +151,7 @@ def check_writable(path: str | Path, flag: str) -> None:
 
     An existing folder is checked with the folders directly in it, where new runs go (``stage/version_N``).
     """
-    path = Path(path).expanduser()
+    path = checked_path(path, flag, "create")
     existing = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise KDError(f"{flag}: cannot create {path}: {existing} is not a folder")

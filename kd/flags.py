@@ -17,6 +17,7 @@ import yaml
 
 from kd.config import FIELDS, TYPES, Config, is_list, scalar_type
 from kd.errors import KDError
+from kd.files import checked_path, shown
 from kd.registry import did_you_mean
 
 FLAGS_FILE = "commandline_args.txt"
@@ -142,7 +143,7 @@ def read_flags_file(path: Path) -> list[Setting]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise KDError(f"cannot read flags file {path}: {exc}") from exc
+        raise KDError(f"cannot read flags file {shown(path)}: {exc}") from None
     settings = []
     for number, line in enumerate(text.splitlines(), start=1):
         where = f"{path}:{number}"
@@ -199,22 +200,38 @@ def read_preset(path: Path) -> list[Setting]:
 
 def _find(path: str, bases: list[Path], what: str, where: str) -> Path:
     """Resolve a relative file name against the current directory, then ``bases``."""
-    try:
-        candidate = Path(path).expanduser()
-        for base in [Path.cwd(), *bases]:
-            if (base / candidate).is_file():
-                return base / candidate
-    except (RuntimeError, OSError) as exc:  # ~nosuchuser, a name too long for the file system
-        raise KDError(f"{where}: {what} {_repr(path)}: {exc}") from None
+    candidate = checked_path(path, f"{where}: {what}")
+    for base in [Path.cwd(), *bases]:
+        if checked_path(base / candidate, f"{where}: {what}").is_file():
+            return base / candidate
     raise KDError(f"{where}: {what} {_repr(path)} not found")
+
+
+# Flags that make kd do one thing instead of training, and the flags each would silently drop: given as high up
+# the layers (or higher), one of them is refused; given lower (the checkout's commandline_args.txt trains), the
+# mode wins, as `python experiment.py --evaluate best.ckpt` expects.
+MODES = {"evaluate": ("report", "train_teacher", "baseline", "distill", "tune", "resume"),
+         "report": ("train_teacher", "baseline", "distill", "tune", "resume", "export")}
+MODE_DOES = {"evaluate": "evaluates one checkpoint", "report": "compares finished runs"}
 
 
 @dataclass
 class Resolved:
-    """A configuration plus the source of each value."""
+    """A configuration plus the source of each value, and the layer it came from (0 default ... 3 command line)."""
 
     config: Config
     sources: dict[str, str]
+    levels: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def check_modes(self) -> None:
+        """Refuse a mode (--evaluate, --report) with a flag it would drop, given on the same layer or a later one."""
+        for mode, dropped in MODES.items():
+            if not getattr(self.config, mode):
+                continue
+            for name in dropped:
+                if getattr(self.config, name) not in (None, False, []) and self.levels[name] >= self.levels[mode]:
+                    raise KDError(f"--{mode} ({self.sources[mode]}) and --{name} ({self.sources[name]}) both given: "
+                                  f"--{mode} only {MODE_DOES[mode]} and trains nothing; run them one after the other")
 
     def table(self) -> str:
         """A three-column text table: flag, value, where it came from."""
@@ -258,15 +275,16 @@ def resolve(argv: list[str]) -> Resolved:
             if setting.name == "config":
                 for name in _convert(setting):
                     presets.append((name, _find(name, bases, "preset", setting.where)))
-    layers = from_file + [s for _, path in presets for s in read_preset(path)] + cli
+    layers = [from_file, [s for _, path in presets for s in read_preset(path)], cli]
 
     values = {name: getattr(Config(), name) for name in FIELDS}
-    sources = dict.fromkeys(FIELDS, "default")
-    for setting in layers:
-        values[setting.name] = _convert(setting)
-        sources[setting.name] = setting.where
+    sources, levels = dict.fromkeys(FIELDS, "default"), dict.fromkeys(FIELDS, 0)
+    for level, settings in enumerate(layers, start=1):
+        for setting in settings:
+            values[setting.name] = _convert(setting)
+            sources[setting.name], levels[setting.name] = setting.where, level
     values["config"] = [name for name, _ in presets]
-    return Resolved(Config(**values), sources)
+    return Resolved(Config(**values), sources, levels)
 
 
 def help_text() -> str:

@@ -6,6 +6,7 @@ classes without editing kd.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
@@ -26,12 +27,26 @@ def did_you_mean(name: str, choices: Iterable[str], prefix: str = "") -> str:
     return f" (did you mean {' or '.join(prefix + m for m in matches)}?)" if matches else ""
 
 
+@contextlib.contextmanager
+def running_user_code(what: str) -> Iterator[None]:
+    """Run a user's code (``what``, e.g. ``'my.py:Net': building it``): its exception, or a ``sys.exit`` that would
+    end kd quietly with nothing trained, becomes a KDError naming it; kd's own KDErrors pass as they are."""
+    try:
+        yield
+    except KDError:
+        raise
+    except SystemExit as exc:
+        raise KDError(f"{what} failed: it called sys.exit({exc.code!r})") from None
+    except Exception as exc:  # the user's code failed: say where and why
+        raise KDError(f"{what} failed: {type(exc).__name__}: {exc}") from None
+
+
 def import_object(spec: str) -> object:
     """Import ``module:Name`` (an importable module or a .py file path) and return ``Name``."""
     module_part, _, attr = spec.rpartition(":")
     if not module_part or not attr:
         raise KDError(f"'{spec}' is not of the form module:Name or file.py:Name")
-    try:
+    with running_user_code(f"'{spec}': importing {module_part}"):
         if module_part.endswith(".py"):
             path = Path(module_part).expanduser().resolve()
             if not path.is_file():
@@ -43,10 +58,6 @@ def import_object(spec: str) -> object:
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_part)
-    except KDError:
-        raise
-    except Exception as exc:  # the user's module failed to import: say where and why
-        raise KDError(f"'{spec}': importing {module_part} failed: {type(exc).__name__}: {exc}") from exc
     if not hasattr(module, attr):
         public = [n for n in vars(module) if not n.startswith("_")]
         raise KDError(f"'{spec}': {module_part} has no attribute {attr}{did_you_mean(attr, public)}")

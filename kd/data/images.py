@@ -11,25 +11,22 @@ import numpy as np
 from PIL import Image
 
 from kd.errors import KDError
+from kd.files import printable
 
 DRAFT_GAP = 2.0  # libjpeg may decode a JPEG at 1/2, 1/4 or 1/8 scale while both sides stay >= 2x the target
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB; 16- and 32-bit greyscale scaled to 8 bits (PIL's convert would clip it to white)."""
-    if image.mode.startswith("I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        scale = 255 / 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 1.0
+    """``image`` as 8-bit RGB, each greyscale mode scaled from the range it means: 16- and 32-bit integers from 0..65535
+    (PIL's convert would clip them to white) unless they stay within 0..255, 32-bit floats (a float TIFF) from 0..1
+    (PIL's would round them to black) unless they go above 1; NaN reads as 0. PIL converts the colour modes."""
+    if image.mode.startswith("I") or image.mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), posinf=0.0, neginf=0.0)
+        top = pixels.max(initial=0.0)
+        scale = (255.0 if image.mode == "F" and top <= 1 else
+                 255 / 65535 if image.mode.startswith("I;16") or top > 255 else 1.0)
         image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8))
     return image.convert("RGB")
-
-
-def printable(path: str) -> str:
-    """``path`` as text any file or stream can hold: a file name's undecodable bytes as ``\\xNN`` escapes.
-
-    On Linux a name that is not UTF-8 arrives as a str with surrogate escapes, which no encoder takes.
-    """
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @contextlib.contextmanager

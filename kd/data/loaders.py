@@ -20,7 +20,9 @@ from kd.errors import KDError
 from kd.data.image_cache import ImageCache
 from kd.data.transforms import RECIPES, normalize
 from kd.seeding import draw_seed
-from kd.data.sources.base import DatasetLayout, LoadOptions, Split, open_source  # its package registers the sources
+from kd.data.sources.base import (DataSource, DatasetLayout, LoadOptions, Split,  # the package registers the sources
+                                  open_source)
+from kd.files import shown
 
 
 class ImageListDataset(Dataset):
@@ -163,9 +165,34 @@ class ImageDataModule(pl.LightningDataModule):
         return UnrepeatedDistributedSampler(dataset, shuffle=False) if torch.distributed.get_world_size() > 1 else None
 
 
+def written_places(c: Config) -> list[tuple[str, Path]]:
+    """(flag, folder) of every place run ``c`` writes to: its experiment folder, the caches, an --evaluate export."""
+    places = [("--output_dir", Path(c.output_dir) / c.experiment_name),
+              *((flag, Path(folder)) for flag, folder in (("--teacher_cache", c.teacher_cache),
+                                                          ("--image_cache", c.image_cache)) if folder)]
+    if c.evaluate and c.export:  # written beside the checkpoint evaluated
+        places.append(("--export", Path(c.evaluate).parent))
+    return places
+
+
+def check_apart(c: Config, source: DataSource, options: LoadOptions) -> None:
+    """Refuse a place kd writes to inside the dataset it reads, or the dataset inside one: the next run would train
+    on kd's own checkpoints and plots, as a class named after the folder holding them."""
+    for data in source.folders(options):
+        data = data.expanduser().resolve()
+        for flag, place in written_places(c):
+            place = place.expanduser().resolve()
+            if place.is_relative_to(data) or data.is_relative_to(place):
+                inside = (f"{flag} {shown(place)} lies inside --data_dir {shown(data)}" if place.is_relative_to(data)
+                          else f"--data_dir {shown(data)} lies inside {flag} {shown(place)}")
+                raise KDError(f"{inside}: kd would read what it writes as images of the dataset; keep them apart")
+
+
 def make_datamodule(c: Config) -> ImageDataModule:
     """The DataModule of ``--data_dir``: its source's classes and splits, checked, with the loader settings."""
-    layout = open_source(c.data_dir).load(LoadOptions.from_config(c))
+    source, options = open_source(c.data_dir), LoadOptions.from_config(c)
+    check_apart(c, source, options)
+    layout = source.load(options)
     if len(layout.classes) < 2:
         raise KDError(f"--data_dir {c.data_dir} holds one class ({layout.classes[0]}): a classifier needs two or more")
     if c.num_classes is not None and c.num_classes != len(layout.classes):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kd.errors import KDError
-from kd.registry import Registry
+from kd.registry import Registry, running_user_code
 
 LOSSES: Registry = Registry("loss")
 EXTRAS = ("student_features", "teacher_features", "indices", "epoch")
@@ -104,10 +104,8 @@ def build_loss(name: str, **settings: Any) -> Loss:
     accepted = accepted_settings(factory)
     if accepted is not None:
         settings = {k: v for k, v in settings.items() if k in accepted}
-    try:
+    with running_user_code(f"--kd_loss {name}: building it"):
         loss = factory(**settings)
-    except Exception as exc:  # a user's constructor failed: name the loss and the reason
-        raise KDError(f"--kd_loss {name}: building it failed: {type(exc).__name__}: {exc}") from None
     if not callable(loss):
         raise KDError(f"--kd_loss {name}: {type(loss).__name__} instances are not callable")
     return loss

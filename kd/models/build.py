@@ -15,6 +15,7 @@ from torch import nn
 # The sources register themselves on import, kd's CNNs and torchvision's first: bare names resolve in that order.
 from kd.models import cifar, kd_cnns, timm_models, torchvision_models  # noqa: F401
 from kd.errors import KDError
+from kd.files import checked_path
 from kd.models.checkpoints import load_weights, read_checkpoint
 from kd.models.sources import USER, ModelSource, find_models, find_source, runs_user_code
 
@@ -45,22 +46,22 @@ def _arch_flag(flag: str) -> str:
     return flag.removesuffix("_weights") + "_arch" if flag.endswith("_weights") else flag
 
 
-def _names_a_file(weights: str, source: ModelSource) -> bool:
+def _names_a_file(weights: str, source: ModelSource, flag: str) -> bool:
     """Whether ``weights`` is a local file rather than one of the source's named weights (DEFAULT)."""
-    return (not source.named_weights or Path(weights).expanduser().is_file() or "/" in weights
+    return (not source.named_weights or checked_path(weights, flag).is_file() or "/" in weights
             or weights.endswith(WEIGHTS_SUFFIXES))
 
 
 def build_model(arch: str, num_classes: int, weights: str | None = None, flag: str = "--arch") -> nn.Module:
     """A network with ``num_classes`` outputs; ``weights`` is a weights name of its source (DEFAULT) or a file."""
     source, name = find_source(arch, _arch_flag(flag))
-    local = weights is not None and _names_a_file(weights, source)
+    local = weights is not None and _names_a_file(weights, source, flag)
     if weights is not None and not local:
         model = source.pretrained(name, weights, num_classes, flag)
     else:
         model = source.build(name, num_classes)
     if local:
-        path = Path(weights).expanduser()
+        path = checked_path(weights, flag)
         load_weights(model, read_checkpoint(path, flag)[0], num_classes, str(path), flag)
     return model
 
@@ -77,10 +78,10 @@ def check_forward(model: nn.Module, arch: str, image_size: int, num_classes: int
     try:
         with torch.no_grad():
             output = model(torch.randn(2, 3, image_size, image_size))
-    except Exception as exc:  # a fixed input size (ViT), too small an image for its pooling, a user bug
-        message = (str(exc).splitlines() or [""])[0]
-        raise KDError(f"{flag} {arch} does not run on {image_size} px images: "
-                      f"{type(exc).__name__}: {message}") from None
+    except (Exception, SystemExit) as exc:  # a fixed input size (ViT), too small a size for its pooling, a user bug
+        why = (f"it called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
+               else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+        raise KDError(f"{flag} {arch} does not run on {image_size} px images: {why}") from None
     finally:
         model.train(was_training)
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, num_classes):
@@ -104,7 +105,7 @@ def _same_network(saved: str, asked: str) -> bool:
 def load_network(path: str | Path, arch: str, class_names: list[str], image_size: int,
                  flag: str = "--teacher_checkpoint") -> nn.Module:
     """A trained network from a kd checkpoint (or a plain state_dict), refusing one that does not fit."""
-    path = Path(path).expanduser()
+    path = checked_path(path, flag)
     state, meta = read_checkpoint(path, flag)
     if not _same_network(meta.get("arch", arch), arch):
         raise KDError(f"{flag}: {path} holds a {meta['arch']}, not the {arch} asked for (--teacher_arch)")

@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from kd.errors import KDError
+from kd.files import checked_path
 from kd.models.heads import class_layers
 
 
 def require_file(path: Path, flag: str) -> None:
-    """Refuse a weights path that is a folder or does not exist, naming ``flag``."""
+    """Refuse a weights path that is a folder, does not exist or cannot be looked at, naming ``flag``."""
+    path = checked_path(path, flag)
     if path.is_dir():
         raise KDError(f"{flag}: {path} is a folder, not a weights file")
     if not path.is_file():

@@ -19,7 +19,8 @@ from urllib.error import URLError
 from torch import nn
 
 from kd.errors import KDError
-from kd.registry import Registry, did_you_mean, import_object
+from kd.files import checked_path
+from kd.registry import Registry, did_you_mean, import_object, running_user_code
 
 DOWNLOAD_TIMEOUT_S = 30
 
@@ -107,7 +108,7 @@ class UserSource(ModelSource):
         if not module or not attr:
             raise KDError(f"{flag}: '{name}' is not of the form module:Name or file.py:Name")
         if module.endswith(".py"):
-            if not Path(module).expanduser().is_file():
+            if not checked_path(module, flag).is_file():
                 raise KDError(f"{flag}: '{name}': file {module} does not exist")
         elif not _importable(module.partition(".")[0]):
             hint = did_you_mean(module, MODEL_SOURCES)
@@ -117,10 +118,8 @@ class UserSource(ModelSource):
     def build(self, name: str, num_classes: int) -> nn.Module:
         """The user's network, refusing anything that is not a Module and naming what failed."""
         factory: Callable[..., object] = import_object(name)  # type: ignore[assignment]
-        try:
+        with running_user_code(f"{name}: building it"):
             model = factory(num_classes=num_classes)
-        except Exception as exc:  # the user's constructor failed: name it and say why
-            raise KDError(f"{name}: building it failed: {type(exc).__name__}: {exc}") from None
         if not isinstance(model, nn.Module):
             raise KDError(f"{name}: built a {type(model).__name__}, not a torch.nn.Module")
         return model

@@ -18,7 +18,7 @@ from kd.files import check_writable
 from kd.losses.spec import resolve_losses
 from kd.models.build import check_forward
 from kd.models.checkpoints import require_file
-from kd.run.plan import Plan, plan_stages
+from kd.run.plan import Plan, plan_stages, teacher_files
 from kd.train.teachers import Teacher, teacher_archs
 from kd.train.trainer import make_trainer
 from kd.tune.slice import tuning_split
@@ -97,7 +97,7 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
         raise KDError(f"--teacher_cache: {why}")
     if c.teacher_cache:
         check_writable(c.teacher_cache, "--teacher_cache")
-    paths = tuple(Path(p).expanduser().resolve() for p in c.teacher_checkpoint)
+    paths = teacher_files(c)
     for path in paths:  # before the teacher cache's key reads them
         require_file(path, "--teacher_checkpoint")
     if c.teacher_cache_only and not paths:

@@ -14,6 +14,7 @@ from typing import Any
 
 from kd.config import Config, Role, identity
 from kd.errors import KDError
+from kd.files import checked_path
 from kd.losses.spec import resolve_losses
 from kd.train.teachers import Teacher, teacher_archs
 
@@ -70,8 +71,7 @@ def plan_stages(c: Config) -> list[Stage]:
     --assistant_arch, each assistant learns from the network before it, and the student from the last one.
     """
     wanted = check_stages(c)
-    files = TeacherFrom(archs=tuple(teacher_archs(c)), weights=tuple(c.ensemble_weights),
-                        checkpoints=tuple(Path(p).expanduser().resolve() for p in c.teacher_checkpoint))
+    files = TeacherFrom(archs=tuple(teacher_archs(c)), weights=tuple(c.ensemble_weights), checkpoints=teacher_files(c))
     stages, teacher_seed = [], None
     for index, seed in enumerate(c.seeds or [c.seed]):
         if "teacher" in wanted and (index == 0 or c.repeat_teacher):
@@ -89,6 +89,11 @@ def plan_stages(c: Config) -> list[Stage]:
             stages.append(Stage("distill", Role.DISTILL, c.student_arch, seed, c.student_weights, teacher=source,
                                 baseline=baseline, tune=index == 0 and bool(c.tune)))
     return stages
+
+
+def teacher_files(c: Config) -> tuple[Path, ...]:
+    """The --teacher_checkpoint files as absolute paths, each one Python can look at (else one line naming it)."""
+    return tuple(checked_path(path, "--teacher_checkpoint").resolve() for path in c.teacher_checkpoint)
 
 
 def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:

@@ -19,7 +19,7 @@ from kd.console import fit_warnings_silenced, progress_bar
 from kd.data.loaders import make_datamodule
 from kd.deploy.commands import deploy_students
 from kd.errors import Interrupted, KDError, warn
-from kd.files import write_text, writer_thread_errors_raised_here
+from kd.files import remove_path, write_text, writer_thread_errors_raised_here
 from kd.losses.options import loss_key
 from kd.report.results import RESULT_FILE, StageResult
 from kd.run.checks import check_experiment, check_run
@@ -114,8 +114,13 @@ class StageRunner:
         if not is_main_process():  # other ranks write nothing; Lightning broadcasts rank 0's checkpoint folder
             return self._train(stage, arch, module, c, resume_from, resume_from is not None, teacher, notes)
         folder = resume_from or new_version(self.root / stage)
-        with training_lock(folder):
-            return self._train(stage, arch, module, c, folder, resume_from is not None, teacher, notes)
+        try:
+            with training_lock(folder):
+                return self._train(stage, arch, module, c, folder, resume_from is not None, teacher, notes)
+        except BaseException:
+            if resume_from is None and not _checkpoints(folder):
+                remove_path(folder)  # only the one this stage created, and only while it holds no checkpoint
+            raise
 
     def _train(self, stage: str, arch: str, module: KDModule, c: Config, folder: Path | None, resumed: bool,
                teacher: Teacher | None, notes: list[str]) -> StageResult:
@@ -157,7 +162,9 @@ class StageRunner:
             raise Interrupted(f"{where} was interrupted in epoch {trainer.current_epoch}; its checkpoints are in "
                               f"{log_dir / 'checkpoints'}") from None
         except NonFiniteLoss as exc:
-            raise KDError(f"{where}: {exc}; the last good checkpoints are kept in {log_dir / 'checkpoints'}") from None
+            kept = (f"the last good checkpoints are kept in {log_dir / 'checkpoints'}" if _checkpoints(log_dir)
+                    else "it saved no checkpoint, so nothing of it is kept")
+            raise KDError(f"{where}: {exc}; {kept}") from None
         except KDError as exc:
             raise KDError(f"{where}: {exc}") from None
         except OSError as exc:  # a full disk or a folder that became read-only
@@ -176,6 +183,11 @@ class StageRunner:
         if is_main_process():
             result.save()
         return result
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints a stage saved in its version ``folder``: finished work, never removed."""
+    return sorted((folder / "checkpoints").glob("*.ckpt"))
 
 
 def _recorded_top1(teacher: Teacher) -> float | None:

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from kd.errors import KDError
-from kd.data.images import printable, resize_short
+from kd.data.images import resize_short
+from kd.files import checked_path, printable
 from kd.registry import Registry, did_you_mean
 
 if TYPE_CHECKING:
@@ -122,6 +123,10 @@ class DataSource(ABC):
     def load(self, options: LoadOptions) -> DatasetLayout:
         """The dataset's classes and splits, read (or fetched) and checked; one-line KDErrors naming --data_dir."""
 
+    def folders(self, options: LoadOptions) -> list[Path]:
+        """The local folders the dataset is read from, which kd must never write into (none: it reads no folder)."""
+        return []
+
 
 DATA_SOURCES: Registry[type[DataSource]] = Registry("dataset source")
 DEFAULT_SOURCE = "folder"  # a --data_dir without a registered prefix: an ImageFolder path, as before sources
@@ -133,6 +138,6 @@ def open_source(data_dir: str) -> DataSource:
     if colon and prefix in DATA_SOURCES:
         return DATA_SOURCES.get(prefix)(rest)
     hint = did_you_mean(prefix, DATA_SOURCES.names()) if colon else ""
-    if hint and not Path(data_dir).expanduser().exists():
+    if hint and not checked_path(data_dir, "--data_dir").exists():
         raise KDError(f"--data_dir {data_dir}: no such folder, and no dataset source '{prefix}'{hint}")
     return DATA_SOURCES.get(DEFAULT_SOURCE)(data_dir)

@@ -14,7 +14,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from kd.errors import KDError, warn
-from kd.data.images import check_header, decode_resized, load_rgb, printable
+from kd.data.images import check_header, decode_resized, load_rgb
+from kd.files import checked_path, printable
 from kd.data.sources.base import DATA_SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps, held_out
 from kd.data.sources.demo import make_demo_dataset
 
@@ -115,7 +116,7 @@ def _split(samples: list[Sample], classes: list[str], val_fraction: float) -> tu
 
 def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2) -> DatasetLayout:
     """Find the classes and images under ``data_dir``: ``train/`` + ``val/``, or one folder to split."""
-    root = Path(data_dir).expanduser()
+    root = checked_path(data_dir, "--data_dir")
     if not root.is_dir():
         raise KDError(f"--data_dir: {root} does not exist or is not a folder")
     if (root / "train").is_dir():
@@ -169,5 +170,12 @@ class ImageFolderSource(DataSource):
     """
 
     def load(self, options: LoadOptions) -> DatasetLayout:
-        root = make_demo_dataset(options.output_dir / "demo_data") if self.spec == "demo" else self.spec
+        root = make_demo_dataset(self._root(options)) if self.spec == "demo" else self.spec
         return without_bad_images(scan_image_folder(root, options.val_fraction), options.skip_bad_images)
+
+    def folders(self, options: LoadOptions) -> list[Path]:
+        return [self._root(options)]
+
+    def _root(self, options: LoadOptions) -> Path:
+        """The folder of class folders: ``--data_dir`` itself, or where the demo is generated."""
+        return options.output_dir / "demo_data" if self.spec == "demo" else checked_path(self.spec, "--data_dir")
