@@ -3,7 +3,6 @@ and odd datasets. Each case is a one-line KDError naming the file, a skip, or a 
 
 from __future__ import annotations
 
-import atexit
 import io
 import os
 import shutil
@@ -111,10 +110,19 @@ def _dead_pid() -> int:
     return process.pid
 
 
-def _leftovers(folder: Path, target: str) -> dict[str, Path]:
+@pytest.fixture
+def alive():
+    """A process that is running for the length of the test (and no longer)."""
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _leftovers(folder: Path, target: str, alive: subprocess.Popen) -> dict[str, Path]:
     """Temporaries of ``target`` as killed writers leave them: this machine's dead pid, a live pid, another machine."""
-    alive = subprocess.Popen(["sleep", "60"])
-    atexit.register(alive.kill)
     names = {"dead": f"{socket.gethostname()}-{_dead_pid()}", "live": f"{socket.gethostname()}-{alive.pid}",
              "elsewhere": f"other-host-{_dead_pid()}"}
     paths = {}
@@ -129,21 +137,21 @@ def _only_the_dead_one_is_gone(paths: dict[str, Path]) -> None:
     assert not paths["dead"].exists() and paths["live"].is_dir() and paths["elsewhere"].is_dir()
 
 
-def test_a_killed_demo_generation_is_cleaned_up_on_the_next_start(tmp_path, capsys):
-    paths = _leftovers(tmp_path, "demo_data")
+def test_a_killed_demo_generation_is_cleaned_up_on_the_next_start(tmp_path, alive, capsys):
+    paths = _leftovers(tmp_path, "demo_data", alive)
     make_demo_dataset(tmp_path / "demo_data", train_per_class=1, val_per_class=1, image_size=8)
     _only_the_dead_one_is_gone(paths)
     assert f"removed 1 unfinished demo dataset(s) left by a killed run, e.g. {paths['dead']}" in capsys.readouterr().err
 
 
-def test_a_killed_image_cache_build_is_cleaned_up_by_the_next_build(tiny_data, tmp_path):
-    paths = _leftovers(tmp_path / "cache", "0" * 64)  # a build under another key: other data, another size
+def test_a_killed_image_cache_build_is_cleaned_up_by_the_next_build(tiny_data, tmp_path, alive):
+    paths = _leftovers(tmp_path / "cache", "0" * 64, alive)  # a build under another key: other data, another size
     ImageCache.build(scan_image_folder(tiny_data).val, 8, tmp_path / "cache")
     _only_the_dead_one_is_gone(paths)
 
 
-def test_a_killed_teacher_cache_epoch_is_cleaned_up_by_the_next_save(tmp_path):
-    paths = _leftovers(tmp_path / "other-key", "epoch_0003")
+def test_a_killed_teacher_cache_epoch_is_cleaned_up_by_the_next_save(tmp_path, alive):
+    paths = _leftovers(tmp_path / "other-key", "epoch_0003", alive)
     cache = TeacherCache(tmp_path, "key", {"train": 2, "val": 2}, num_classes=3)
     cache.record(None, torch.arange(2), torch.randn(2, 3))
     cache.commit(None)

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
-import signal
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from conftest import FAST
+from conftest import FAST, on_a_full_disk
 from kd.cli import main
 from kd.config import Config
 from kd.errors import KDError
-from kd.provenance import settings_table
-from kd.report import comparison_table, figure, gains, group_results, stage_table, write_report
-from kd.results import StageResult, find_results
-from kd.runner import report_and_summary
+from kd.report.provenance import settings_table
+from kd.report.comparison import comparison_table, figure, gains, group_results, stage_table, write_report
+from kd.report.results import StageResult, find_results
+from kd.run.summary import report_and_summary
 
 
 def _result(stage: str, seed: int, top1: float, experiment: str = "e", kd_loss: str = "") -> StageResult:
@@ -221,25 +219,18 @@ def test_plot_labels_the_band_units_and_keeps_the_legend_off_the_curves(tmp_path
     plt.close(fig)
 
 
-@pytest.fixture
-def full_disk():
-    """While the test runs, no file may grow past 2 kB: a full disk, as far as any write can tell."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
+# A full disk, as far as any write can tell: the call runs in a child process whose files may not grow past
+# 2 kB, so report.png's write fails part-way with a real EFBIG ("File too large"). Not in pytest's own
+# process: there the limit would also stop pytest writing its log to a file.
 
 
-def test_report_on_a_full_disk_names_the_file_and_leaves_no_folder(tmp_path, full_disk):
+def test_report_on_a_full_disk_names_the_file_and_leaves_no_folder(tmp_path):
     results = [_stage(tmp_path / "exp", "baseline", seed) for seed in (0, 1)]
     folder = tmp_path / "out" / "cmp" / "report" / "version_0"
+    outcome = on_a_full_disk(write_report, results, folder)
     with pytest.raises(KDError, match=f"^report: cannot write {folder / 'report.png'}: File too large; "
                                       "no partial report is left$"):
-        write_report(results, folder)
+        outcome.result()
     assert not (tmp_path / "out").exists()
 
 
@@ -260,11 +251,12 @@ def test_report_failing_on_its_markdown_keeps_the_folders_that_were_there(tmp_pa
     assert [p.name for p in (tmp_path / "exp" / "report").iterdir()] == ["version_0"]
 
 
-def test_summary_is_printed_before_a_report_that_cannot_be_written(tmp_path, full_disk, capsys):
+def test_summary_is_printed_before_a_report_that_cannot_be_written(tmp_path):
     results = [_stage(tmp_path / "kd", stage) for stage in ("baseline", "teacher")]
     config = dataclasses.replace(Config(), output_dir=str(tmp_path), experiment_name="kd")
+    outcome = on_a_full_disk(report_and_summary, results, config)
     with pytest.raises(KDError, match="report.png: File too large"):
-        report_and_summary(results, config)
-    out = capsys.readouterr().out
+        outcome.result()
+    out = outcome.stdout
     assert "top-1 %" in out and "baseline" in out and "report:" not in out
     assert not (tmp_path / "kd" / "report").exists()
