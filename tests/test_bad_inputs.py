@@ -15,7 +15,7 @@ import torch
 
 from conftest import FAST, run_cli
 from kd.cli import main
-from kd.models import build_model
+from kd.models.build import build_model
 
 pytestmark = pytest.mark.slow  # every case runs experiment.py as a subprocess (~10 s each)
 
