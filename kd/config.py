@@ -60,6 +60,15 @@ def _positive(x: float) -> bool:
     return x > 0
 
 
+def _utf8(x: str) -> bool:
+    """Whether ``x`` is text in UTF-8 (a name with bytes that are not arrives holding surrogates)."""
+    try:
+        x.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _float32(x: float) -> bool:
     return 0 <= x <= FLOAT32_MAX
 
@@ -238,10 +247,12 @@ class Config:
                            "the networks but not the images fed to them)", group="hardware",
                            roles=(*TRAINING, R.CACHE_KEY))
     # Output
-    output_dir: str = _flag("runs", "where runs are written", group="output", roles=(R.RECORDED,), path=True)
+    output_dir: str = _flag("runs", "where runs are written", check=_utf8, must="be a name in UTF-8 (TensorBoard names "
+                            "its log files so)", group="output", roles=(R.RECORDED,), path=True)
     experiment_name: str = _flag("kd", "runs go to output_dir/experiment_name/<stage>/version_N",
-                                 check=lambda x: bool(x) and not Path(x).is_absolute() and ".." not in Path(x).parts,
-                                 must="be a non-empty relative name without ..", group="output", roles=(R.RECORDED,))
+                                 check=lambda x: bool(x) and not Path(x).is_absolute() and ".." not in Path(x).parts
+                                 and x.isprintable() and _utf8(x), must="be a non-empty relative name without .., line "
+                                 "breaks or bytes that are not UTF-8", group="output", roles=(R.RECORDED,))
     # Configuration itself
     config: list[str] = _flag([], "YAML presets applied after the flags file, in the order named",
                               group="config", roles=(R.INVOCATION,))
@@ -312,7 +323,7 @@ def named_paths(config: Config) -> list[tuple[str, str]]:
     for name, f in FIELDS.items():
         value = getattr(config, name)
         for item in value if isinstance(value, list) else [value]:
-            if f.metadata["path"] and item:
+            if f.metadata["path"] and item is not None:
                 found.append((f"--{name}", item))
             elif name in CODE_FLAGS and (module := item.rpartition(":")[0]).endswith(".py"):
                 found.append((f"--{name}", module))

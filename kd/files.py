@@ -101,6 +101,8 @@ def checked_path(path: str | Path, flag: str, verb: str = "use") -> Path:
     name too long``, ``RuntimeError: Symlink loop``). A path that does not exist passes: the caller knows whether
     it must. ``verb`` says what kd meant to do with it (read, create).
     """
+    if not str(path):  # Path("") is the working directory: never what an empty value meant
+        raise KDError(f"{flag}: an empty path")
     try:
         path = Path(path).expanduser()
         path.stat()

@@ -119,3 +119,40 @@ def test_an_export_beside_a_checkpoint_in_the_data_is_refused(tiny_data, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"error: --export {data} lies inside --data_dir {data}"), err
     assert sorted(p.name for p in data.iterdir()) == ["best.pt", "demo.json", "train", "val"]
+
+
+# ------------------------------------------------------------------------------ found in kd's own hostile round
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output_dir", ""], "--output_dir: an empty path"),
+    (["--data_dir", ""], "--data_dir: an empty path"),
+    (["--data_dir", "folder:"], "--data_dir: an empty path"),  # Path("") would read the working directory
+    (["--student_weights", ""], "--student_weights: an empty path"),
+    (["--output_dir", os.fsdecode(b"out\xff")], "--output_dir must be a name in UTF-8"),  # TensorBoard's traceback
+    (["--experiment_name", "a\nb"], "--experiment_name must be a non-empty relative name without .., line breaks"),
+])
+def test_empty_and_unloggable_output_names_are_refused(flags, message, tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "out"), "--baseline", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and message in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_class_folder_in_a_symlink_loop_is_named_not_hiding_every_class(tiny_data, tmp_path, capsys):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    (data / "train" / "loop").symlink_to(data / "train" / "loop")
+    code = main([*FAST, "--data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--baseline"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: --data_dir: cannot use {data}/train/loop: Too many levels of symbolic links"
+
+
+def test_class_names_in_errors_stay_on_one_line(tiny_data, tmp_path, capsys):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    for split in ("train", "val"):
+        (data / split / "blue_ring").rename(data / split / "blue\nring")
+    code = main([*FAST, "--data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--baseline",
+                 "--num_classes", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "blue\\nring" in err, err

@@ -22,7 +22,7 @@ from kd.data.transforms import RECIPES, normalize
 from kd.seeding import draw_seed
 from kd.data.sources.base import (DataSource, DatasetLayout, LoadOptions, Split,  # the package registers the sources
                                   open_source)
-from kd.files import shown
+from kd.files import printable, shown
 
 
 class ImageListDataset(Dataset):
@@ -194,9 +194,10 @@ def make_datamodule(c: Config) -> ImageDataModule:
     check_apart(c, source, options)
     layout = source.load(options)
     if len(layout.classes) < 2:
-        raise KDError(f"--data_dir {c.data_dir} holds one class ({layout.classes[0]}): a classifier needs two or more")
+        raise KDError(f"--data_dir {c.data_dir} holds one class ({printable(layout.classes[0])}): a classifier needs "
+                      "two or more")
     if c.num_classes is not None and c.num_classes != len(layout.classes):
         raise KDError(f"--num_classes is {c.num_classes} but {c.data_dir} holds {len(layout.classes)} classes: "
-                      f"{', '.join(layout.classes)}")
+                      f"{', '.join(map(printable, layout.classes))}")
     return ImageDataModule(layout, c.image_size, c.batch_size, c.num_workers, c.min_crop_scale, c.hflip, c.seed,
                            c.image_cache, c.augment)

@@ -15,7 +15,7 @@ from torch import nn
 # The sources register themselves on import, kd's CNNs and torchvision's first: bare names resolve in that order.
 from kd.models import cifar, kd_cnns, timm_models, torchvision_models  # noqa: F401
 from kd.errors import KDError
-from kd.files import checked_path
+from kd.files import checked_path, printable
 from kd.models.checkpoints import load_weights, read_checkpoint
 from kd.models.sources import USER, ModelSource, find_models, find_source, runs_user_code
 
@@ -111,8 +111,9 @@ def load_network(path: str | Path, arch: str, class_names: list[str], image_size
         raise KDError(f"{flag}: {path} holds a {meta['arch']}, not the {arch} asked for (--teacher_arch)")
     saved_classes = list(meta.get("class_names", class_names))
     if saved_classes != list(class_names):
-        raise KDError(f"{flag}: {path} was trained on {len(saved_classes)} classes ({', '.join(saved_classes)}) "
-                      f"but the data has {len(class_names)} ({', '.join(class_names)})")
+        raise KDError(f"{flag}: {path} was trained on {len(saved_classes)} classes "
+                      f"({', '.join(map(printable, saved_classes))}) but the data has {len(class_names)} "
+                      f"({', '.join(map(printable, class_names))})")
     model = build_model(arch, len(class_names), flag=flag)
     load_weights(model, state, len(class_names), str(path), flag, new_head=False)
     check_forward(model, arch, image_size, len(class_names), flag, training=False)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kd.errors import KDError, warn
 from kd.data.images import check_header, decode_resized, load_rgb
-from kd.files import checked_path, printable
+from kd.files import checked_path, printable, reason, shown
 from kd.data.sources.base import DATA_SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps, held_out
 from kd.data.sources.demo import make_demo_dataset
 
@@ -50,11 +50,16 @@ class FileSplit(Split):
 
 
 def _class_folders(folder: Path) -> list[str]:
-    """The class folder names in ``folder``, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are not classes."""
+    """The class folder names in ``folder``, sorted; hidden ones (``.ipynb_checkpoints``, ``.git``) are not classes.
+
+    An entry Python cannot look at (a symlink loop) is refused by name, rather than hiding every class.
+    """
     try:
-        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
-    except OSError:
-        return []
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise KDError(f"--data_dir: cannot list {shown(folder)}: {reason(exc)}") from None
+    return sorted(entry.name for entry in entries
+                  if not entry.name.startswith(".") and checked_path(entry.path, "--data_dir").is_dir())
 
 
 def _files(class_folder: str) -> tuple[list[str], list[str]]:
