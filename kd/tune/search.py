@@ -9,7 +9,7 @@ a study stops at N finished trials, whoever ran them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hashlib
 import json
@@ -19,13 +19,14 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytorch_lightning as pl
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -37,13 +38,14 @@ from kd.files import alive, file_digest
 from kd.losses.spec import resolve_losses
 from kd.train.callbacks import EpochSeeding
 from kd.train.module import NonFiniteLoss
+from kd.seeding import draw_seed
 from kd.train.teachers import Teacher
 from kd.train.trainer import make_trainer
 from kd.tune.report import papers_trial, write_tune_report
 from kd.tune.storage import HEARTBEAT_S, open_storage, shown_url, storage_url
 from kd.tune.slice import tuning_split
 from kd.tune.space import paper_point, rounded, search_space, settings_at
-from kd.versions import next_version
+from kd.versions import claimed_version
 
 if TYPE_CHECKING:  # the builder is handed in; building with it needs no import here
     from kd.train.stage import StageBuilder
@@ -109,10 +111,7 @@ class Tuner:
         url = storage_url(self.base, self.folder)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage = open_storage(url)
-        study = optuna.create_study(
-            storage=self.storage, study_name=self.study_name(), direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=max(4, self.base.tune // 3)),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, self.epochs // 3)))
+        study = open_study(self.storage, self.study_name(), self.seed, self.base.tune, self.epochs)
         study.enqueue_trial(paper_point(self.base, self.space), skip_if_exists=True)
         print(f"\n== tune: {self.base.tune} trials of {self.epochs} epochs, study {study.study_name} in "
               f"{shown_url(url)}; trials log to {self.folder / 'trials'}", flush=True)
@@ -126,8 +125,8 @@ class Tuner:
         preset = replace(chosen, tune=None, train_teacher=False, baseline=False,
                          teacher_arch=list(self.teacher.archs), ensemble_weights=list(self.teacher.weights),
                          teacher_checkpoint=[str(path) for path in self.teacher.checkpoints])
-        report = write_tune_report(study, self.space, preset, trial, why, next_version(self.folder / "report"),
-                                   time.monotonic() - started)
+        with claimed_version(self.folder / "report") as folder:
+            report = write_tune_report(study, self.space, preset, trial, why, folder, time.monotonic() - started)
         print(f"tune: chose trial {trial.number}, slice top-1 {trial.value:.2f}%: "
               f"{', '.join(f'{k}={v:g}' for k, v in rounded(trial.params).items())}"
               f"{f' ({why})' if why else ''}\n"
@@ -205,6 +204,53 @@ class Tuner:
             trainer.fit(module, datamodule=self.data)
         logger.log_metrics({"hp/slice_top1": max(score.top1)})
         return score
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler made anew for each trial, seeded by --seed and the trial's number.
+
+    One seed for the whole study would replay its draws in every process: a resumed tune, a longer --tune
+    and a second machine on the study would each try the first process's settings again. The storage
+    numbers trials once across processes, so each trial draws its own, and one process with one seed
+    still makes the same study twice.
+    """
+
+    def __init__(self, seed: int, startup_trials: int) -> None:
+        self.seed, self.startup_trials = seed, startup_trials
+        self.tpe = self._sampler(0)
+
+    def _sampler(self, number: int) -> optuna.samplers.TPESampler:
+        """The TPE sampler of trial ``number`` (numpy takes 32-bit seeds)."""
+        return optuna.samplers.TPESampler(seed=draw_seed(self.seed, number) % 2**32,
+                                          n_startup_trials=self.startup_trials)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.tpe = self._sampler(trial.number)
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self.tpe.after_trial(study, trial, state, values)
+
+
+def open_study(storage: optuna.storages.RDBStorage, name: str, seed: int, trials: int, epochs: int) -> optuna.Study:
+    """The study ``name`` in ``storage``, created if new, with kd's sampler (:class:`TrialSeededSampler`) and pruner,
+    for a tune of ``trials`` trials of ``epochs`` epochs."""
+    return optuna.create_study(
+        storage=storage, study_name=name, direction="maximize", load_if_exists=True,
+        sampler=TrialSeededSampler(seed, startup_trials=max(4, trials // 3)),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, epochs // 3)))
 
 
 def chosen_trial(study: optuna.Study, slice_size: int) -> tuple[FrozenTrial, str]:
