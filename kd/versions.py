@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,3 +75,32 @@ def _lock(file: IO[str], folder: Path) -> bool:
     file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     file.flush()
     return True
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first: what a write there would make."""
+    return list(itertools.takewhile(lambda p: not p.exists(), [path, *path.parents]))
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty: those made for a write that failed."""
+    for empty in folders:
+        with contextlib.suppress(OSError):
+            empty.rmdir()  # only ever removes an empty folder
+
+
+@contextlib.contextmanager
+def claimed_version(folder: Path) -> Iterator[Path]:
+    """A new ``folder/version_N`` (:func:`new_version`) for the block alone to fill, as a report is.
+
+    Two runs that finish at once get one each. Should the block fail, the claimed folder goes, with what the
+    block wrote into it and the empty folders made to hold it, so a failed write leaves nothing.
+    """
+    made = missing_folders(folder)
+    path = new_version(folder)
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        remove_empty(made)
+        raise

@@ -8,7 +8,6 @@ paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the
 from __future__ import annotations
 
 import contextlib
-import itertools
 import statistics
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from kd.files import written_atomically  # noqa: E402
 from kd.report.provenance import settings_table  # noqa: E402
 from kd.report.results import StageResult  # noqa: E402
 from kd.tables import text_table  # noqa: E402
+from kd.versions import missing_folders, remove_empty  # noqa: E402
 
 Group = tuple[str, str]  # (experiment, label)
 
@@ -183,12 +183,13 @@ def _writing(path: Path) -> Iterator[None]:
 def write_report(results: list[StageResult], folder: Path) -> Path:
     """Write report.md (tables) and report.png (curves) into ``folder``, all or nothing; returns report.md's path.
 
-    The folder is filled under a temporary name, then renamed. When a write fails (a full disk), nothing
-    is left, not even the empty folders made for the report, and the KDError names the file and why.
+    ``folder`` is new, or empty: claimed for this report (:func:`kd.versions.claimed_version`). It is filled under
+    a temporary name, then renamed. When a write fails (a full disk), nothing is left, not even the empty folders
+    made for the report, and the KDError names the file and why.
     """
-    if folder.exists():
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise KDError(f"report: {folder} already exists; a report is never written over")
-    made = list(itertools.takewhile(lambda p: not p.exists(), folder.parents))  # deepest first
+    made = missing_folders(folder.parent)
     text, drawn = report_text(results), figure(results)
     try:
         with _writing(folder):
@@ -200,9 +201,7 @@ def write_report(results: list[StageResult], folder: Path) -> Path:
                 with _writing(folder / "report.md"):
                     (tmp / "report.md").write_text(text)
     except KDError:
-        for empty in made:
-            with contextlib.suppress(OSError):
-                empty.rmdir()  # only ever removes an empty folder
+        remove_empty(made)
         raise
     finally:
         plt.close(drawn)

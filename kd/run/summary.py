@@ -8,7 +8,7 @@ from pathlib import Path
 from kd.config import Config
 from kd.report.comparison import comparison_table, ensemble_lines, gains, group_results, stage_table, write_report
 from kd.report.results import StageResult, find_results
-from kd.versions import next_version
+from kd.versions import claimed_version
 
 
 NEAR_CHANCE = 0.1  # a teacher within this share of the way from chance to 100 % top-1 is "near chance"
@@ -48,8 +48,11 @@ def format_summary(results: list[StageResult], report: Path | None = None) -> st
     return "\n".join(lines)
 
 
-def _report_folder(config: Config) -> Path:
-    return next_version(Path(config.output_dir) / config.experiment_name / "report")
+def _write_report(results: list[StageResult], config: Config) -> Path:
+    """The report of ``results`` in a new version folder of the experiment's ``report/``, claimed for it: two runs
+    finishing at once into one experiment each write their own; a failed write leaves no folder."""
+    with claimed_version(Path(config.output_dir) / config.experiment_name / "report") as folder:
+        return write_report(results, folder)
 
 
 def report_and_summary(results: list[StageResult], config: Config) -> Path | None:
@@ -59,7 +62,7 @@ def report_and_summary(results: list[StageResult], config: Config) -> Path | Non
     """
     report = None
     try:
-        report = write_report(results, _report_folder(config)) if len(results) > 1 else None
+        report = _write_report(results, config) if len(results) > 1 else None
     finally:
         print("\n" + format_summary(results, report), flush=True)
     return report
@@ -69,6 +72,6 @@ def compare_runs(config: Config) -> Path:
     """``--report DIR ...``: one table and one plot of every finished stage under the folders, no training."""
     results = find_results(config.report)
     print(comparison_table(results), flush=True)  # first: it stands even if the report cannot be written
-    report = write_report(results, _report_folder(config))
+    report = _write_report(results, config)
     print(f"report: {report} (and report.png beside it)", flush=True)
     return report

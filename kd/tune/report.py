@@ -82,8 +82,8 @@ def write_png(study: optuna.Study, chosen: dict[str, float], weights: dict[str, 
 def write_tune_report(study: optuna.Study, space: dict[str, Range], preset: Config, trial: FrozenTrial, why: str,
                       folder: Path, seconds: float) -> Path:
     """Write ``tune.md``, ``tune.png``, ``best.yaml`` (``preset``: the final run, with the chosen ``trial``'s
-    settings; ``why`` it is not the best one, if so) and the figures as ``tune.json`` into a new ``folder``."""
-    folder.mkdir(parents=True, exist_ok=False)
+    settings; ``why`` it is not the best one, if so) and the figures as ``tune.json`` into ``folder``, an empty one
+    claimed for this report (:func:`kd.versions.claimed_version`)."""
     trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     best = study.best_trial
     paper = papers_trial(trials)
