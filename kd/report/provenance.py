@@ -8,10 +8,12 @@ lenient: a missing file or key (a run saved by an older kd, a flag another versi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
+from kd.config import FIELDS, TYPES, is_list, scalar_type
+from kd.errors import warn
 from kd.losses.base import LOSSES  # its package registers every loss
 from kd.losses.options import loss_key
 from kd.losses.spec import losses_in_force
@@ -24,13 +26,51 @@ OPTIONAL_PREFIXES = ("label_smoothing", "mixup", "cutmix", "ema")
 _LONGEST_CHAIN = 20  # assistants followed at most, in case checkpoints were copied into a loop
 
 
+def _fits(name: str, value: Any) -> bool:
+    """Whether a saved ``value`` of flag ``name`` is of the flag's type: a number for a number (true and false are
+    no numbers), any scalar for a string; a list flag's items each so, or its one value saved alone by an older kd."""
+    kind = scalar_type(name)
+    if value is None:
+        return is_list(name) or type(None) in get_args(TYPES[name])
+    if is_list(name) and isinstance(value, list):
+        return all(item is not None and _fits(name, item) for item in value)
+    if kind is str:
+        return isinstance(value, (str, int, float))
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def mistyped(config: dict[str, Any]) -> dict[str, str]:
+    """The flags of a saved config.yaml whose value is of the wrong type (a hand edit), each with what is wrong.
+
+    Flags kd does not know (from another version) are not judged.
+    """
+    return {name: f"{name} is {type(value).__name__} {_short(value)}, not "
+                  f"{f'a list of {scalar_type(name).__name__}' if is_list(name) else scalar_type(name).__name__}"
+            for name, value in config.items() if name in FIELDS and not _fits(name, value)}
+
+
+def _short(value: Any) -> str:
+    """``value`` as an error shows it: repr'd and cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
 def saved_config(log_dir: Path) -> dict[str, Any] | None:
-    """The stage's saved settings; None when its config.yaml is missing or unreadable."""
+    """The stage's saved settings; None when its config.yaml is missing or unreadable. A flag of the wrong type (a
+    hand edit) is left out, as not recorded, with a warning naming it: a report still shows the stage's results."""
+    path = log_dir / CONFIG_FILE
     try:
-        data = yaml.safe_load((log_dir / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):  # ValueError: a NUL in a recorded path, or not UTF-8
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    wrong = mistyped(data)
+    for why in wrong.values():
+        warn(f"{path}: {why}; the report shows it as not recorded")
+    return {name: value for name, value in data.items() if name not in wrong}
 
 
 def shown_path(path: str | Path, experiment: Path) -> str:

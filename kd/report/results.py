@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,75 @@ class StageResult:
         """
         try:
             data = json.loads(path.read_text())
-            data["best_checkpoint"] = _moved(Path(data["best_checkpoint"]), Path(data["log_dir"]), path.parent)
-            data["log_dir"] = path.parent
-            return cls(**data)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise KDError(f"{path} is not a kd result file ({type(exc).__name__}: {exc}); restore it, or move "
-                          f"{path.parent} aside") from None
+            wrong = _wrong_field(data)
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, nested too deep
+            wrong = f"{type(exc).__name__}: {exc}"
+        if wrong:
+            raise KDError(f"{path} is not a kd result file ({wrong}); restore it, or move {path.parent} aside")
+        data["best_checkpoint"] = _moved(Path(data["best_checkpoint"]), Path(data["log_dir"]), path.parent)
+        data["log_dir"] = path.parent
+        return cls(**data)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON's true and false are no numbers
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A check of a list whose every item passes ``check``."""
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
+
+
+def _teacher(value: Any) -> bool:
+    """One entry of ``teachers``, as the runner saves it: its arch, its checkpoint and its own top-1 (or null)."""
+    return (isinstance(value, dict) and _text(value.get("arch")) and _text(value.get("checkpoint"))
+            and (value.get("top1") is None or _number(value["top1"])))
+
+
+# Each field of a result file: how to check its value, and what it must be, as an error says.
+FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "experiment": (_text, "a string"), "stage": (_text, "a string"), "arch": (_text, "a string"),
+    "seed": (_whole, "a whole number"), "params": (_whole, "a whole number"), "best_top1": (_number, "a number"),
+    "best_top5": (_number, "a number"), "best_epoch": (_whole, "a whole number"), "seconds": (_number, "a number"),
+    "log_dir": (_text, "a string"), "best_checkpoint": (_text, "a string"), "kd_loss": (_text, "a string"),
+    "val_top1": (_list_of(_number), "a list of numbers"),
+    "teachers": (_list_of(_teacher), "a list of {arch, checkpoint, top1} mappings"),
+    "teacher_top1": (lambda value: value is None or _number(value), "a number or null"),
+    "warnings": (_list_of(_text), "a list of strings"),
+}
+REQUIRED = [f.name for f in dataclasses.fields(StageResult) if f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING]
+
+
+def _wrong_field(data: Any) -> str | None:
+    """What is wrong with a result file's content, naming the field (None when nothing is): a hand edit or another
+    program's file would otherwise fail later with a traceback, in a report or a resume."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object of fields"
+    missing = [name for name in REQUIRED if name not in data]
+    unknown = [name for name in data if name not in FIELD_KINDS]
+    wrong = [name for name, (check, _) in FIELD_KINDS.items() if name in data and not check(data[name])]
+    if missing:
+        return f"no field {missing[0]!r}"
+    if unknown:
+        return f"an unknown field {unknown[0]!r}"
+    if wrong:
+        return f"field {wrong[0]!r} is {_shown(data[wrong[0]])}, not {FIELD_KINDS[wrong[0]][1]}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A wrong value as an error names it: its JSON type, and the value when short."""
+    text = json.dumps(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 40 else f"a {type(value).__name__}"
 
 
 def _moved(path: Path, saved_folder: Path, folder: Path) -> Path:

@@ -12,6 +12,7 @@ from kd.config import Config, Role
 from kd.errors import KDError
 from kd.models.build import build_model
 from kd.models.checkpoints import load_weights, read_checkpoint
+from kd.report.provenance import mistyped
 from kd.report.results import RESULT_FILE, StageResult
 from kd.run.plan import saved_identity
 
@@ -70,11 +71,12 @@ def _saved_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:  # ValueError: not UTF-8
         raise KDError(f"--resume: {path} cannot be read ({type(exc).__name__}); restore it, or move {folder} "
                       "out of the experiment") from None
-    if not isinstance(saved, dict):
-        raise KDError(f"--resume: {path} is not a kd configuration (a mapping of flag: value); restore it, "
+    wrong = mistyped(saved) if isinstance(saved, dict) else {"": "not a mapping of flag: value"}
+    if wrong:
+        raise KDError(f"--resume: {path} is not a kd configuration ({next(iter(wrong.values()))}); restore it, "
                       f"or move {folder} out of the experiment")
     return saved
 
