@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kd.errors import KDError
+from kd.errors import KDError, warn
 from kd.files import remove_dead_temporaries, written_atomically
 from kd.data.sources.base import Split
 
@@ -81,6 +81,8 @@ class ImageCache:
                 tmp.mkdir()
                 nbytes = _write(tmp, split, short_side, expected)
                 if folder.exists() and _read_meta(folder, expected) is None:
+                    warn(f"--image_cache: {folder} is damaged (its meta.json, index.npy or pixels.u8 do not agree); "
+                         "it is built again")
                     shutil.rmtree(folder)  # a damaged folder under our key (complete ones only appear by rename)
         except OSError as exc:
             if _read_meta(folder, expected) is None:  # not another process that finished first
@@ -129,15 +131,22 @@ def _read_meta(folder: Path, expected: dict | None = None) -> dict | None:
     """The metadata of a complete cache in ``folder`` (matching ``expected``), else None."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
+        if not all(_count(meta[key]) for key in ("version", "short_side", "count", "nbytes")):
+            return None  # a hand edit: a count that is text, negative or true
         complete = ((folder / "pixels.u8").stat().st_size == meta["nbytes"]
                     and _index_fits(np.load(folder / "index.npy"), meta["count"], meta["nbytes"]))
-    except (OSError, ValueError, KeyError, TypeError, EOFError):  # missing, truncated or overwritten files
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RecursionError):  # missing, truncated, overwritten
         return None
     if not complete or meta.get("version") != FORMAT_VERSION:
         return None
     if expected is not None and any(meta.get(k) != v for k, v in expected.items()):
         return None
     return meta
+
+
+def _count(value: object) -> bool:
+    """Whether a meta.json value is a whole number of 0 or more (JSON's true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _index_fits(index: np.ndarray, count: int, nbytes: int) -> bool:

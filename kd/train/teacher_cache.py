@@ -61,6 +61,9 @@ class TeacherCache:
     them their true total probability at temperature 1 (exact for k = number of classes).
     """
 
+    KINDS = {"values": ("f", "floats"), "filled": ("b", "booleans"), "indices": ("iu", "whole numbers"),
+             "rest": ("f", "floats")}  # numpy's dtype kinds of each saved array, and what they are called
+
     def __init__(self, root: str | Path, key: str, num_samples: dict[str, int], num_classes: int,
                  dtype: str = "float16", topk: int | None = None) -> None:
         self.folder = Path(root).expanduser() / key
@@ -116,12 +119,23 @@ class TeacherCache:
                 arrays = {key: np.load(folder / f"{key}.npy", mmap_mode="r") for key in shapes}
             except (OSError, ValueError, EOFError) as exc:  # a truncated or overwritten file
                 raise KDError(f"--teacher_cache: {folder} is damaged ({exc}); remove it to compute it again") from None
-            wrong = [key for key, shape in shapes.items() if arrays[key].shape != shape]
+            wrong = self._damage(arrays, shapes)
             if wrong:
-                raise KDError(f"--teacher_cache: {folder} is damaged ({wrong[0]}.npy has shape "
-                              f"{arrays[wrong[0]].shape}, not {shapes[wrong[0]]}); remove it to compute it again")
+                raise KDError(f"--teacher_cache: {folder} is damaged ({wrong}); remove it to compute it again")
             self._open[name] = arrays
         return self._open[name]
+
+    def _damage(self, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """What is wrong with an epoch's saved arrays (a shape, a type, a class out of range), or None."""
+        for key, shape in shapes.items():
+            kinds, what = self.KINDS[key]
+            if arrays[key].shape != shape:
+                return f"{key}.npy has shape {arrays[key].shape}, not {shape}"
+            if arrays[key].dtype.kind not in kinds:
+                return f"{key}.npy holds {arrays[key].dtype}, not {what}"
+        if "indices" in arrays and not ((arrays["indices"] >= 0) & (arrays["indices"] < self.num_classes)).all():
+            return f"indices.npy names classes outside 0 to {self.num_classes - 1}"
+        return None
 
     def _restore(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> torch.Tensor:
         """Float32 logits of ``rows`` as stored: rounded to the storage dtype, the tail filled in for top-k."""
