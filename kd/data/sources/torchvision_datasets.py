@@ -19,6 +19,7 @@ from kd.errors import KDError
 from kd.files import written_atomically
 from kd.data.images import to_rgb
 from kd.registry import did_you_mean
+from kd.versions import missing_folders, remove_empty
 from kd.data.sources.base import DATA_SOURCES, DataSource, DatasetLayout, LoadOptions, Split, file_stamps
 
 DOWNLOAD_TIMEOUT_S = 10  # per connection attempt: offline, --download_data fails in seconds (MNIST tries 2 mirrors)
@@ -111,11 +112,12 @@ def _fetch(name: str, root: Path, where: str, download: bool) -> None:
 def _download(name: str, root: Path, where: str) -> None:
     """Let torchvision fetch ``name`` into a folder beside its files, then move each entry into ``root`` whole.
 
-    An interrupted download leaves no part of the dataset where it would be read. Offline, it fails
-    within seconds: every connection attempt times out after DOWNLOAD_TIMEOUT_S.
+    An interrupted download leaves no part of the dataset where it would be read, nor ROOT, if kd made it.
+    Offline, it fails within seconds: every connection attempt times out after DOWNLOAD_TIMEOUT_S.
     """
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    made = missing_folders(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{name}-download-", dir=root) as scratch:
@@ -129,6 +131,7 @@ def _download(name: str, root: Path, where: str) -> None:
                     if not (root / entry).exists():  # else another process (a DDP rank) moved it first
                         raise
     except Exception as exc:  # no network, a refused or cut connection, a full disk, a damaged archive
+        remove_empty(made)  # the folders made for the download, once empty: never a folder that was there
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise KDError(f"{where} --download_data: could not download {name} into {root} ({reason}); offline? "
                       "put the files there") from None
