@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except KDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:  # kd never exits mid-run: user code did (a loss's forward); it is no success
+        print(f"error: code kd was running called sys.exit({exc.code!r}) (your own --kd_loss, network or module?); "
+              "the run stopped there", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # before or between stages: finished stages are safe on disk
         print(f"interrupted; {_resume_hint(argv, training)}", file=sys.stderr)
         return 130

@@ -172,3 +172,11 @@ def test_report_paths_are_checked_before_any_is_read(tmp_path, capsys):
     code, err = _run(["--flags_file", "none", "--report", str(tmp_path), str(loop)], capsys)
     assert code == 2 and err == f"error: --report: cannot use {loop}: Too many levels of symbolic links", err
     assert Path(tmp_path).exists()
+
+
+def test_a_loss_that_calls_sys_exit_while_running_is_an_error_not_a_quiet_success(tiny_data, tmp_path, capsys):
+    (tmp_path / "exit_call.py").write_text("import sys\n\ndef boom(student_logits, teacher_logits, labels):\n"
+                                           "    sys.exit(0)\n")
+    code, err = _run([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "out"), "--train_teacher",
+                      "--distill", "--kd_loss", f"{tmp_path / 'exit_call.py'}:boom"], capsys)
+    assert code == 2 and "\n" not in err and "called sys.exit(0)" in err, err
