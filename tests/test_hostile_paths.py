@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import FAST
+from fake_datasets import FAKES, skip_md5_check
 from kd.cli import main
 from kd.errors import KDError
 from kd.files import checked_path, printable, shown
@@ -156,3 +157,22 @@ def test_class_names_in_errors_stay_on_one_line(tiny_data, tmp_path, capsys):
                  "--num_classes", "3"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "blue\\nring" in err, err
+
+
+@pytest.mark.parametrize("kind", ["too long", "symlink loop", "under a file"])
+def test_a_torchvision_datasets_folder_is_checked_like_any_path(kind, tmp_path, capsys):
+    path, why = _bad_path(kind, tmp_path)
+    assert main([*FAST, "--baseline", "--data_dir", f"torchvision:CIFAR10:{path}",
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: --data_dir") and why in err, err
+
+
+def test_kd_never_writes_into_a_torchvision_datasets_folder(tmp_path, monkeypatch, capsys):
+    skip_md5_check(monkeypatch)
+    FAKES["CIFAR10"](tmp_path / "cifar")
+    assert main([*FAST, "--baseline", "--data_dir", f"torchvision:CIFAR10:{tmp_path / 'cifar'}",
+                 "--output_dir", str(tmp_path / "cifar" / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "lies inside --data_dir" in err, err
+    assert not (tmp_path / "cifar" / "runs").exists()

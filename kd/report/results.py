@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.errors import KDError
-from kd.files import write_text
+from kd.files import checked_path, write_text
 
 RESULT_FILE = "result.json"
 
@@ -148,7 +148,7 @@ def find_results(paths: list[str]) -> list[StageResult]:
     """Every finished stage under the given folders (a run, an experiment, or one stage's logs)."""
     results = []
     for name in paths:
-        root = Path(name).expanduser()
+        root = checked_path(name, "--report", "read")
         if not root.is_dir():
             raise KDError(f"--report: {root} is not a folder")
         found = sorted(root.rglob(RESULT_FILE))

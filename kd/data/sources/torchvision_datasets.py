@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.datasets import VisionDataset
 
 from kd.errors import KDError
-from kd.files import written_atomically
+from kd.files import checked_path, written_atomically
 from kd.data.images import to_rgb
 from kd.registry import did_you_mean
 from kd.versions import missing_folders, remove_empty
@@ -166,6 +166,9 @@ class TorchvisionSource(DataSource):
                           f"{len(classes)} classes")
         return DatasetLayout(list(classes), train, val)
 
+    def folders(self, options: LoadOptions) -> list[Path]:
+        return [self._parse(f"--data_dir {options.data_dir}")[1]]
+
     def _parse(self, where: str) -> tuple[str, Path]:
         """The dataset's name, as torchvision spells it (matched regardless of case), and its folder."""
         name, colon, root = self.spec.partition(":")
@@ -176,4 +179,4 @@ class TorchvisionSource(DataSource):
         if name.lower() not in known:
             raise KDError(f"{where}: unknown torchvision dataset '{name}'{did_you_mean(name, DATASETS)}; "
                           f"kd reads {', '.join(DATASETS)}")
-        return known[name.lower()], Path(root).expanduser()
+        return known[name.lower()], checked_path(root, "--data_dir")
