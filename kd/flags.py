@@ -202,8 +202,12 @@ def _find(path: str, bases: list[Path], what: str, where: str) -> Path:
     """Resolve a relative file name against the current directory, then ``bases``."""
     candidate = checked_path(path, f"{where}: {what}")
     for base in [Path.cwd(), *bases]:
-        if checked_path(base / candidate, f"{where}: {what}").is_file():
-            return base / candidate
+        found = checked_path(base / candidate, f"{where}: {what}")
+        if found.is_file():
+            return found
+        if found.exists():  # a folder, a pipe, a device: something is there, but not a file to read
+            kind = "a folder" if found.is_dir() else "not a regular file (a pipe, a device or a socket)"
+            raise KDError(f"{where}: {what} {_repr(path)} is {kind}, not a file of flags")
     raise KDError(f"{where}: {what} {_repr(path)} not found")
 
 

@@ -176,3 +176,33 @@ def test_kd_never_writes_into_a_torchvision_datasets_folder(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "lies inside --data_dir" in err, err
     assert not (tmp_path / "cifar" / "runs").exists()
+
+
+def test_a_class_folder_kd_may_not_list_is_named_not_taken_for_an_empty_one(tiny_data, tmp_path, monkeypatch,
+                                                                            capsys):
+    """As root no folder denies reading, so the denial is simulated where the walk lists the folder."""
+    locked = tiny_data / "train" / "blue_ring"
+    listing = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert main([*FAST, "--baseline", "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --data_dir: cannot list {locked}: Permission denied"
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+@pytest.mark.parametrize("flag", ["--config", "--flags_file"])
+def test_a_preset_or_flags_file_that_is_no_file_says_what_it_is(kind, flag, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if kind == "folder":
+        (tmp_path / "preset").mkdir()
+    else:
+        os.mkfifo(tmp_path / "preset")
+    args = ["--flags_file", "none", "--config", "preset"] if flag == "--config" else ["--flags_file", "preset"]
+    assert main(args) == 2
+    what = "a folder" if kind == "folder" else "not a regular file (a pipe, a device or a socket)"
+    assert capsys.readouterr().err.strip().endswith(f"'preset' is {what}, not a file of flags")

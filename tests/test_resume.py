@@ -218,3 +218,19 @@ def test_full_disk_is_reported_with_the_path_and_leaves_no_half_written_checkpoi
     assert err.startswith("error: baseline (seed 0): cannot write ") and "No space left on device" in err
     checkpoints = tmp_path / "kd" / "baseline" / "version_0" / "checkpoints"
     assert not [p for p in checkpoints.rglob("*") if p.is_file()]  # the partial file was removed
+
+
+def test_resume_says_why_a_stage_stopped_in_its_first_epoch_starts_again(tiny_data, tmp_path, capsys):
+    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--baseline"]
+    assert main(flags) == 0
+    stopped = tmp_path / "kd" / "baseline" / "version_0"
+    (stopped / "result.json").unlink()  # as a SIGTERM in epoch 0 leaves it: no result, no last.ckpt
+    (stopped / "checkpoints" / "last.ckpt").rename(stopped / "checkpoints" / "interrupted.ckpt")
+    before = {p: p.read_bytes() for p in stopped.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*flags, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: --resume: {stopped} stopped before its first epoch ended, so it has no last.ckpt to continue "
+            "from; it is left as it is, and this stage starts again in a new folder") in err
+    assert (tmp_path / "kd" / "baseline" / "version_1" / "result.json").is_file()
+    assert {p: p.read_bytes() for p in before} == before

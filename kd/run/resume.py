@@ -31,7 +31,9 @@ def find_earlier(folder: Path, config: Config, role: Role, arch: str,
             continue
         result = StageResult.load(version / RESULT_FILE) if (version / RESULT_FILE).is_file() else None
         checkpoint = result.best_checkpoint if result else version / "checkpoints" / "last.ckpt"
-        if result is None and not checkpoint.is_file():
+        if result is None and not checkpoint.is_file():  # stopped in its first epoch, before last.ckpt
+            passed.append(f"--resume: {version} stopped before its first epoch ended, so it has no last.ckpt to "
+                          "continue from; it is left as it is, and this stage starts again in a new folder")
             continue
         why = _unusable(checkpoint, arch, classes)
         if why is None:

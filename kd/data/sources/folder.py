@@ -71,7 +71,7 @@ def _files(class_folder: str) -> tuple[list[str], list[str]]:
     top = os.path.realpath(class_folder)
     seen: set[str] = set()
     walked = []
-    for root, folders, names in os.walk(class_folder, followlinks=True):
+    for root, folders, names in os.walk(class_folder, onerror=_unlistable, followlinks=True):
         real = os.path.realpath(root)
         if real in seen or (root != class_folder and os.path.commonpath([top, real]) == real):
             folders[:] = []
@@ -84,6 +84,11 @@ def _files(class_folder: str) -> tuple[list[str], list[str]]:
         for name in names:
             (images if name.lower().endswith(IMG_EXTENSIONS) else others).append(os.path.join(root, name))
     return images, others
+
+
+def _unlistable(exc: OSError) -> None:
+    """A folder the walk cannot list (no read permission) is refused by name, not taken for one without images."""
+    raise KDError(f"--data_dir: cannot list {shown(exc.filename)}: {reason(exc)}")
 
 
 def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
