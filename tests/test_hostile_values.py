@@ -180,3 +180,23 @@ def test_a_loss_that_calls_sys_exit_while_running_is_an_error_not_a_quiet_succes
     code, err = _run([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "out"), "--train_teacher",
                       "--distill", "--kd_loss", f"{tmp_path / 'exit_call.py'}:boom"], capsys)
     assert code == 2 and "\n" not in err and "called sys.exit(0)" in err, err
+
+
+@pytest.mark.parametrize("flags, part", [
+    (["--accelerator", "cpu", "--devices", "abc"], "--devices abc"),
+    (["--accelerator", "tpu"], "torch_xla"),  # an accelerator whose library is missing
+])
+def test_hardware_lightning_refuses_with_an_exception_of_its_own_is_one_line(flags, part, tiny_data, tmp_path,
+                                                                               capsys):
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--baseline", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --accelerator") and part in err and "\n" not in err, err
+
+
+def test_a_cache_path_that_is_a_file_is_refused_before_anything_trains(tiny_data, tmp_path, capsys):
+    (tmp_path / "w.pt").write_text("weights, not a cache")
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "out"), "--baseline",
+                 "--image_cache", str(tmp_path / "w.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --image_cache: {tmp_path / 'w.pt'} is a file, not a folder for the cache"
+    assert not (tmp_path / "out").exists()

@@ -84,3 +84,15 @@ def test_a_user_loss_taking_any_setting_gets_what_the_flags_give(tmp_path):
 def test_settings_that_do_not_fit_are_refused_once_for_every_reader(specs, weights, options, message):
     with pytest.raises(KDError, match=re.escape(message)):
         losses_in_force(specs, weights, None, None, options)
+
+
+@pytest.mark.parametrize("temperature, options, message", [
+    (None, ["kl_softmax.temperature=abc"], "--loss_options kl_softmax.temperature: kl_softmax's temperature is a "
+                                           "number (its paper's is 4), not 'abc'"),
+    (None, ["temperature=-1"], "--loss_options temperature: a softmax temperature must be above 0, got -1"),
+    (0.0, [], "--temperature: a softmax temperature must be above 0, got 0"),
+    (None, ["dkd.beta=[1, 2]"], "--loss_options dkd.beta: dkd's beta is a number (its paper's is 8), not [1, 2]"),
+])
+def test_values_a_loss_cannot_use_are_refused_naming_the_option(temperature, options, message):
+    with pytest.raises(KDError, match=re.escape(message)):
+        losses_in_force(["kl_softmax", "dkd"], [], None, temperature, options)

@@ -192,6 +192,9 @@ def make_datamodule(c: Config) -> ImageDataModule:
     """The DataModule of ``--data_dir``: its source's classes and splits, checked, with the loader settings."""
     source, options = open_source(c.data_dir), LoadOptions.from_config(c)
     check_apart(c, source, options)
+    for flag, place in written_places(c)[1:]:  # the caches are folders kd fills: a file there is not one
+        if flag != "--export" and place.expanduser().exists() and not place.expanduser().is_dir():
+            raise KDError(f"{flag}: {shown(place)} is a file, not a folder for the cache")
     layout = source.load(options)
     if len(layout.classes) < 2:
         raise KDError(f"--data_dir {c.data_dir} holds one class ({printable(layout.classes[0])}): a classifier needs "

@@ -123,6 +123,8 @@ def losses_in_force(specs: list[str], weights: list[float], ce_weight: float | N
         given = everyone | {name: (value, f"--loss_options {key}.{name}") for name, value in own[key].items()}
         settings = {name: Setting(*given[name], default) if name in given else Setting(default, DEFAULT, default)
                     for name, default in _defaults(factory).items() if name in given or default is not _REQUIRED}
+        for name, setting in settings.items():
+            _check_value(key, name, setting)
         if names is None:  # **kwargs: whatever the flags give passes through
             settings |= {name: Setting(value, source, None) for name, (value, source) in given.items()
                          if name not in settings}
@@ -168,6 +170,21 @@ def _check_options(keys: list[str], accepted: list[set[str] | None], own: dict[s
         if name != "temperature" and not any(names is None or name in names for names in accepted):
             raise KDError(f"--loss_options {name}=...: none of --kd_loss ({', '.join(keys)}) has that setting"
                           f"{did_you_mean(name, known)}; their settings: {', '.join(known) or 'none'}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_value(key: str, name: str, setting: Setting) -> None:
+    """Refuse a flag's value the loss cannot use: text where its paper has a number, a temperature not above 0."""
+    if not setting.given:
+        return
+    if _number(setting.default) and not _number(setting.value):
+        raise KDError(f"{setting.source}: {key}'s {name} is a number (its paper's is {setting.default:g}), "
+                      f"not {setting.value!r}")
+    if name == "temperature" and _number(setting.value) and not setting.value > 0:
+        raise KDError(f"{setting.source}: a softmax temperature must be above 0, got {setting.value:g}")
 
 
 def _one_temperature(losses: list[ResolvedLoss], given: float | None) -> float | None:

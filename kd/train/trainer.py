@@ -22,7 +22,7 @@ def make_trainer(c: Config, **options: Any) -> pl.Trainer:
     try:
         return pl.Trainer(accelerator=c.accelerator, devices=_devices(c.devices), num_nodes=c.num_nodes,
                           strategy=c.strategy, precision=c.precision, enable_model_summary=False, **options)
-    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError, ImportError) as exc:  # ImportError: XLA
         raise KDError(f"--accelerator {c.accelerator} --devices {c.devices} --num_nodes {c.num_nodes} "
                       f"--strategy {c.strategy} --precision {c.precision}: {str(exc).splitlines()[0]}") from None
 
