@@ -224,6 +224,7 @@ def test_plot_labels_the_band_units_and_keeps_the_legend_off_the_curves(tmp_path
 # process: there the limit would also stop pytest writing its log to a file.
 
 
+@pytest.mark.slow  # ~9 s: the call runs in a child process of its own, under a file-size limit
 def test_report_on_a_full_disk_names_the_file_and_leaves_no_folder(tmp_path):
     results = [_stage(tmp_path / "exp", "baseline", seed) for seed in (0, 1)]
     folder = tmp_path / "out" / "cmp" / "report" / "version_0"
@@ -251,6 +252,7 @@ def test_report_failing_on_its_markdown_keeps_the_folders_that_were_there(tmp_pa
     assert [p.name for p in (tmp_path / "exp" / "report").iterdir()] == ["version_0"]
 
 
+@pytest.mark.slow  # ~9 s: the call runs in a child process of its own, under a file-size limit
 def test_summary_is_printed_before_a_report_that_cannot_be_written(tmp_path):
     results = [_stage(tmp_path / "kd", stage) for stage in ("baseline", "teacher")]
     config = dataclasses.replace(Config(), output_dir=str(tmp_path), experiment_name="kd")
