@@ -1,5 +1,5 @@
-"""Paths and writes: every path kd is given goes through :func:`checked_path`, everything it saves through
-:func:`written_atomically` (a kill cannot leave it half done)."""
+"""Paths and writes: every path flag is checked with :func:`checked_path` (by the CLI up front, and where it is
+opened), and everything kd saves goes through :func:`written_atomically` (a kill cannot leave it half done)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ from kd.data.transforms import normalize, train_transform
 from kd.data.image_cache import ImageCache  # noqa: E402
 from kd.losses.logits import kl_softmax  # noqa: E402
 from kd.losses.objective import build_objective
-from kd.losses.spec import resolve  # noqa: E402
+from kd.losses.spec import losses_in_force  # noqa: E402
 from kd.models.build import build_model  # noqa: E402
 from kd.train.distiller import Distiller  # noqa: E402
 from kd.train.module import KDModule  # noqa: E402
@@ -134,7 +134,8 @@ def bench_training(args, device: torch.device, tmp: Path, results: dict) -> None
         model.to(memory_format=fmt)
         if args.compile:
             model.compile()
-    objective = lambda: build_objective(resolve(["kl_softmax"], [], None, None, []), num_classes=args.num_classes)  # noqa: E731
+    losses = losses_in_force(["kl_softmax"], [], None, None, [])
+    objective = lambda: build_objective(losses, num_classes=args.num_classes)  # noqa: E731
     options = {"channels_last": args.channels_last, "compile": args.compile}
     # Fill the teacher-output cache for epoch 0, as a first run with --teacher_cache would.
     cache = TeacherCache(tmp / "teacher_cache", "bench", {"train": steps * args.batch_size, "val": 1}, args.num_classes)

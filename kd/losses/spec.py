@@ -13,6 +13,8 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 from kd.errors import KDError
 from kd.losses.base import LOSSES, RUN_SETTINGS, Range, accepted_settings, loss_property, wanted_extras
 from kd.losses.options import loss_key, parse_loss_options
@@ -53,10 +55,6 @@ class ResolvedLoss:
     @property
     def features(self) -> bool:
         return bool(loss_property(self.factory, "features"))
-
-    @property
-    def connect(self) -> bool:
-        return bool(loss_property(self.factory, "connect"))
 
     @property
     def extras(self) -> tuple[str, ...]:
@@ -102,7 +100,7 @@ def resolve_losses(c: Config) -> ResolvedLosses:
 
 
 def losses_in_force(specs: list[str], weights: list[float], ce_weight: float | None, temperature: float | None,
-            options: list[str]) -> ResolvedLosses:
+                    options: list[str]) -> ResolvedLosses:
     """The losses ``specs`` with their settings in force, refusing weights, names and options that do not fit."""
     keys = [loss_key(spec) for spec in specs]
     if not specs:
@@ -144,13 +142,19 @@ def paper_value(factory: Any, setting: str) -> float:
 
 
 def _defaults(factory: Any) -> dict[str, Any]:
-    """A loss constructor's own settings (those the run supplies left out) and their defaults, in its order;
-    ``_REQUIRED`` for one without a default. A plain function, or a class without a constructor, has none."""
-    names = accepted_settings(factory)
-    if not names or inspect.isfunction(factory):
+    """A loss constructor's own named settings (those the run supplies left out) and their defaults, in its order;
+    ``_REQUIRED`` for one without a default. A constructor taking ``**kwargs`` still names its own; a plain
+    function, or a class without a constructor, has none."""
+    inherited = isinstance(factory, type) and factory.__init__ in (object.__init__, nn.Module.__init__)
+    if inherited or inspect.isfunction(factory):
         return {}
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {name: _REQUIRED if p.default is inspect.Parameter.empty else p.default
-            for name, p in inspect.signature(factory).parameters.items() if name in names - RUN_SETTINGS}
+            for name, p in parameters.items() if p.kind in named and name not in RUN_SETTINGS}
 
 
 def _check_options(keys: list[str], accepted: list[set[str] | None], own: dict[str, dict[str, Any]],
@@ -197,4 +201,4 @@ def _one_temperature(losses: list[ResolvedLoss], given: float | None) -> float |
         return given
     found = {loss.settings["temperature"].value for loss in losses if "temperature" in loss.settings}
     value = found.pop() if len(found) == 1 else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else given
+    return float(value) if _number(value) else given

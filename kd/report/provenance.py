@@ -121,8 +121,8 @@ def temperature(config: dict[str, Any]) -> str:
     if isinstance(given, (int, float)):
         text = f"{given:g}"
     else:
-        registered = [str(spec) for spec in _listed(config.get("kd_loss")) if str(spec) in LOSSES]
-        losses = losses_in_force(registered, [], None, None, []).losses if registered else ()
+        registered = list(dict.fromkeys(str(spec) for spec in _listed(config.get("kd_loss")) if str(spec) in LOSSES))
+        losses = losses_in_force(registered, [], None, None, []).losses if registered else ()  # each once: no error
         defaults = [(loss.key, loss.settings["temperature"].value) for loss in losses if "temperature" in loss.settings]
         text = ", ".join(f"{t:g} ({key}'s default)" for key, t in defaults if isinstance(t, (int, float))) or "-"
     options = [str(o) for o in _listed(config.get("loss_options")) if "temperature=" in str(o)]

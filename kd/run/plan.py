@@ -16,20 +16,18 @@ from kd.config import Config, Role, identity
 from kd.errors import KDError
 from kd.files import checked_path
 from kd.losses.spec import resolve_losses
-from kd.train.teachers import Teacher, teacher_archs
+from kd.train.teachers import Teacher
 
 STAGES = ("teacher", "baseline", "distill")
 
 
 @dataclass(frozen=True)
 class TeacherFrom:
-    """Where a stage's teacher comes from: an earlier stage of this run (``stage`` of ``seed``), or files."""
+    """Where a stage's teacher comes from: an earlier stage of this run (``stage`` of ``seed``), or, with no stage,
+    the --teacher_checkpoint files (checked and loaded once, by :func:`kd.run.checks.check_experiment`)."""
 
     stage: str | None = None
     seed: int | None = None
-    archs: tuple[str, ...] = ()  # files: the architecture of each checkpoint
-    checkpoints: tuple[Path, ...] = ()
-    weights: tuple[float, ...] = ()  # an ensemble's --ensemble_weights
 
 
 @dataclass(frozen=True)
@@ -60,9 +58,6 @@ class Plan:
     world_size: int
     teacher: Teacher | None  # loaded unless the teacher cache holds all its outputs
 
-    def has(self, name: str) -> bool:
-        return any(stage.name == name for stage in self.stages)
-
 
 def plan_stages(c: Config) -> list[Stage]:
     """The stages of run ``c`` for each seed, refusing combinations of flags that cannot work.
@@ -71,7 +66,6 @@ def plan_stages(c: Config) -> list[Stage]:
     --assistant_arch, each assistant learns from the network before it, and the student from the last one.
     """
     wanted = check_stages(c)
-    files = TeacherFrom(archs=tuple(teacher_archs(c)), weights=tuple(c.ensemble_weights), checkpoints=teacher_files(c))
     stages, teacher_seed = [], None
     for index, seed in enumerate(c.seeds or [c.seed]):
         if "teacher" in wanted and (index == 0 or c.repeat_teacher):
@@ -81,11 +75,12 @@ def plan_stages(c: Config) -> list[Stage]:
         if "baseline" in wanted:
             stages.append(Stage("baseline", Role.BASELINE, c.student_arch, seed, c.student_weights))
         if "distill" in wanted:
-            source = TeacherFrom("teacher", teacher_seed) if c.train_teacher else files
+            source = TeacherFrom("teacher", teacher_seed) if c.train_teacher else TeacherFrom()
             for number, arch in enumerate(c.assistant_arch, start=1):
                 stages.append(Stage(f"assistant{number}", Role.DISTILL, arch, seed, teacher=source, teaches=True))
                 source = TeacherFrom(f"assistant{number}", seed)
             baseline = "baseline" if "baseline" in wanted else None
+            # Tuned once, before the first seed's student (kd.run.checks refuses --tune with assistants).
             stages.append(Stage("distill", Role.DISTILL, c.student_arch, seed, c.student_weights, teacher=source,
                                 baseline=baseline, tune=index == 0 and bool(c.tune)))
     return stages

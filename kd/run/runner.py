@@ -25,7 +25,7 @@ from kd.report.results import RESULT_FILE, StageResult
 from kd.run.checks import check_experiment, check_run
 from kd.run.plan import Plan, Stage, TeacherFrom, stage_record
 from kd.run.resume import find_earlier
-from kd.run.summary import report_and_summary, teacher_doubt
+from kd.run.summary import report_and_summary
 from kd.train.callbacks import EpochSeeding, History
 from kd.train.checkpoint_io import AtomicCheckpointIO, InterruptCheckpoint
 from kd.train.module import KDModule, NonFiniteLoss
@@ -55,7 +55,7 @@ class StageRunner:
         """Train the planned stages in order; a stage learns from the teacher its plan names."""
         results: dict[tuple[str, int], StageResult] = {}
         offered: dict[tuple[str, int], Teacher] = {}  # what each finished stage that teaches offers
-        for stage in self.plan.stages:
+        for index, stage in enumerate(self.plan.stages):
             teacher = self._teacher_of(stage.teacher, offered) if stage.teacher else None
             if stage.tune:  # tuned once, with the first seed; every seed's stage gets the best
                 self.config = tune_distillation(self.config, self.build, teacher, self.root)
@@ -65,6 +65,8 @@ class StageRunner:
                 offered[stage.key] = self._load_teacher(stage.arch, results[stage.key])
                 if stage.name == "teacher":
                     self.teacher = offered[stage.key]
+            later = {(s.teacher.stage, s.teacher.seed) for s in self.plan.stages[index + 1:] if s.teacher}
+            offered = {key: network for key, network in offered.items() if key in later}  # free the rest
         return list(results.values())
 
     def _teacher_of(self, source: TeacherFrom, offered: dict[tuple[str, int], Teacher]) -> Teacher:
@@ -201,6 +203,24 @@ def _recorded_top1(teacher: Teacher) -> float | None:
     except KDError:
         return None
     return result.best_top1 if result and result.best_checkpoint.resolve() == checkpoint.resolve() else None
+
+
+NEAR_CHANCE = 0.1  # a teacher within this share of the way from chance to 100 % top-1 is "near chance"
+
+
+def teacher_doubt(top1: float, classes: int, baseline: float | None = None) -> str | None:
+    """Why a teacher of validation top-1 ``top1`` (percent) may have nothing to teach, or None when it may.
+
+    Near chance, or below ``baseline`` (the student's own top-1 trained on labels alone).
+    """
+    chance = 100 / classes
+    if top1 < chance + NEAR_CHANCE * (100 - chance):
+        return (f"the teacher's validation top-1 is {top1:.2f} %, near chance ({chance:.2f} % with {classes} "
+                "classes): it has little to teach; train it longer, or give a better --teacher_checkpoint")
+    if baseline is not None and top1 < baseline:
+        return (f"the teacher's validation top-1 ({top1:.2f} %) is below the baseline student's ({baseline:.2f} %): "
+                "distilling from it may hold the student back")
+    return None
 
 
 def teacher_records(teacher: Teacher | None, metrics: dict[str, float]) -> list[dict[str, Any]]:

@@ -11,24 +11,6 @@ from kd.report.results import StageResult, find_results
 from kd.versions import claimed_version
 
 
-NEAR_CHANCE = 0.1  # a teacher within this share of the way from chance to 100 % top-1 is "near chance"
-
-
-def teacher_doubt(top1: float, classes: int, baseline: float | None = None) -> str | None:
-    """Why a teacher of validation top-1 ``top1`` (percent) may have nothing to teach, or None when it may.
-
-    Near chance, or below ``baseline`` (the student's own top-1 trained on labels alone).
-    """
-    chance = 100 / classes
-    if top1 < chance + NEAR_CHANCE * (100 - chance):
-        return (f"the teacher's validation top-1 is {top1:.2f} %, near chance ({chance:.2f} % with {classes} "
-                "classes): it has little to teach; train it longer, or give a better --teacher_checkpoint")
-    if baseline is not None and top1 < baseline:
-        return (f"the teacher's validation top-1 ({top1:.2f} %) is below the baseline student's ({baseline:.2f} %): "
-                "distilling from it may hold the student back")
-    return None
-
-
 def format_summary(results: list[StageResult], report: Path | None = None) -> str:
     """The end-of-run text: one row per stage, the distillation gain, and where everything is."""
     lines = [stage_table(results)]

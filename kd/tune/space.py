@@ -30,9 +30,13 @@ def _declared(c: Config) -> dict[str, tuple[Range, str]]:
                               all(r.log for r in ce_ranges)), _fixed_by(losses.ce_weight))
     for loss in losses.losses:
         for setting, bounds in loss.space.items():
-            if setting != CE:
-                value = loss.weight if setting == "weight" else loss.settings[setting]
-                declared[f"{loss.key}.{setting}"] = (bounds, _fixed_by(value))
+            if setting == CE:
+                continue
+            if setting != "weight" and setting not in loss.settings:
+                raise KDError(f"--tune: {loss.key} declares a search range for {setting}, which is not a setting of "
+                              f"its constructor (its settings: {', '.join(loss.settings) or 'none'})")
+            value = loss.weight if setting == "weight" else loss.settings[setting]
+            declared[f"{loss.key}.{setting}"] = (bounds, _fixed_by(value))
     return declared
 
 
@@ -101,8 +105,8 @@ def paper_point(c: Config, space: dict[str, Range]) -> dict[str, float]:
     for name, bounds in space.items():
         key, _, setting = name.rpartition(".")
         loss = by_key.get(key)
-        value = (losses.ce_weight.default if name == CE else
-                 loss.weight.default if setting == "weight" else loss.settings[setting].default)
+        value = float(losses.ce_weight.default if name == CE else
+                      loss.weight.default if setting == "weight" else loss.settings[setting].default)
         if bounds.low <= value <= bounds.high:
             point[name] = value
     return point

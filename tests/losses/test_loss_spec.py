@@ -10,7 +10,8 @@ import pytest
 from kd.config import Config
 from kd.errors import KDError
 from kd.losses.objective import build_objective
-from kd.losses.spec import DEFAULT, losses_in_force, resolve_losses
+from kd.losses.base import Range
+from kd.losses.spec import DEFAULT, Setting, losses_in_force, resolve_losses
 from kd.report.provenance import temperature as recorded_temperature
 from kd.run.plan import with_weights_in_force
 from kd.tune.space import search_space
@@ -96,3 +97,19 @@ def test_settings_that_do_not_fit_are_refused_once_for_every_reader(specs, weigh
 def test_values_a_loss_cannot_use_are_refused_naming_the_option(temperature, options, message):
     with pytest.raises(KDError, match=re.escape(message)):
         losses_in_force(["kl_softmax", "dkd"], [], None, temperature, options)
+
+
+def test_a_loss_taking_any_setting_still_declares_its_named_ones(tmp_path):
+    """``__init__(self, temperature=4.0, **rest)``: its temperature has a default the tune and the report can read."""
+    (tmp_path / "mine.py").write_text("from torch import nn\n"
+                                      "from kd.losses.base import Range\n"
+                                      "class Open(nn.Module):\n"
+                                      "    space = {'temperature': Range(1.0, 8.0)}\n"
+                                      "    def __init__(self, temperature=4.0, **rest):\n"
+                                      "        super().__init__()\n"
+                                      "    def forward(self, s, t, y):\n"
+                                      "        return (s - t).pow(2).mean()\n")
+    spec = f"{tmp_path / 'mine.py'}:Open"
+    loss = losses_in_force([spec], [], None, None, []).losses[0]
+    assert loss.accepts_any and loss.settings["temperature"] == Setting(4.0, DEFAULT, 4.0) and loss.options == {}
+    assert search_space(Config(kd_loss=[spec], tune=2)) == {"Open.temperature": Range(1.0, 8.0)}

@@ -166,7 +166,7 @@ def test_a_teacher_near_chance_is_warned_about_before_distilling_and_recorded(ti
 
 
 def test_teacher_doubt_names_chance_and_the_baseline():
-    from kd.run.summary import teacher_doubt  # imported here: it loads Lightning
+    from kd.run.runner import teacher_doubt  # imported here: it loads Lightning
 
     assert "near chance (8.33 % with 12 classes)" in teacher_doubt(8.33, 12)
     assert teacher_doubt(60.0, 12) is None and teacher_doubt(60.0, 12, baseline=55.0) is None

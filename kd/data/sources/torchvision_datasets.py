@@ -166,9 +166,6 @@ class TorchvisionSource(DataSource):
                           f"{len(classes)} classes")
         return DatasetLayout(list(classes), train, val)
 
-    def folders(self, options: LoadOptions) -> list[Path]:
-        return [self._parse(f"--data_dir {options.data_dir}")[1]]
-
     def _parse(self, where: str) -> tuple[str, Path]:
         """The dataset's name, as torchvision spells it (matched regardless of case), and its folder."""
         name, colon, root = self.spec.partition(":")
