@@ -175,6 +175,7 @@ class StageRunner:
         best = max(history.epochs, key=lambda e: e["val/top1"])
         logger.log_hyperparams(_flat_hparams(c) | {"stage": stage},
                                {"hp/best_top1": best["val/top1"], "hp/best_top5": best["val/top5"]})
+        logger.experiment.flush()  # on disk when the stage returns, not whenever its writer thread gets to it
         log_dir = self.root / stage / Path(checkpoint.dirpath).parent.name  # rank 0's version on every rank
         result = StageResult(c.experiment_name, stage, arch, c.seed, params, best["val/top1"], best["val/top5"],
                              int(best["epoch"]), timer.time_elapsed("train"), log_dir, Path(checkpoint.best_model_path),
