@@ -165,11 +165,13 @@ class ImageDataModule(pl.LightningDataModule):
         return UnrepeatedDistributedSampler(dataset, shuffle=False) if torch.distributed.get_world_size() > 1 else None
 
 
+CACHE_FLAGS = ("--teacher_cache", "--image_cache")
+
+
 def written_places(c: Config) -> list[tuple[str, Path]]:
     """(flag, folder) of every place run ``c`` writes to: its experiment folder, the caches, an --evaluate export."""
     places = [("--output_dir", Path(c.output_dir) / c.experiment_name),
-              *((flag, Path(folder)) for flag, folder in (("--teacher_cache", c.teacher_cache),
-                                                          ("--image_cache", c.image_cache)) if folder)]
+              *((flag, Path(folder)) for flag, folder in zip(CACHE_FLAGS, (c.teacher_cache, c.image_cache)) if folder)]
     if c.evaluate and c.export:  # written beside the checkpoint evaluated
         places.append(("--export", Path(c.evaluate).parent))
     return places
@@ -192,8 +194,8 @@ def make_datamodule(c: Config) -> ImageDataModule:
     """The DataModule of ``--data_dir``: its source's classes and splits, checked, with the loader settings."""
     source, options = open_source(c.data_dir), LoadOptions.from_config(c)
     check_apart(c, source, options)
-    for flag, place in written_places(c)[1:]:  # the caches are folders kd fills: a file there is not one
-        if flag != "--export" and place.expanduser().exists() and not place.expanduser().is_dir():
+    for flag, place in written_places(c):  # the caches are folders kd fills: a file there is not one
+        if flag in CACHE_FLAGS and place.expanduser().exists() and not place.expanduser().is_dir():
             raise KDError(f"{flag}: {shown(place)} is a file, not a folder for the cache")
     layout = source.load(options)
     if len(layout.classes) < 2:
