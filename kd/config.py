@@ -213,20 +213,22 @@ class Config:
                              group="training", roles=(R.RECORDED,))
     repeat_teacher: bool = _flag(False, "with --seeds, train a teacher per seed (default: once, first seed)",
                                  group="training", roles=(R.RECORDED,))
-    # Tuning: they choose the distill stage's weights, temperatures and loss settings, which that stage then
-    # records (as --kd_weights, --ce_weight, --loss_options) and --resume compares; so they are only recorded.
-    tune: int | None = _flag(None, "before distilling, run N trials of an Optuna search of the losses' weights, "
-                             "temperatures and settings on a held-out slice of the training set, then distill "
-                             "with the best", check=_positive, must="be at least 1", group="tuning",
-                             roles=(R.RECORDED,))
+    # Tuning: they choose each student stage's learning rate, weight decay and label smoothing, and the distill
+    # stage's weights, temperatures and loss settings, which the stages then record (as --lr, --kd_weights,
+    # --loss_options, ...) and --resume compares; so they are only recorded.
+    tune: int | None = _flag(None, "before each student stage (--baseline, --distill), run N trials of an Optuna "
+                             "search of its learning rate, weight decay and label smoothing (and the losses' "
+                             "weights, temperatures and settings) on a held-out slice of the training set, then "
+                             "train with the best", check=lambda x: x >= 2, must="be at least 2 (the first trial is "
+                             "the flags' own values)", group="tuning", roles=(R.RECORDED,))
     tune_fraction: float = _flag(0.1, "share of each class of the training set held out to score --tune trials "
                                  "(a fixed split; val/ is never seen while tuning)", check=lambda x: 0 < x < 1,
                                  must="be between 0 and 1", group="tuning", roles=(R.RECORDED,))
     tune_epochs: int | None = _flag(None, "epochs of each --tune trial (default: --epochs)", check=_positive,
                                     must="be positive", group="tuning", roles=(R.RECORDED,))
-    tune_space: list[str] = _flag([], "search ranges replacing the losses' own: NAME.SETTING=LOW:HIGH[:log], "
-                                  "e.g. kl_softmax.temperature=1:8 or ce_weight=0.05:1:log", group="tuning",
-                                  roles=(R.RECORDED,))
+    tune_space: list[str] = _flag([], "search ranges replacing kd's own: NAME.SETTING=LOW:HIGH[:log], "
+                                  "e.g. kl_softmax.temperature=1:8, ce_weight=0.05:1:log or lr=0.01:0.2:log",
+                                  group="tuning", roles=(R.RECORDED,))
     tune_storage: str | None = _flag(None, "Optuna storage URL of the study (default: an SQLite file in the "
                                      "experiment folder); one PostgreSQL or MySQL URL shared by several machines "
                                      "makes them work on one study (not saved: it may hold a password)",

@@ -136,7 +136,8 @@ def row_results(config: Config) -> dict[str, list[StageResult]]:
 
 
 def comparison(row: str, config: Config, results: dict[str, list[StageResult]], published: dict) -> str:
-    """kd's top-1 (best and last epoch) of each run of the row beside the published figure, and the difference."""
+    """kd's top-1 (last epoch, and the best epoch, which val/ selected) of each run of the row beside the published
+    figure, and the difference of each with it: sources differ in which of the two they print (published.yaml)."""
     from kd.report.comparison import _mean_std  # kd's mean ± std, as its own tables show it (imported here: matplotlib)
 
     pair, method = row.split("/")
@@ -151,13 +152,13 @@ def comparison(row: str, config: Config, results: dict[str, list[StageResult]], 
         label = f"distill ({method})" if stage == "distill" else stage
         if not runs:
             given = stage == "teacher" and config.teacher_checkpoint
-            rows.append((label, archs[stage], "", "given" if given else "not found", "", f"{figure:.2f}", ""))
+            rows.append((label, archs[stage], "", "given" if given else "not found", "", f"{figure:.2f}", "", ""))
             continue
-        best = [r.best_top1 for r in runs]
-        last = [r.val_top1[-1] for r in runs if r.val_top1]
-        rows.append((label, archs[stage], " ".join(str(r.seed) for r in runs), _mean_std(best),
-                     _mean_std(last) if last else "", f"{figure:.2f}", f"{statistics.fmean(best) - figure:+.2f}"))
-    header = ("run", "model", "seeds", "kd top-1 % (best)", "kd top-1 % (last)", "published %", "best - published")
+        last, best = [r.top1 for r in runs], [r.best_top1 for r in runs]
+        rows.append((label, archs[stage], " ".join(str(r.seed) for r in runs), _mean_std(last), _mean_std(best),
+                     f"{figure:.2f}", *(f"{statistics.fmean(top1) - figure:+.2f}" for top1 in (last, best))))
+    header = ("run", "model", "seeds", "kd top-1 % (last)", "kd top-1 % (best on val/)", "published %",
+              "last - published", "best - published")
     sources: dict[str, list[str]] = defaultdict(list)
     for column in columns:
         sources[published["sources"][column]].append(column)

@@ -102,7 +102,9 @@ def test_summary_table_compares_the_stages(full_run):
     assert rows["teacher"][1] == "cnn_small" and rows["distill"][1] == "cnn_tiny"
     assert rows["distill"][-1].endswith("distill/version_0")
     gain = float(rows["distill"][3]) - float(rows["baseline"][3])
-    assert f"distill (kl_softmax) gain over the baseline: {gain:+.2f} top-1 points\n" in result.stdout
+    lr = yaml.safe_load((root / "baseline" / "version_0" / "config.yaml").read_text())["lr"]
+    assert (f"distill (kl_softmax) gain over the baseline at --lr {lr:g}: {gain:+.2f} top-1 points (one seed: no "
+            "interval)\n") in result.stdout
     assert f"report: {root}/report/version_0/report.md" in result.stdout
 
 

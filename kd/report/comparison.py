@@ -1,8 +1,10 @@
 """Comparison tables and plots of finished stages: the end-of-run summary, report.md and report.png.
 
-Stages are grouped by experiment and label (teacher, baseline, distill (loss)); a group with several
-seeds shows mean ± standard deviation, and the gain of a distilled student over its baseline is
-paired seed by seed, so seed-to-seed noise shows up in the ± rather than in the gain.
+Stages are grouped by experiment and label (teacher, baseline, baseline (tuned, N trials), distill (loss));
+a group with several seeds shows mean ± standard deviation. The headline top-1 is the last epoch's (the best
+epoch is selected on val/ and shown as such). The gain of a distilled student is paired seed by seed with
+each baseline of its experiment, each named ("baseline at --lr 0.05", "baseline tuned, 16 trials"), with a
+95% interval over the seeds and the count of seeds it wins (:mod:`kd.report.confidence`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kd.errors import KDError  # noqa: E402
 from kd.files import written_atomically  # noqa: E402
-from kd.report.provenance import settings_table  # noqa: E402
+from kd.report.confidence import Gain, paired_gain  # noqa: E402
+from kd.report.provenance import saved_config, settings_table  # noqa: E402
 from kd.report.results import StageResult  # noqa: E402
 from kd.tables import text_table  # noqa: E402
 from kd.versions import missing_folders, remove_empty  # noqa: E402
@@ -46,43 +49,68 @@ def group_results(results: list[StageResult]) -> dict[Group, list[StageResult]]:
     return dict(groups)
 
 
-def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, list[float]]:
-    """Top-1 gain in points of each distill group over the baseline of its experiment, seed by seed.
+def baseline_name(runs: list[StageResult]) -> str:
+    """A baseline group as a gain names it: ``baseline tuned, 16 trials``, or ``baseline at --lr 0.05`` (its flags'
+    learning rate, as its config.yaml recorded it)."""
+    if runs[0].tune_trials:
+        return f"baseline tuned, {runs[0].tune_trials} trials"
+    lr = (saved_config(runs[0].log_dir) or {}).get("lr")
+    return f"baseline at --lr {lr:g}" if isinstance(lr, (int, float)) else "baseline"
 
-    Where the two share no seed, the gain is the difference of their means.
+
+def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, dict[str, Gain]]:
+    """The headline top-1 gain in points of each distill group over each baseline group of its experiment, paired
+    seed by seed, by the baseline's name (:func:`baseline_name`); a tuned distill group is compared with a tuned
+    baseline when there is one, an untuned group with an untuned one, and each with the other kind as well.
+
+    Where the two share no seed, the gain is the difference of their means (one value, no interval).
     """
-    out = {}
+    out: dict[Group, dict[str, Gain]] = {}
     for (experiment, label), runs in groups.items():
-        baseline = groups.get((experiment, "baseline"))
-        if not label.startswith("distill") or not baseline:
+        if not label.startswith("distill"):
             continue
-        base_by_seed = {r.seed: r.best_top1 for r in baseline}
-        paired = [r.best_top1 - base_by_seed[r.seed] for r in runs if r.seed in base_by_seed]
-        out[(experiment, label)] = paired or [statistics.fmean(r.best_top1 for r in runs)
-                                             - statistics.fmean(base_by_seed.values())]
+        baselines = [group for (other, name), group in groups.items() if other == experiment and
+                     name.startswith("baseline")]
+        tuned = bool(runs[0].tune_trials)
+        baselines.sort(key=lambda group: bool(group[0].tune_trials) != tuned)  # the same kind first
+        for baseline in baselines:
+            base_by_seed = {r.seed: r.top1 for r in baseline}
+            paired = [r.top1 - base_by_seed[r.seed] for r in runs if r.seed in base_by_seed]
+            out.setdefault((experiment, label), {})[baseline_name(baseline)] = paired_gain(
+                paired or [statistics.fmean(r.top1 for r in runs) - statistics.fmean(base_by_seed.values())])
     return out
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def stage_table(results: list[StageResult], markdown: bool = False) -> str:
     """One row per trained stage, with where its logs and checkpoints are."""
-    header = ("stage", "model", "seed", "top-1 %", "top-5 %", "best epoch", "time", "logs and checkpoints")
-    rows = [(r.label, r.arch, str(r.seed), f"{r.best_top1:.2f}", f"{r.best_top5:.2f}", str(r.best_epoch),
+    header = ("stage", "model", "seed", "top-1 %", "top-5 %", "best top-1 % on val/ (epoch)", "time",
+              "logs and checkpoints")
+    rows = [(r.label, r.arch, str(r.seed), f"{r.top1:.2f}", _shown(r.last_top5), f"{r.best_top1:.2f} ({r.best_epoch})",
              f"{r.seconds:.1f}s", str(r.log_dir)) for r in results]
     return text_table(header, rows, markdown)
 
 
 def comparison_table(results: list[StageResult], markdown: bool = False) -> str:
-    """One row per group: mean ± std over seeds of top-1, top-5, time, and the distillation gain."""
+    """One row per group: mean ± std over seeds of the last epoch's top-1 and top-5, the best epoch's top-1
+    (selected on val/), time, and the gain over each baseline, with its interval and wins."""
     groups = group_results(results)
     gain = gains(groups)
+    names = list(dict.fromkeys(name for by_baseline in gain.values() for name in by_baseline))
     many = len({experiment for experiment, _ in groups}) > 1
-    header = ("run", "model", "params", "seeds", "top-1 %", "top-5 %", "gain (top-1 points)", "time (s)")
+    header = ("run", "model", "params", "seeds", "top-1 %", "top-5 %", "best top-1 % on val/",
+              *(f"gain over {name} (top-1 points)" for name in names), "time (s)")
     rows = []
     for (experiment, label), runs in groups.items():
+        top5 = [r.last_top5 for r in runs if r.last_top5 is not None]
         rows.append((f"{experiment}/{label}" if many else label, runs[0].arch, f"{runs[0].params:,}",
-                     " ".join(str(r.seed) for r in runs), _mean_std([r.best_top1 for r in runs]),
-                     _mean_std([r.best_top5 for r in runs]),
-                     _mean_std(gain[(experiment, label)]) if (experiment, label) in gain else "",
+                     " ".join(str(r.seed) for r in runs), _mean_std([r.top1 for r in runs]),
+                     _mean_std(top5) if len(top5) == len(runs) else "-", _mean_std([r.best_top1 for r in runs]),
+                     *(gain[(experiment, label)][name].short() if name in gain.get((experiment, label), {}) else ""
+                       for name in names),
                      _mean_std([r.seconds for r in runs], 1)))
     return text_table(header, rows, markdown)
 
@@ -157,8 +185,10 @@ def report_text(results: list[StageResult]) -> str:
     ensembles = ensemble_lines(results, markdown=True)
     return "\n".join([
         "# kd report", "",
-        "Best validation top-1 and top-5 of each stage (mean ± standard deviation over seeds). The gain is the",
-        "distilled student's top-1 minus its baseline's, paired seed by seed.", "",
+        "Validation top-1 and top-5 of each stage at its last epoch (mean ± standard deviation over seeds), and its",
+        "best epoch's top-1, which val/ itself selected (so it is val/'s best draw, not an estimate). The gain is the",
+        "distilled student's last-epoch top-1 minus each baseline's, paired seed by seed, with a 95% confidence",
+        "interval (Student's t over the seeds' paired differences) and the seeds it wins.", "",
         comparison_table(results, markdown=True), "",
         "![validation top-1 per epoch](report.png)", "",
         "## How each stage was trained", "",

@@ -17,7 +17,11 @@ RESULT_FILE = "result.json"
 
 @dataclass
 class StageResult:
-    """One trained stage: its best validation epoch, its curve, its cost and where its files are."""
+    """One trained stage: its last and its best validation epoch, its curve, its cost and where its files are.
+
+    The headline figure is the last epoch's (``top1``): the best epoch is selected on val/, so its top-1 is
+    val/'s best draw, not an estimate of the student's accuracy. It stays available, labelled as selected on val/.
+    """
 
     experiment: str
     stage: str  # teacher, baseline or distill
@@ -35,11 +39,20 @@ class StageResult:
     teachers: list[dict[str, Any]] = field(default_factory=list)  # arch, checkpoint, own top-1 of each teacher
     teacher_top1: float | None = None  # percent: the teacher (or the ensemble) the student learned from
     warnings: list[str] = field(default_factory=list)  # what the user was told about this stage, e.g. a weak teacher
+    last_top5: float | None = None  # percent, the last epoch's (None: saved before kd recorded it)
+    tune_trials: int | None = None  # the --tune N that chose its settings (None: not tuned)
+
+    @property
+    def top1(self) -> float:
+        """The headline top-1 (percent): the last epoch's, not selected on val/ (the best, for a curveless file)."""
+        return self.val_top1[-1] if self.val_top1 else self.best_top1
 
     @property
     def label(self) -> str:
-        """The stage as shown in tables and legends, e.g. ``distill (kl_softmax)``."""
-        return f"{self.stage} ({self.kd_loss})" if self.kd_loss else self.stage
+        """The stage as shown in tables and legends, e.g. ``distill (kl_softmax)``, ``baseline (tuned, 16 trials)``."""
+        details = [*([self.kd_loss] if self.kd_loss else []),
+                   *([f"tuned, {self.tune_trials} trials"] if self.tune_trials else [])]
+        return f"{self.stage} ({', '.join(details)})" if details else self.stage
 
     def save(self) -> None:
         """Write result.json into the stage's log folder (atomically: a kill leaves no partial file).
@@ -105,6 +118,8 @@ FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "teachers": (_list_of(_teacher), "a list of {arch, checkpoint, top1} mappings"),
     "teacher_top1": (lambda value: value is None or _number(value), "a number or null"),
     "warnings": (_list_of(_text), "a list of strings"),
+    "last_top5": (lambda value: value is None or _number(value), "a number or null"),
+    "tune_trials": (lambda value: value is None or _whole(value), "a whole number or null"),
 }
 REQUIRED = [f.name for f in dataclasses.fields(StageResult) if f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING]

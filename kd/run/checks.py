@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from dataclasses import replace
 from pathlib import Path
 
-from kd.config import Config
+from kd.config import Config, Role
 from kd.errors import KDError
 from kd.files import check_writable
 from kd.losses.spec import resolve_losses
@@ -41,10 +41,10 @@ def check_run(c: Config) -> Plan:
 
 
 def check_tune(c: Config, world_size: int) -> None:
-    """Refuse a --tune that cannot work: no distill stage, assistants, a cache-only teacher, several processes, a bad
+    """Refuse a --tune that cannot work: no student stage, assistants, a cache-only teacher, several processes, a bad
     space or storage."""
-    if not c.distill:
-        raise KDError("--tune searches the distill stage's settings: add --distill")
+    if not (c.baseline or c.distill):
+        raise KDError("--tune searches the settings of the student stages: add --baseline and/or --distill")
     if c.assistant_arch:
         raise KDError("--tune with --assistant_arch: a tune searches one distillation; tune without assistants")
     if c.teacher_cache_only:
@@ -53,7 +53,8 @@ def check_tune(c: Config, world_size: int) -> None:
     if world_size > 1:
         raise KDError("--tune: trials run in one process; tune on one device (several machines can share one study "
                       "through --tune_storage)")
-    search_space(c)
+    for role in [Role.BASELINE] * c.baseline + [Role.DISTILL] * c.distill:
+        search_space(c, role)
     if c.tune_storage:
         check_storage(c.tune_storage)
 

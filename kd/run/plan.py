@@ -42,7 +42,7 @@ class Stage:
     weights_flag: str = "--student_weights"
     teacher: TeacherFrom | None = None
     baseline: str | None = None  # the stage (of this seed) whose top-1 its teacher should beat
-    tune: bool = False  # --tune searches its settings before it trains
+    tune: bool = False  # --tune searches its settings before it trains (then every seed's stage of its name has them)
     teaches: bool = False  # a later stage (or --export's comparison) learns from it
 
     @property
@@ -73,7 +73,8 @@ def plan_stages(c: Config) -> list[Stage]:
             stages.append(Stage("teacher", Role.TEACHER, c.teacher_arch[0], seed, c.teacher_weights,
                                 "--teacher_weights", teaches=True))
         if "baseline" in wanted:
-            stages.append(Stage("baseline", Role.BASELINE, c.student_arch, seed, c.student_weights))
+            stages.append(Stage("baseline", Role.BASELINE, c.student_arch, seed, c.student_weights,
+                                tune=index == 0 and bool(c.tune)))
         if "distill" in wanted:
             source = TeacherFrom("teacher", teacher_seed) if c.train_teacher else TeacherFrom()
             for number, arch in enumerate(c.assistant_arch, start=1):

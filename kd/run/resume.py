@@ -43,6 +43,34 @@ def find_earlier(folder: Path, config: Config, role: Role, arch: str,
     return None, passed
 
 
+TUNED = ("lr", "weight_decay", "label_smoothing", "kd_weights", "ce_weight", "loss_options", "temperature")
+TUNE_FLAGS = ("tune", "tune_epochs", "tune_fraction", "tune_space")
+
+
+def check_tuned_resume(folder: Path, config: Config, role: Role) -> None:
+    """Refuse --resume of a tuned stage whose tune chose settings other than those a finished run of it recorded under
+    the same --tune flags: the study is not the one that tuned it (another --tune_storage, a replaced study.db), and
+    reusing either would compare stages tuned by different studies. Other --tune flags ask for a new tune: the stage
+    then trains anew beside the old one."""
+    def untuned(flags: dict[str, Any]) -> dict[str, Any]:
+        return {name: value for name, value in flags.items() if name not in TUNED}
+
+    wanted = config.identity(role)
+    for version in _versions(folder):
+        saved = _moved_along(_saved_config(version), folder.parent)
+        same_tune = all(saved.get(flag) == getattr(config, flag) for flag in TUNE_FLAGS)
+        recorded = saved_identity(saved, config, role)
+        if not (version / RESULT_FILE).is_file() or not same_tune or untuned(recorded) != untuned(wanted):
+            continue
+        changed = [f"{name} {recorded[name]} → {wanted[name]}" for name in TUNED
+                   if name in wanted and recorded[name] != wanted[name]]
+        if changed:
+            raise KDError(f"--resume: {version} finished tuned by --tune {config.tune}, and this run's tune chose "
+                          f"other settings ({', '.join(changed)}): its study is not the one that tuned it (another "
+                          "--tune_storage, or a replaced study.db); resume with that study, or tune anew under another "
+                          "--experiment_name")
+
+
 def _unusable(checkpoint: Path, arch: str, classes: list[str]) -> str | None:
     """Why a stage's ``checkpoint`` cannot be reused or continued from (None when it can): unreadable,
     trained on other classes, or holding weights that do not fit an ``arch``."""

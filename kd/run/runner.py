@@ -24,7 +24,7 @@ from kd.losses.options import loss_key
 from kd.report.results import RESULT_FILE, StageResult
 from kd.run.checks import check_experiment, check_run
 from kd.run.plan import Plan, Stage, TeacherFrom, stage_record
-from kd.run.resume import find_earlier
+from kd.run.resume import check_tuned_resume, find_earlier
 from kd.run.summary import report_and_summary
 from kd.train.callbacks import EpochSeeding, History
 from kd.train.checkpoint_io import AtomicCheckpointIO, InterruptCheckpoint
@@ -32,7 +32,7 @@ from kd.train.module import KDModule, NonFiniteLoss
 from kd.train.stage import StageBuilder
 from kd.train.teachers import Teacher
 from kd.train.trainer import is_main_process, make_trainer
-from kd.tune.search import tune_distillation
+from kd.tune.search import tune_stage
 from kd.versions import new_version, training_lock
 
 
@@ -49,6 +49,7 @@ class StageRunner:
         self.root = Path(config.output_dir) / config.experiment_name
         self.kd_loss_name = "+".join(loss_key(spec) for spec in config.kd_loss)
         self.given = replace(plan.teacher, top1=_recorded_top1(plan.teacher)) if plan.teacher else None
+        self.tuned: dict[str, Config] = {}  # the settings a tune chose, by stage name
         self.teacher = self.given  # the latest teacher trained or given: --export compares the students with it
 
     def run(self) -> list[StageResult]:
@@ -57,10 +58,11 @@ class StageRunner:
         offered: dict[tuple[str, int], Teacher] = {}  # what each finished stage that teaches offers
         for index, stage in enumerate(self.plan.stages):
             teacher = self._teacher_of(stage.teacher, offered) if stage.teacher else None
-            if stage.tune:  # tuned once, with the first seed; every seed's stage gets the best
-                self.config = tune_distillation(self.config, self.build, teacher, self.root)
+            if stage.tune:  # tuned once, with the first seed; every seed's stage of this name gets the best
+                self.tuned[stage.name] = tune_stage(self.config, self.build, teacher, self.root)
             baseline = results.get((stage.baseline, stage.seed)) if stage.baseline else None
-            results[stage.key] = self._stage(stage, teacher, baseline.best_top1 if baseline else None)
+            results[stage.key] = self._stage(stage, self.tuned.get(stage.name, self.config), teacher,
+                                             baseline.best_top1 if baseline else None)
             if stage.teaches:
                 offered[stage.key] = self._load_teacher(stage.arch, results[stage.key])
                 if stage.name == "teacher":
@@ -77,15 +79,17 @@ class StageRunner:
         """The network a finished stage trained, as the teacher of the stages after it."""
         return replace(self.build.teacher((arch,), (result.best_checkpoint.resolve(),)), top1=result.best_top1)
 
-    def _stage(self, stage: Stage, teacher: Teacher | None, baseline: float | None) -> StageResult:
-        """One stage: reused if --resume finds it finished, continued if unfinished, else new.
+    def _stage(self, stage: Stage, c: Config, teacher: Teacher | None, baseline: float | None) -> StageResult:
+        """One stage of run ``c`` (with the settings its tune chose, if tuned): reused if --resume finds it
+        finished, continued if unfinished, else new.
 
         A student about to learn from a teacher no better than chance, or than the baseline student
         (``baseline``, its top-1), is warned about, and the warning is kept in its result.
         """
-        c = self.config
         config = stage_record(c, stage, teacher)
         earlier = None
+        if config.resume and stage.name in self.tuned:
+            check_tuned_resume(self.root / stage.name, config, stage.role)
         if config.resume:
             earlier, passed = find_earlier(self.root / stage.name, config, stage.role, stage.arch, self.build.classes)
             for notice in passed if is_main_process() else []:
@@ -93,6 +97,8 @@ class StageRunner:
         if isinstance(earlier, StageResult):
             if is_main_process():
                 print(f"\n== {stage.name}, seed {stage.seed}: finished earlier in {earlier.log_dir}", flush=True)
+            if stage.name in self.tuned and earlier.tune_trials is None:  # the tune chose the flags' own values
+                earlier = replace(earlier, tune_trials=c.tune)
             return earlier
         known = teacher is not None and teacher.top1 is not None
         doubt = teacher_doubt(teacher.top1, len(self.build.classes), baseline) if known else None
@@ -182,7 +188,7 @@ class StageRunner:
                              self.kd_loss_name if module.distiller.distilling else "",
                              [e["val/top1"] for e in history.epochs], teacher_records(teacher, history.epochs[-1]),
                              history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None,
-                             notes)
+                             notes, history.epochs[-1]["val/top5"], c.tune if stage in self.tuned else None)
         if is_main_process():
             result.save()
         return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from kd.config import Config
@@ -12,12 +11,12 @@ from kd.versions import claimed_version
 
 
 def format_summary(results: list[StageResult], report: Path | None = None) -> str:
-    """The end-of-run text: one row per stage, the distillation gain, and where everything is."""
+    """The end-of-run text: one row per stage (top-1 and top-5 at the last epoch; the best epoch's top-1, selected on
+    val/, beside them), the distillation gain over each baseline with its interval, and where everything is."""
     lines = [stage_table(results)]
     groups = group_results(results)
-    for (_, label), values in gains(groups).items():
-        spread = f" (± {statistics.stdev(values):.2f} over {len(values)} seeds)" if len(values) > 1 else ""
-        lines.append(f"{label} gain over the baseline: {statistics.fmean(values):+.2f} top-1 points{spread}")
+    for (_, label), by_baseline in gains(groups).items():
+        lines += [f"{label} gain over the {name}: {gain.sentence()}" for name, gain in by_baseline.items()]
     if any(len(runs) > 1 for runs in groups.values()):
         lines += ["", comparison_table(results)]
     lines += ensemble_lines(results)

@@ -51,7 +51,7 @@ def _figure_pixels(axes: object) -> object:
 
 
 def papers_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """The trial of the papers' values: the one the tune enqueued first, whatever its state."""
+    """The trial of the flags' and papers' values: the one the tune enqueued first, whatever its state."""
     return next((t for t in trials if "fixed_params" in t.system_attrs), None)
 
 
@@ -87,12 +87,13 @@ def write_tune_report(study: optuna.Study, space: dict[str, Range], preset: Conf
     trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     best = study.best_trial
     paper = papers_trial(trials)
-    lines = [f"# Tune of {' + '.join(preset.kd_loss)}", "",
+    stage = f"the distill stage ({' + '.join(preset.kd_loss)})" if preset.distill else "the baseline"
+    lines = [f"# Tune of {stage}", "",
              f"Study `{study.study_name}`: {sum(t.state == TrialState.COMPLETE for t in trials)} trials finished and "
              f"{sum(t.state == TrialState.PRUNED for t in trials)} pruned, scored by their best top-1 on the tuning "
              f"slice ({preset.tune_fraction:g} of each class of the training set); this process took {seconds:.1f} s.",
              "", f"Best: trial {best.number}, slice top-1 {best.value:.2f}%"
-             + (f" (the papers' values, trial {paper.number}: {paper.value:.2f}%"
+             + (f" (the flags' and papers' values, trial {paper.number}: {paper.value:.2f}%"
                 f"{', pruned' if paper.state == TrialState.PRUNED else ''})" if paper is not None else "") + ".",
              *(["", f"Chosen: trial {trial.number}, {why}."] if why else []),
              "", "| setting | range | chosen |", "| --- | --- | --- |"]
@@ -108,8 +109,7 @@ def write_tune_report(study: optuna.Study, space: dict[str, Range], preset: Conf
         lines.append(f"| {t.number} | {t.state.name.lower()} | {len(t.intermediate_values)} | "
                      f"{'' if value is None else f'{value:.2f}'} | "
                      f"{', '.join(f'{k}={v:g}' for k, v in rounded(t.params).items())} |")
-    lines += ["", "`python experiment.py --config best.yaml` repeats the final distillation with the chosen settings.",
-              ""]
+    lines += ["", "`python experiment.py --config best.yaml` repeats the tuned stage with the chosen settings.", ""]
     save_config(preset, folder / "best.yaml")
     write_text(folder / "tune.json", json.dumps({
         "study": study.study_name, "seconds": seconds, "best_trial": best.number, "best_slice_top1": best.value,

@@ -1,10 +1,12 @@
-"""``--tune N``: an Optuna study of the distill stage's settings before that stage trains with the best of them.
+"""``--tune N``: an Optuna study of a student stage's settings before that stage trains with the best of them.
 
-Trials train on the training set less a per-class held-out slice (``--tune_fraction``, a fixed split)
-and are scored by their best top-1 on that slice, so val/ is never seen while tuning. Logit losses read
-one teacher cache of that split, filled by the first trial. The study lives in ``tune/study.db`` in the
-experiment folder (or ``--tune_storage``): a resumed or second process goes on with the same study, and
-a study stops at N finished trials, whoever ran them.
+Every tuned student stage, the baseline and the distill stage alike, gets the same budget: N trials of the same
+epochs, on the same slice, with the same sampler seed and pruner, over the same training settings (the distill
+stage's search adds its losses' settings). Trials train on the training set less a per-class held-out slice
+(``--tune_fraction``, a fixed split) and are scored by their best top-1 on that slice, so val/ is never seen
+while tuning. Logit losses read one teacher cache of that split, filled by the first trial. The studies live
+in ``tune/study.db`` in the experiment folder (or ``--tune_storage``): a resumed or second process goes on
+with the same study, and a study stops at N finished trials, whoever ran them.
 """
 
 from __future__ import annotations
@@ -80,41 +82,50 @@ class SliceScore(pl.Callback):
 
 
 class Tuner:
-    """One --tune: the study of run ``c``'s distill stage, its trials, and the settings it chooses."""
+    """One --tune of a student stage: the study of run ``c``'s baseline (no ``teacher``) or distill stage, its
+    trials, and the settings it chooses. The baseline's trials live in ``tune/baseline/``, the distill stage's in
+    ``tune/``; both studies share one storage."""
 
-    def __init__(self, c: Config, build: StageBuilder, teacher: Teacher, root: Path) -> None:
-        self.base, self.teacher, self.folder = c, teacher, root / "tune"
+    def __init__(self, c: Config, build: StageBuilder, teacher: Teacher | None, root: Path) -> None:
+        self.role = Role.DISTILL if teacher is not None else Role.BASELINE
+        self.teacher, self.root = teacher, root / "tune"
+        self.folder = self.root if teacher is not None else self.root / "baseline"
+        self.base = c if teacher is not None else replace(c, train_teacher=False, baseline=True, distill=False)
         self.seed = (c.seeds or [c.seed])[0]
         self.epochs = c.tune_epochs or c.epochs
-        self.space = search_space(c)
+        self.space = search_space(c, self.role)
         layout = tuning_split(build.data.layout, c.tune_fraction)
         self.data = ImageDataModule(layout, c.image_size, c.batch_size, c.num_workers, c.min_crop_scale, c.hflip,
                                     self.seed, c.image_cache, c.augment)
-        logits_only = not resolve_losses(c).features
-        cache_dir = (c.teacher_cache or str(self.folder / "teacher_cache")) if logits_only else None
-        self.build = build.on(replace(c, teacher_cache=cache_dir, seed=self.seed), self.data)
+        logits_only = teacher is not None and not resolve_losses(c).features
+        cache_dir = (c.teacher_cache or str(self.root / "teacher_cache")) if logits_only else None
+        self.build = build.on(replace(self.base, teacher_cache=cache_dir, seed=self.seed), self.data)
         self.cache = self.build.teacher_cache(teacher.checkpoints, self.seed) if cache_dir else None
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
     def study_name(self) -> str:
-        """Named by what decides its trials' scores: the distill flags, the teacher's bytes (not its path, which
+        """Named by what decides its trials' scores: the stage's flags, the teacher's bytes (not its path, which
         may differ between machines sharing the study), the split, the epochs and the space."""
-        what = {"distill": replace(self.base, seed=self.seed, teacher_checkpoint=[]).identity(Role.DISTILL),
-                "teacher": [file_digest(p) for p in self.teacher.checkpoints], "fraction": self.base.tune_fraction,
-                "epochs": self.epochs, "space": {k: [r.low, r.high, r.log] for k, r in self.space.items()}}
+        flags = replace(self.base, seed=self.seed, teacher_checkpoint=[]).identity(self.role)
+        what = {"fraction": self.base.tune_fraction, "epochs": self.epochs,
+                "space": {k: [r.low, r.high, r.log] for k, r in self.space.items()}}
+        if self.teacher is None:
+            what["baseline"] = flags
+        else:
+            what |= {"distill": flags, "teacher": [file_digest(p) for p in self.teacher.checkpoints]}
         return "kd-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def run(self) -> Config:
         """Run the study to --tune finished trials and return the run's config with the best settings."""
         started = time.monotonic()
         self.folder.mkdir(parents=True, exist_ok=True)
-        url = storage_url(self.base, self.folder)
+        url = storage_url(self.base, self.root)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage = open_storage(url)
         study = open_study(self.storage, self.study_name(), self.seed, self.base.tune, self.epochs)
         study.enqueue_trial(paper_point(self.base, self.space), skip_if_exists=True)
-        print(f"\n== tune: {self.base.tune} trials of {self.epochs} epochs, study {study.study_name} in "
-              f"{shown_url(url)}; trials log to {self.folder / 'trials'}", flush=True)
+        print(f"\n== tune {self.role.value}: {self.base.tune} trials of {self.epochs} epochs, study "
+              f"{study.study_name} in {shown_url(url)}; trials log to {self.folder / 'trials'}", flush=True)
         while (trial := self._next_trial(study)) is not None:
             self._run_trial(study, trial)
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -122,12 +133,14 @@ class Tuner:
             raise KDError(f"--tune: no trial of study {study.study_name} finished unpruned; tune with more trials")
         trial, why = chosen_trial(study, len(self.data.layout.val))
         chosen = settings_at(self.base, trial.params)
-        preset = replace(chosen, tune=None, train_teacher=False, baseline=False,
-                         teacher_arch=list(self.teacher.archs), ensemble_weights=list(self.teacher.weights),
-                         teacher_checkpoint=[str(path) for path in self.teacher.checkpoints])
+        preset = replace(chosen, tune=None, train_teacher=False, baseline=self.teacher is None)
+        if self.teacher is not None:
+            preset = replace(preset, baseline=False, teacher_arch=list(self.teacher.archs),
+                             ensemble_weights=list(self.teacher.weights),
+                             teacher_checkpoint=[str(path) for path in self.teacher.checkpoints])
         with claimed_version(self.folder / "report") as folder:
             report = write_tune_report(study, self.space, preset, trial, why, folder, time.monotonic() - started)
-        print(f"tune: chose trial {trial.number}, slice top-1 {trial.value:.2f}%: "
+        print(f"tune {self.role.value}: chose trial {trial.number}, slice top-1 {trial.value:.2f}%: "
               f"{', '.join(f'{k}={v:g}' for k, v in rounded(trial.params).items())}"
               f"{f' ({why})' if why else ''}\n"
               f"tune report: {report} (tune.png and the preset best.yaml beside it)", flush=True)
@@ -184,8 +197,8 @@ class Tuner:
 
     def _fit(self, trial: optuna.Trial, point: dict[str, float]) -> SliceScore:
         c = replace(settings_at(self.base, point), epochs=self.epochs, seed=self.seed)
-        network = self.teacher.network
-        if network is None and (self.cache is None or self.cache.missing(self.epochs)):
+        network = self.teacher.network if self.teacher is not None else None
+        if self.teacher is not None and network is None and (self.cache is None or self.cache.missing(self.epochs)):
             network = self.build.teacher(self.teacher.archs, self.teacher.checkpoints, self.teacher.weights).network
             self.teacher = replace(self.teacher, network=network)
         model = self.build.network(c.student_arch, c.student_weights, "--student_weights", self.seed)
@@ -254,8 +267,9 @@ def open_study(storage: optuna.storages.RDBStorage, name: str, seed: int, trials
 
 
 def chosen_trial(study: optuna.Study, slice_size: int) -> tuple[FrozenTrial, str]:
-    """The best finished trial, or the papers' values and why, when the best beats them by no more than two
-    standard errors of the difference of two top-1s on ``slice_size`` images: a small slice is a noisy judge.
+    """The best finished trial, or the first trial (the flags' and papers' values) and why, when the best beats it
+    by no more than two standard errors of the difference of two top-1s on ``slice_size`` images: a small slice is
+    a noisy judge.
     """
     best = study.best_trial
     paper = papers_trial(study.trials)
@@ -265,8 +279,9 @@ def chosen_trial(study: optuna.Study, slice_size: int) -> tuple[FrozenTrial, str
     margin = 200 * math.sqrt((p * (1 - p) + q * (1 - q)) / slice_size)
     if best.value - paper.value > margin:
         return best, ""
-    return paper, (f"the papers' values: the best trial, {best.number}, beat them by {best.value - paper.value:.2f} "
-                   f"points, within two standard errors ({margin:.2f}) on {slice_size} slice images")
+    return paper, (f"the flags' and papers' values: the best trial, {best.number}, beat them by "
+                   f"{best.value - paper.value:.2f} points, within two standard errors ({margin:.2f}) on {slice_size} "
+                   "slice images")
 
 
 @contextmanager
@@ -295,6 +310,7 @@ def fail_orphans(study: optuna.Study) -> None:
             study.tell(trial.number, state=TrialState.FAIL)
 
 
-def tune_distillation(c: Config, build: StageBuilder, teacher: Teacher, root: Path) -> Config:
-    """``c`` with the distill settings a study of --tune trials chose (see :class:`Tuner`)."""
+def tune_stage(c: Config, build: StageBuilder, teacher: Teacher | None, root: Path) -> Config:
+    """``c`` with the settings a study of --tune trials chose for the baseline (no ``teacher``) or the distill stage
+    (see :class:`Tuner`)."""
     return Tuner(c, build, teacher, root).run()

@@ -1,23 +1,39 @@
-"""What ``--tune`` searches, and the distill settings a point of that search stands for.
+"""What ``--tune`` searches for a student stage, and the settings a point of that search stands for.
 
-The space is each chosen loss's declared ``space`` (its weight, the CE weight, its temperature and own
-settings), less what the run fixes with --kd_weights, --ce_weight, --temperature or --loss_options,
-with ranges replaced by ``--tune_space NAME.SETTING=LOW:HIGH[:log]``. A point becomes ordinary flags:
---kd_weights, --ce_weight and ``NAME.SETTING=VALUE`` loss options, which the distill stage records.
-A loss with ``share_of_total`` searched alone gives the CE weight the rest of the papers' total.
+Every tuned student stage searches the same training settings (:func:`training_ranges`: the learning rate,
+weight decay and label smoothing, around the flags' values), so a tuned baseline and a tuned distillation
+differ only by what distillation adds. A distill stage also searches each chosen loss's declared ``space``
+(its weight, the CE weight, its temperature and own settings), less what the run fixes with --kd_weights,
+--ce_weight, --temperature or --loss_options. ``--tune_space NAME=LOW:HIGH[:log]`` replaces a range. A point
+becomes ordinary flags: --lr, --weight_decay, --label_smoothing, --kd_weights, --ce_weight and
+``NAME.SETTING=VALUE`` loss options, which the stage records. A loss with ``share_of_total`` searched alone
+gives the CE weight the rest of the papers' total.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from kd.config import Config
+from kd.config import Config, Role
 from kd.errors import KDError
 from kd.losses.base import Range, loss_property
 from kd.losses.spec import Setting, paper_value, resolve_losses
 from kd.registry import did_you_mean
 
 CE = "ce_weight"
+TRAINING = ("lr", "weight_decay", "label_smoothing")  # searched by every tuned student stage
+
+
+def training_ranges(c: Config) -> dict[str, Range]:
+    """The training settings every tuned student stage searches: the learning rate from a fifth to five times
+    --lr, the weight decay from a tenth to ten times --weight_decay (not searched when it is 0: no decay was
+    asked for), and label smoothing from 0 to 0.2 (or to --label_smoothing, if higher); each range holds the
+    flag's value, the first trial."""
+    ranges = {"lr": Range(c.lr / 5, c.lr * 5, log=True)}
+    if c.weight_decay > 0:
+        ranges["weight_decay"] = Range(c.weight_decay / 10, c.weight_decay * 10, log=True)
+    ranges["label_smoothing"] = Range(0.0, max(0.2, c.label_smoothing))
+    return ranges
 
 
 def _declared(c: Config) -> dict[str, tuple[Range, str]]:
@@ -75,37 +91,42 @@ def _share(c: Config, searched: set[str]) -> tuple[str, float] | None:
     return shares[0].key, paper_value(shares[0].factory, "weight") + paper_value(shares[0].factory, CE)
 
 
-def search_space(c: Config) -> dict[str, Range]:
-    """The ranges ``--tune`` samples, by name (``ce_weight``, ``kl_softmax.weight``, ``dkd.beta``, ...)."""
-    declared = _declared(c)
-    space = {name: bounds for name, (bounds, fixed) in declared.items() if not fixed}
+def search_space(c: Config, role: Role = Role.DISTILL) -> dict[str, Range]:
+    """The ranges ``--tune`` samples for the student stage of ``role``, by name (``lr``, ``ce_weight``,
+    ``kl_softmax.weight``, ``dkd.beta``, ...). A ``--tune_space`` range of a setting this stage does not search
+    (a loss's, for the baseline) is left to the stage that does; one no tuned stage searches is refused."""
+    distill = role is Role.DISTILL
+    training = training_ranges(c)
+    losses = _declared(c) if distill or c.distill else {}
+    declared = {**losses, **{name: (bounds, "") for name, bounds in training.items()}}
+    space = {name: bounds for name, (bounds, fixed) in declared.items() if not fixed and (distill or name in training)}
     for option in c.tune_space:
         name, bounds = parse_range(option)
-        if name not in declared:
-            raise KDError(f"--tune_space {option}: no setting {name} to search{did_you_mean(name, list(declared))}; "
-                          f"the chosen losses' settings: {', '.join(declared) or 'none'}")
-        if declared[name][1]:
+        if name not in declared and name not in TRAINING:
+            raise KDError(f"--tune_space {option}: no setting {name} to search"
+                          f"{did_you_mean(name, [*declared, *TRAINING])}; the tuned stages' settings: "
+                          f"{', '.join(declared) or 'none'}")
+        if name in declared and declared[name][1]:
             raise KDError(f"--tune_space {option}: {name} is fixed by {declared[name][1]}; drop one of the two")
-        space[name] = bounds
-    share = _share(c, set(space))
+        if distill or name in TRAINING:
+            space[name] = bounds
+    share = _share(c, set(space)) if distill else None
     if share and space[f"{share[0]}.weight"].high >= share[1]:
         raise KDError(f"--tune_space: {share[0]}.weight is its share of the papers' total weight {share[1]:g} (the CE "
                       f"weight gets the rest), so its range must stay below {share[1]:g}")
-    if not space:
-        raise KDError(f"--tune: nothing to search for --kd_loss {' '.join(c.kd_loss)}: its settings are fixed by "
-                      "flags or it declares no search space")
     return space
 
 
 def paper_point(c: Config, space: dict[str, Range]) -> dict[str, float]:
-    """The papers' values of the searched settings that lie inside their ranges: the first trial of a study."""
-    losses = resolve_losses(c)
-    by_key = {loss.key: loss for loss in losses.losses}
+    """The first trial of a study: the flags' training settings and the papers' values of the losses' settings,
+    those that lie inside their ranges."""
+    losses = resolve_losses(c) if any(name not in TRAINING for name in space) else None
+    by_key = {loss.key: loss for loss in losses.losses} if losses else {}
     point = {}
     for name, bounds in space.items():
         key, _, setting = name.rpartition(".")
         loss = by_key.get(key)
-        value = float(losses.ce_weight.default if name == CE else
+        value = float(getattr(c, name) if name in TRAINING else losses.ce_weight.default if name == CE else
                       loss.weight.default if setting == "weight" else loss.settings[setting].default)
         if bounds.low <= value <= bounds.high:
             point[name] = value
@@ -118,8 +139,13 @@ def rounded(point: dict[str, float]) -> dict[str, float]:
 
 
 def settings_at(c: Config, point: dict[str, float]) -> Config:
-    """``c`` with the settings of a point of the search: --kd_weights, --ce_weight and loss options."""
+    """``c`` with the settings of a point of the search: --lr, --weight_decay and --label_smoothing, and, when the
+    point holds loss settings, --kd_weights, --ce_weight and loss options."""
     point = rounded(point)
+    c = replace(c, **{name: point[name] for name in TRAINING if name in point})
+    point = {name: value for name, value in point.items() if name not in TRAINING}
+    if not point:
+        return c
     losses = resolve_losses(c)
     keys, weights, ce_weight = [loss.key for loss in losses.losses], losses.weights, losses.ce_weight.value
     if share := _share(c, set(point)):

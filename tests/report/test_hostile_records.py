@@ -155,7 +155,7 @@ def test_two_tune_reports_written_at_once_each_get_their_own_folder(tiny_data, t
 
     monkeypatch.setattr(search, "write_tune_report", another_tune_finishes_first)
     assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--distill",
-                 "--tune", "1"]) == 0  # before: FileExistsError
+                 "--tune", "2"]) == 0  # before: FileExistsError
     reports = sorted((tmp_path / "kd" / "tune" / "report").iterdir())
     assert [p.name for p in reports] == ["version_0", "version_1"]
     assert (reports[0] / "best.yaml").is_file() and (reports[1] / "tune.md").read_text() == "theirs"
@@ -216,6 +216,6 @@ def test_a_study_file_that_is_not_a_database_is_one_line(tiny_data, tmp_path, ca
     (tmp_path / "kd" / "tune").mkdir(parents=True)
     (tmp_path / "kd" / "tune" / "study.db").write_text("not a database")
     assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--distill",
-                 "--tune", "1"]) == 2
+                 "--tune", "2"]) == 2
     assert "cannot open the study" in _error(capsys)
     assert (tmp_path / "kd" / "tune" / "study.db").read_text() == "not a database"

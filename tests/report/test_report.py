@@ -15,37 +15,92 @@ from kd.cli import main
 from kd.config import Config
 from kd.errors import KDError
 from kd.report.provenance import settings_table
-from kd.report.comparison import comparison_table, figure, gains, group_results, stage_table, write_report
+from kd.report.comparison import (baseline_name, comparison_table, figure, gains, group_results, stage_table,
+                                  write_report)
+from kd.report.confidence import paired_gain
 from kd.report.results import StageResult, find_results
 from kd.run.summary import report_and_summary
 
 
-def _result(stage: str, seed: int, top1: float, experiment: str = "e", kd_loss: str = "") -> StageResult:
-    return StageResult(experiment, stage, "cnn_tiny", seed, 1620, top1, top1 + 10, 3, 2.0, Path(f"/r/{stage}{seed}"),
-                       Path("/r/x.ckpt"), kd_loss, [top1 - 5, top1])
+def _result(stage: str, seed: int, top1: float, experiment: str = "e", kd_loss: str = "", best: float | None = None,
+            trials: int | None = None) -> StageResult:
+    """A finished stage whose last epoch scored ``top1`` (and whose best epoch, selected on val/, ``best``)."""
+    return StageResult(experiment, stage, "cnn_tiny", seed, 1620, best or top1, top1 + 10, 3, 2.0,
+                       Path(f"/r/{stage}{seed}"), Path("/r/x.ckpt"), kd_loss, [top1 - 5, best or top1, top1],
+                       tune_trials=trials)
+
+
+def _means(found: dict) -> dict:
+    return {group: {name: gain.mean for name, gain in by_baseline.items()} for group, by_baseline in found.items()}
 
 
 def test_gain_is_paired_seed_by_seed():
     results = [_result("baseline", 0, 40.0), _result("baseline", 1, 50.0), _result("baseline", 2, 45.0),
                _result("distill", 1, 54.0, kd_loss="kl"), _result("distill", 0, 43.0, kd_loss="kl")]
-    assert gains(group_results(results)) == {("e", "distill (kl)"): [4.0, 3.0]}
+    assert _means(gains(group_results(results))) == {("e", "distill (kl)"): {"baseline": 3.5}}
 
 
 def test_gain_without_shared_seeds_is_the_difference_of_means():
     results = [_result("baseline", 0, 40.0), _result("baseline", 1, 50.0), _result("distill", 7, 60.0, kd_loss="kl")]
-    assert gains(group_results(results)) == {("e", "distill (kl)"): [15.0]}
+    gain = gains(group_results(results))[("e", "distill (kl)")]["baseline"]
+    assert (gain.mean, gain.low, gain.seeds) == (15.0, None, 1)
+
+
+def test_the_headline_top1_is_the_last_epochs_not_the_best_epoch_val_selected():
+    results = [_result("baseline", 0, 40.0, best=48.0), _result("distill", 0, 43.0, kd_loss="kl", best=44.0)]
+    assert _means(gains(group_results(results))) == {("e", "distill (kl)"): {"baseline": 3.0}}
+    row = next(line for line in stage_table(results).splitlines() if line.startswith("baseline"))
+    assert "40.00" in row and "48.00 (3)" in row  # the best epoch's top-1, with its epoch, labelled in the header
+    assert "best top-1 % on val/ (epoch)" in stage_table(results)
+
+
+def test_the_95_percent_interval_and_wins_match_a_hand_computation():
+    """Differences 4, 2, 6: mean 4, sample std 2, t(0.975, 2 degrees of freedom) = 4.302652729911275 (a t table),
+    so the half-width is 4.302652729911275 · 2 / √3."""
+    gain = paired_gain([4.0, 2.0, 6.0])
+    half = 4.302652729911275 * 2 / math.sqrt(3)
+    assert gain.mean == pytest.approx(4.0)
+    assert (gain.low, gain.high) == (pytest.approx(4 - half), pytest.approx(4 + half))
+    assert (gain.wins, gain.seeds, gain.includes_zero) == (3, 3, True)
+    assert "95% CI [-0.97, +8.97]" in gain.sentence() and "the interval includes zero" in gain.sentence()
+    assert gain.short() == "+4.00 [-0.97, +8.97], 3/3 wins"
+    sure = paired_gain([3.0, 3.5, 2.5, 3.2])
+    assert not sure.includes_zero and "excludes zero" in sure.sentence() and sure.low > 0
+    lost = paired_gain([-1.0, 2.0, -0.5])
+    assert lost.wins == 1
+    assert paired_gain([2.0]).short() == "+2.00" and paired_gain([2.0]).low is None
+
+
+def test_a_tuned_student_is_compared_with_each_baseline_by_name(tmp_path):
+    untuned = [_result("baseline", s, v) for s, v in ((0, 40.0), (1, 50.0))]
+    tuned_baseline = [_result("baseline", s, v, trials=16) for s, v in ((0, 44.0), (1, 51.0))]
+    tuned_student = [_result("distill", s, v, kd_loss="kl", trials=16) for s, v in ((0, 45.0), (1, 53.0))]
+    found = gains(group_results(untuned + tuned_baseline + tuned_student))
+    assert tuned_baseline[0].label == "baseline (tuned, 16 trials)"
+    assert list(found) == [("e", "distill (kl, tuned, 16 trials)")]
+    by_name = found[("e", "distill (kl, tuned, 16 trials)")]
+    assert list(by_name) == ["baseline tuned, 16 trials", "baseline"]  # the same kind first
+    assert (by_name["baseline tuned, 16 trials"].mean, by_name["baseline"].mean) == (1.5, 4.0)
+    table = comparison_table(untuned + tuned_baseline + tuned_student)
+    assert "gain over baseline tuned, 16 trials (top-1 points)" in table and "gain over baseline (top-1" in table
+
+
+def test_an_untuned_baseline_is_named_by_its_learning_rate(tmp_path):
+    folder = tmp_path / "baseline0"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("lr: 0.05\n")
+    runs = [StageResult("e", "baseline", "cnn_tiny", 0, 1, 40.0, 50.0, 3, 2.0, folder, folder / "x.ckpt")]
+    assert baseline_name(runs) == "baseline at --lr 0.05"
 
 
 def test_comparison_table_shows_mean_and_sample_std():
     results = [_result("baseline", s, v) for s, v in ((0, 40.0), (1, 50.0), (2, 45.0))]
     results += [_result("distill", s, v, kd_loss="kl") for s, v in ((0, 44.0), (1, 52.0), (2, 51.0))]
     table = comparison_table(results)
-    diffs = [4.0, 2.0, 6.0]
-    std = math.sqrt(sum((d - 4.0) ** 2 for d in diffs) / 2)  # sample standard deviation, by hand
     baseline_row = next(line for line in table.splitlines() if line.startswith("baseline"))
     distill_row = next(line for line in table.splitlines() if line.startswith("distill (kl)"))
     assert "45.00 ± 5.00" in baseline_row and "0 1 2" in baseline_row and "1,620" in baseline_row
-    assert f"4.00 ± {std:.2f}" in distill_row
+    assert paired_gain([4.0, 2.0, 6.0]).short() in distill_row
 
 
 def test_rows_name_their_experiment_when_several_are_compared(tmp_path):

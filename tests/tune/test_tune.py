@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,10 +20,11 @@ from optuna.trial import TrialState
 
 from conftest import FAST, PROJECT, run_cli
 from kd.cli import main
-from kd.config import Config
+from kd.config import Config, Role
 from kd.data.loaders import make_datamodule
 from kd.errors import KDError
 from kd.losses import LOSSES
+from kd.losses.base import Range
 from kd.losses.objective import build_objective
 from kd.losses.spec import losses_in_force
 from kd.tune.search import SliceScore, chosen_trial, fail_orphans
@@ -40,11 +43,34 @@ def test_each_space_holds_the_papers_values(name):
         assert bounds.low <= paper_value(loss, setting) <= bounds.high, f"{name}.{setting}"
 
 
+TRAINING = {"lr", "weight_decay", "label_smoothing"}
+
+
 def test_the_logit_methods_search_weight_ce_weight_temperature_and_their_own_settings():
     assert set(search_space(Config(kd_loss=["dkd"]))) == {"ce_weight", "dkd.weight", "dkd.temperature", "dkd.alpha",
-                                                           "dkd.beta"}
+                                                           "dkd.beta", *TRAINING}
     assert {"dist.beta", "dist.gamma"} <= set(search_space(Config(kd_loss=["dist"])))
-    assert set(search_space(Config(kd_loss=["kl_softmax"]))) == {"kl_softmax.weight", "kl_softmax.temperature"}
+    assert set(search_space(Config(kd_loss=["kl_softmax"]))) == {"kl_softmax.weight", "kl_softmax.temperature",
+                                                                  *TRAINING}
+
+
+def test_the_baseline_searches_the_same_training_ranges_as_the_distill_stage():
+    """Neither tuned stage has a training dimension the other lacks; the baseline searches nothing else."""
+    c = Config(kd_loss=["dkd"], lr=0.1, weight_decay=1e-4, distill=True, baseline=True)
+    baseline, distill = search_space(c, Role.BASELINE), search_space(c, Role.DISTILL)
+    assert set(baseline) == TRAINING and {name: distill[name] for name in TRAINING} == baseline
+    assert baseline["lr"] == Range(0.02, 0.5, log=True) and baseline["weight_decay"] == Range(1e-5, 1e-3, log=True)
+    assert baseline["label_smoothing"] == Range(0.0, 0.2)
+    assert "weight_decay" not in search_space(replace(c, weight_decay=0.0), Role.BASELINE)  # no decay asked for
+    assert paper_point(c, baseline) == {"lr": 0.1, "weight_decay": 1e-4, "label_smoothing": 0.0}
+    tuned = settings_at(c, {"lr": 0.0712345, "weight_decay": 2e-4, "label_smoothing": 0.05})
+    assert (tuned.lr, tuned.weight_decay, tuned.label_smoothing) == (0.07123, 2e-4, 0.05)
+    assert (tuned.kd_weights, tuned.ce_weight, tuned.loss_options) == (c.kd_weights, c.ce_weight, c.loss_options)
+    narrowed = replace(c, tune_space=["lr=0.05:0.2:log", "dkd.beta=1:4"])
+    assert search_space(narrowed, Role.BASELINE)["lr"] == Range(0.05, 0.2, log=True)
+    assert "dkd.beta" not in search_space(narrowed, Role.BASELINE)  # left to the distill stage
+    with pytest.raises(KDError, match="no setting dkd.beta to search"):
+        search_space(replace(narrowed, distill=False), Role.BASELINE)
 
 
 def test_kl_softmax_searched_alone_keeps_hintons_total_weight():
@@ -66,9 +92,9 @@ def test_kl_softmax_searched_alone_keeps_hintons_total_weight():
 
 def test_settings_fixed_by_flags_are_not_searched():
     c = Config(kd_loss=["kl_softmax", "dkd"], kd_weights=[1.0, 1.0], temperature=3.0, loss_options=["dkd.beta=4"])
-    assert set(search_space(c)) == {"ce_weight", "dkd.alpha"}
-    with pytest.raises(KDError, match="nothing to search"):
-        search_space(Config(kd_loss=["kl_softmax"], kd_weights=[1.0], ce_weight=0.5, temperature=2.0))
+    assert set(search_space(c)) == {"ce_weight", "dkd.alpha", *TRAINING}
+    fixed = Config(kd_loss=["kl_softmax"], kd_weights=[1.0], ce_weight=0.5, temperature=2.0)
+    assert set(search_space(fixed)) == TRAINING  # the training settings are still searched
 
 
 def test_tune_space_replaces_a_range():
@@ -103,7 +129,8 @@ def test_a_point_becomes_flags_that_build_the_objective():
 
 def test_the_papers_point_is_the_defaults():
     c = Config(kd_loss=["kl_softmax"])
-    assert paper_point(c, search_space(c)) == {"kl_softmax.weight": 0.9, "kl_softmax.temperature": 4.0}
+    assert paper_point(c, search_space(c)) == {"kl_softmax.weight": 0.9, "kl_softmax.temperature": 4.0, "lr": 0.05,
+                                               "weight_decay": 5e-4, "label_smoothing": 0.0}
     assert settings_at(c, paper_point(c, search_space(c))).ce_weight == 0.1
     narrowed = Config(kd_loss=["kl_softmax"], tune_space=["kl_softmax.temperature=5:8"])
     assert "kl_softmax.temperature" not in paper_point(narrowed, search_space(narrowed))
@@ -155,7 +182,8 @@ def test_the_papers_values_are_kept_unless_a_trial_beats_them_beyond_the_slices_
     assert trial.number == chosen
     assert bool(why) == (chosen == 0 and max(others) > paper)
     if why:
-        assert why.startswith("the papers' values: the best trial, 1, beat them by 4.00 points, within two standard")
+        assert why.startswith("the flags' and papers' values: the best trial, 1, beat them by 4.00 points, within "
+                              "two standard")
 
 
 def _feed(score: SliceScore, curve: list[float]) -> bool:
@@ -207,14 +235,15 @@ def test_another_machines_trial_whose_heartbeat_stopped_is_failed(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tune", "0"], "--tune must be at least 1, got 0"),
+    (["--tune", "0"], "--tune must be at least 2 (the first trial is the flags' own values), got 0"),
+    (["--tune", "1"], "--tune must be at least 2 (the first trial is the flags' own values), got 1"),
     (["--tune", "2", "--tune_space", "kl_softmax.alpha=1:2"], "no setting kl_softmax.alpha"),
     (["--tune", "2", "--tune_space", "ce_weight=1:0.5"], "is empty"),
     (["--tune", "2", "--tune_space", "kl_softmax.weight=0.5:1.5"], "its range must stay below 1"),
     (["--tune", "2", "--tune_storage", "sqlite:////no/such/folder/study.db"], "cannot reach the study storage"),
     (["--tune", "2", "--tune_storage", "postgresql://kd:secret@127.0.0.1:9/kd"], "cannot reach the study storage"),
     (["--tune", "2", "--tune_storage", "nosuchdb://x"], "cannot reach the study storage"),
-    (["--tune", "2", "--distill", "false", "--baseline"], "add --distill"),
+    (["--tune", "2", "--distill", "false", "--train_teacher", "true"], "add --baseline and/or --distill"),
     (["--tune", "2", "--assistant_arch", "cnn_tiny"], "assistant_arch"),
     (["--tune", "2", "--teacher_cache", "cache", "--teacher_cache_only"], "drop --teacher_cache_only"),
 ])
@@ -238,9 +267,11 @@ def teacher(tiny_data, tmp_path_factory) -> Path:
     return next(out.rglob("best.ckpt"))
 
 
-def _study(url: str) -> optuna.Study:
-    (name,) = optuna.get_all_study_names(url)
-    return optuna.load_study(study_name=name, storage=url)
+def _study(url: str, stage: str = "distill") -> optuna.Study:
+    """The study of ``stage`` in storage ``url`` (a baseline study's trials have no loss settings)."""
+    studies = [optuna.load_study(study_name=name, storage=url) for name in optuna.get_all_study_names(url)]
+    (study,) = [s for s in studies if any("." in key for t in s.trials for key in t.params) == (stage == "distill")]
+    return study
 
 
 def _finished(study: optuna.Study) -> list[int]:
@@ -250,28 +281,94 @@ def _finished(study: optuna.Study) -> list[int]:
 @pytest.mark.slow
 def test_a_tune_end_to_end_and_its_preset_repeats_the_final_run(tiny_data, tmp_path):
     run = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", "runs", "--train_teacher", "--baseline",
-                   "--distill", "--tune", "3"], tmp_path)
+                   "--distill", "--tune", "3", "--tune_epochs", "2", "--seeds", "0", "1"], tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""  # no Optuna warnings or log lines on the console
     root = tmp_path / "runs" / "kd"
-    assert _finished(_study(f"sqlite:///{root / 'tune' / 'study.db'}")) == [0, 1, 2]
-    report = root / "tune" / "report" / "version_0"
-    assert {"tune.md", "tune.png", "best.yaml", "tune.json"} <= {p.name for p in report.iterdir()}
-    for number in range(3):  # each trial logs in its own folder, its settings as hparams
-        hparams = yaml.safe_load((root / "tune" / "trials" / f"trial_{number:04d}" / "hparams.yaml").read_text())
-        assert {"kl_softmax.weight", "kl_softmax.temperature"} <= set(hparams)
-    preset, stage = (yaml.safe_load(p.read_text()) for p in (report / "best.yaml",
-                                                              root / "distill" / "version_0" / "config.yaml"))
-    for flag in ("kd_weights", "ce_weight", "loss_options", "teacher_checkpoint"):
-        assert preset[flag] == stage[flag]  # the distill stage trained and recorded the chosen settings
-    assert preset["tune"] is None and stage["tune"] == 3 and not preset["train_teacher"]
-    again = run_cli(["--flags_file", "none", "--config", str(report / "best.yaml"), "--experiment_name", "again"],
+    url = f"sqlite:///{root / 'tune' / 'study.db'}"
+    studies = {stage: _study(url, stage) for stage in ("baseline", "distill")}
+    for study in studies.values():  # the same budget: trials, and epochs per unpruned trial
+        assert _finished(study) == [0, 1, 2]
+        assert {len(t.intermediate_values) for t in study.trials if t.state == TrialState.COMPLETE} == {2}
+    assert set(studies["baseline"].trials[0].params) == {"lr", "weight_decay", "label_smoothing"}
+    assert {"lr", "weight_decay", "label_smoothing", "kl_softmax.weight"} <= set(studies["distill"].trials[0].params)
+    assert studies["baseline"].trials[0].params["lr"] == studies["distill"].trials[0].params["lr"] == 0.05
+    for folder in (root / "tune", root / "tune" / "baseline"):
+        report = folder / "report" / "version_0"
+        assert {"tune.md", "tune.png", "best.yaml", "tune.json"} <= {p.name for p in report.iterdir()}
+        assert len(list((folder / "trials").glob("trial_*"))) == 3  # each trial logs in its own folder
+    hparams = yaml.safe_load((root / "tune" / "trials" / "trial_0001" / "hparams.yaml").read_text())
+    assert {"kl_softmax.weight", "kl_softmax.temperature", "lr"} <= set(hparams)
+    for stage, tuned in (("distill", ("kd_weights", "ce_weight", "loss_options", "teacher_checkpoint", "lr")),
+                         ("baseline", ("lr", "weight_decay", "label_smoothing"))):
+        folder = root / "tune" / ("" if stage == "distill" else "baseline") / "report" / "version_0"
+        preset = yaml.safe_load((folder / "best.yaml").read_text())
+        for version in ("version_0", "version_1"):  # every seed's stage trained and recorded the chosen settings
+            saved = yaml.safe_load((root / stage / version / "config.yaml").read_text())
+            assert all(preset[flag] == saved[flag] for flag in tuned), stage
+        assert preset["tune"] is None and saved["tune"] == 3 and not preset["train_teacher"]
+        assert preset["baseline"] == (stage == "baseline") and preset["distill"] == (stage == "distill")
+    results = [json.loads((root / stage / v / "result.json").read_text()) for stage in ("baseline", "distill")
+               for v in ("version_0", "version_1")]
+    assert [r["tune_trials"] for r in results] == [3] * 4
+    gains = [d["val_top1"][-1] - b["val_top1"][-1] for b, d in zip(results[:2], results[2:])]
+    line = next(line for line in run.stdout.splitlines() if "gain over the baseline tuned, 3 trials" in line)
+    assert line.startswith(f"distill (kl_softmax, tuned, 3 trials) gain over the baseline tuned, 3 trials: "
+                           f"{sum(gains) / 2:+.2f} top-1 points, 95% CI [")
+    assert f"wins on {sum(g > 0 for g in gains)} of 2 seeds" in line
+    best = root / "tune" / "report" / "version_0" / "best.yaml"
+    again = run_cli(["--flags_file", "none", "--config", str(best), "--experiment_name", "again", "--seed", "0"],
                     tmp_path)
     assert again.returncode == 0, again.stderr
-    weights = [torch.load(next((tmp_path / "runs" / name / "distill").rglob("best.ckpt")), weights_only=False)
-               ["state_dict"] for name in ("kd", "again")]
+    weights = [torch.load(root.parent / name / "distill" / "version_0" / "checkpoints" / "best.ckpt",
+                          weights_only=False)["state_dict"] for name in ("kd", "again")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_a_tuned_baseline_resumed_with_other_tuned_settings_is_one_line_before_it_trains(tiny_data, tmp_path):
+    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", "runs", "--baseline", "--tune", "2"]
+    first = run_cli(flags, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "tune baseline: chose trial" in first.stdout and "tune distill" not in first.stdout  # the baseline alone
+    again = run_cli([*flags, "--resume"], tmp_path)
+    assert again.returncode == 0 and "baseline, seed 0: finished earlier" in again.stdout  # the same study: reused
+    assert "tune trial" not in again.stdout
+    folder = tmp_path / "runs" / "kd" / "baseline" / "version_0"
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved | {"lr": saved["lr"] * 2}))  # tuned by another study
+    refused = run_cli([*flags, "--resume"], tmp_path)
+    err = refused.stderr.strip()
+    assert refused.returncode == 2
+    assert err.startswith("error: --resume: runs/kd/baseline/version_0 finished tuned by --tune 2")
+    assert f"lr {saved['lr'] * 2} → {saved['lr']}" in err and "\n" not in err
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["version_0"]  # nothing trained
+
+
+def test_every_tuned_stage_gets_the_same_budget_sampler_and_pruner(tiny_data, tmp_path, monkeypatch):
+    """The baseline's study and the distill stage's are opened alike: trials, epochs, sampler seed, pruner."""
+    import kd.tune.search as search
+
+    opened = []
+
+    def recording(storage, name, seed, trials, epochs):
+        study = real(storage, name, seed, trials, epochs)
+        opened.append((seed, trials, epochs, type(study.sampler), type(study.pruner)))
+        return study
+
+    def scored_without_training(self, study, trial):
+        for name, bounds in self.space.items():
+            trial.suggest_float(name, bounds.low, bounds.high, log=bounds.log)
+        study.tell(trial, 50.0)
+
+    real = search.open_study
+    monkeypatch.setattr(search, "open_study", recording)
+    monkeypatch.setattr(search.Tuner, "_run_trial", scored_without_training)
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher",
+                 "--baseline", "--distill", "--tune", "4", "--tune_epochs", "3", "--seeds", "5", "6"]) == 0
+    assert len(opened) == 2 and opened[0] == opened[1] == (5, 4, 3, search.TrialSeededSampler,
+                                                           optuna.pruners.MedianPruner)
 
 
 @pytest.mark.slow
