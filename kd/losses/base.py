@@ -56,13 +56,14 @@ class DistillationLoss(nn.Module):
     ce_weight: float = 1.0
     features: bool = False
     connect: bool = False
+    needs_teacher: bool = True  # False: the loss ignores the teacher's outputs (a teacher-free method)
     space: ClassVar[dict[str, Range]] = {}
     share_of_total: ClassVar[bool] = False
 
 
 def loss_property(loss: Loss, name: str) -> Any:
-    """A loss's ``weight``/``ce_weight``/``features``/``connect``/``share_of_total``, with the base class's default
-    for plain ones."""
+    """A loss's ``weight``/``ce_weight``/``features``/``connect``/``needs_teacher``/``share_of_total``, with the base
+    class's default for plain ones."""
     return getattr(loss, name, getattr(DistillationLoss, name))
 
 

@@ -57,6 +57,10 @@ class ResolvedLoss:
         return bool(loss_property(self.factory, "features"))
 
     @property
+    def needs_teacher(self) -> bool:
+        return bool(loss_property(self.factory, "needs_teacher"))
+
+    @property
     def extras(self) -> tuple[str, ...]:
         """The extras (features, indices, epoch) its call names."""
         return wanted_extras(getattr(self.factory, "forward", self.factory))
@@ -88,6 +92,11 @@ class ResolvedLosses:
     def features(self) -> bool:
         """Whether any loss compares hooked features."""
         return any(loss.features for loss in self.losses)
+
+    @property
+    def teacher_free(self) -> bool:
+        """Whether no loss reads the teacher's outputs (USKD, TF-KD's virtual teacher): a distill stage needs none."""
+        return not any(loss.needs_teacher for loss in self.losses)
 
     def needing(self, extra: str) -> list[ResolvedLoss]:
         """The losses whose call names ``extra`` (``indices``, ``epoch``, ...)."""
