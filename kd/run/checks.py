@@ -79,18 +79,25 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
 
     Returns the --teacher_checkpoint teacher (its network None when the cache holds everything).
     """
-    features = resolve_losses(c).features
+    losses = resolve_losses(c)
+    features, teacher_free = losses.features, losses.teacher_free
     if features and len(c.teacher_checkpoint) > 1:
         raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses compare one teacher's features; an "
                       "ensemble of --teacher_checkpoint files has logits only")
-    if features and not (c.student_layers and c.teacher_layers):
+    if features and teacher_free and (not c.student_layers or c.teacher_layers):
+        raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: it reads the student's own features, with no teacher: "
+                      "give --student_layers (e.g. layer3) and no --teacher_layers")
+    if features and not teacher_free and not (c.student_layers and c.teacher_layers):
         raise KDError(f"--kd_loss {' '.join(c.kd_loss)}: feature losses need --student_layers and "
                       "--teacher_layers (module names, e.g. layer3 layer4)")
-    if len(c.student_layers) != len(c.teacher_layers):
+    if not teacher_free and len(c.student_layers) != len(c.teacher_layers):
         raise KDError(f"--student_layers names {len(c.student_layers)} module(s) but --teacher_layers "
                       f"{len(c.teacher_layers)}: they are compared pair by pair")
     if c.teacher_cache_only and not c.teacher_cache:
         raise KDError("--teacher_cache_only needs --teacher_cache DIR")
+    if c.teacher_cache and teacher_free:
+        raise KDError(f"--teacher_cache with --kd_loss {' '.join(c.kd_loss)}: it needs no teacher, so there are no "
+                      "teacher outputs to cache; drop --teacher_cache")
     if c.teacher_cache and (features or world_size > 1 or c.assistant_arch):
         why = ("feature losses need the teacher's features, and the cache holds logits only" if features else
                "it is written by one process; run the cached distillation on one device" if world_size > 1
@@ -115,8 +122,8 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
     chain = [c.teacher_arch[0], *c.assistant_arch, c.student_arch]
     trial = replace(c, compile=False)
     for index, (teacher_arch, student_arch) in enumerate(zip(chain, chain[1:])):
-        network = (teacher.network if index == 0 and teacher is not None and teacher.network is not None
-                   else build.network(teacher_arch, None, "--teacher_arch", c.seed))
+        network = (None if teacher_free else teacher.network if index == 0 and teacher is not None and
+                   teacher.network is not None else build.network(teacher_arch, None, "--teacher_arch", c.seed))
         student = build.network(student_arch, None, "--assistant_arch", c.seed)
         check_forward(student, student_arch, c.image_size, len(build.classes), "--assistant_arch")
         distiller = build.distiller(student, trial, network, None)

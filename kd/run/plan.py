@@ -76,7 +76,8 @@ def plan_stages(c: Config) -> list[Stage]:
             stages.append(Stage("baseline", Role.BASELINE, c.student_arch, seed, c.student_weights,
                                 tune=index == 0 and bool(c.tune)))
         if "distill" in wanted:
-            source = TeacherFrom("teacher", teacher_seed) if c.train_teacher else TeacherFrom()
+            source = (None if resolve_losses(c).teacher_free else TeacherFrom("teacher", teacher_seed)
+                      if c.train_teacher else TeacherFrom())
             for number, arch in enumerate(c.assistant_arch, start=1):
                 stages.append(Stage(f"assistant{number}", Role.DISTILL, arch, seed, teacher=source, teaches=True))
                 source = TeacherFrom(f"assistant{number}", seed)
@@ -98,8 +99,8 @@ def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:
     never mixes them up."""
     config = replace(c, seed=stage.seed, seeds=[], train_teacher=stage.name == "teacher",
                      baseline=stage.name == "baseline", distill=stage.role is Role.DISTILL, assistant_arch=[])
-    if teacher is None:
-        return config
+    if teacher is None:  # trained on labels alone, or by losses that need no teacher
+        return with_weights_in_force(config) if stage.role is Role.DISTILL else config
     return replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),
                    teacher_checkpoint=[str(path) for path in teacher.checkpoints],
                    ensemble_weights=list(teacher.weights), student_arch=stage.arch,
@@ -141,8 +142,13 @@ def check_stages(c: Config) -> list[str]:
                       "same runs again (and reports a spread of 0)")
     if c.distill and c.train_teacher and c.teacher_checkpoint:
         raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
-    if c.distill and not (c.train_teacher or c.teacher_checkpoint):
+    teacher_free = c.distill and resolve_losses(c).teacher_free
+    if c.distill and not (c.train_teacher or c.teacher_checkpoint or teacher_free):
         raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
+    if teacher_free and (c.teacher_checkpoint or c.assistant_arch):
+        flag = "--teacher_checkpoint" if c.teacher_checkpoint else "--assistant_arch"
+        raise KDError(f"--kd_loss {' '.join(c.kd_loss)} needs no teacher (it makes its own soft labels), but {flag} "
+                      "gives one: drop it, or add a loss that learns from a teacher")
     if c.assistant_arch and not c.distill:
         raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
     _check_teachers(c)

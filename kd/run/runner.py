@@ -59,7 +59,7 @@ class StageRunner:
         for index, stage in enumerate(self.plan.stages):
             teacher = self._teacher_of(stage.teacher, offered) if stage.teacher else None
             if stage.tune:  # tuned once, with the first seed; every seed's stage of this name gets the best
-                self.tuned[stage.name] = tune_stage(self.config, self.build, teacher, self.root)
+                self.tuned[stage.name] = tune_stage(self.config, self.build, teacher, self.root, stage.role)
             baseline = results.get((stage.baseline, stage.seed)) if stage.baseline else None
             results[stage.key] = self._stage(stage, self.tuned.get(stage.name, self.config), teacher,
                                              baseline.best_top1 if baseline else None)

@@ -34,7 +34,8 @@ class Step(NamedTuple):
 
 
 class Distiller(nn.Module):
-    """Trains ``model`` on labels alone, or, with a teacher (or its cached logits) and an objective, distils it.
+    """Trains ``model`` on labels alone, or, with a teacher (or its cached logits) and an objective, distils it;
+    ``teacher_free`` objectives (USKD, TF-KD) distil without one, their losses getting None as the teacher's logits.
 
     The teacher stays frozen in eval mode and runs under ``torch.inference_mode``. Feature losses get
     the outputs of ``student_layers`` / ``teacher_layers`` (hooked by ``named_modules()`` name); the
@@ -47,11 +48,11 @@ class Distiller(nn.Module):
                  teacher_cache: TeacherCache | None = None, student_layers: list[str] | None = None,
                  teacher_layers: list[str] | None = None, feature_shapes: tuple[Shapes, Shapes] | None = None,
                  label_smoothing: float = 0.0, mixing: BatchMixing | None = None, ema_decay: float | None = None,
-                 channels_last: bool = False, compile: bool = False) -> None:
+                 channels_last: bool = False, compile: bool = False, teacher_free: bool = False) -> None:
         super().__init__()
         self.ema = weight_average(model, ema_decay) if ema_decay else None  # copied before hooks and compiling
         self.model, self.teacher, self.objective, self.teacher_cache = model, teacher, objective, teacher_cache
-        self.label_smoothing, self.mixing = label_smoothing, mixing
+        self.label_smoothing, self.mixing, self.teacher_free = label_smoothing, mixing, teacher_free
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         features = objective is not None and objective.needs_features
@@ -74,7 +75,8 @@ class Distiller(nn.Module):
 
     @property
     def distilling(self) -> bool:
-        return self.objective is not None and self.has_teacher
+        """Whether the objective trains the student: with a teacher (or its cache), or with losses needing none."""
+        return self.objective is not None and (self.has_teacher or self.teacher_free)
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """What the optimiser updates: the student, the connectors and the losses' own parameters."""
@@ -143,7 +145,7 @@ class Distiller(nn.Module):
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
             return Step(logits, loss, {"ce": loss})
         student_features = self.student_hooks.take() if self.student_hooks is not None else {}
-        teacher_logits, teacher_features = self.teacher_outputs(x, indices, epoch)
+        teacher_logits, teacher_features = self.teacher_outputs(x, indices, epoch) if self.has_teacher else (None, {})
         connected = ({name: connector(f) for (name, f), connector in zip(student_features.items(), self.connectors)}
                      if self.connectors is not None else {})
         loss, terms = self.objective(logits, teacher_logits, hard_labels(y), targets=y,

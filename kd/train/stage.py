@@ -71,24 +71,29 @@ class StageBuilder:
 
     def distiller(self, model: nn.Module, c: Config, teacher: nn.Module | None,
                   cache: TeacherCache | None) -> Distiller:
-        """The training step of a stage with settings ``c``; distilling when it has a teacher or a teacher cache.
+        """The training step of a stage with settings ``c``; distilling when it has a teacher or a teacher cache, or
+        when its losses need none (teacher-free: no teacher is run even if one is given).
 
         The objective is built anew for every stage, so a loss's state (CRD's memory bank) never
         carries over from one student to the next.
         """
         options = {"label_smoothing": c.label_smoothing, "ema_decay": c.ema, "channels_last": c.channels_last,
                    "compile": c.compile, "mixing": batch_mixing(c.mixup, c.cutmix, len(self.classes), c.seed)}
-        if teacher is None and cache is None:
+        losses = resolve_losses(c)
+        teacher_free = c.distill and losses.teacher_free
+        if teacher is None and cache is None and not teacher_free:
             return Distiller(model, **options)
         shapes = None
-        if c.student_layers and teacher is not None:
+        if c.student_layers and (teacher is not None or teacher_free):
             shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),
-                      feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers"))
-        objective = build_objective(resolve_losses(c), label_smoothing=c.label_smoothing, num_classes=len(self.classes),
+                      feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers")
+                      if teacher is not None else {})
+        objective = build_objective(losses, label_smoothing=c.label_smoothing, num_classes=len(self.classes),
                                     num_samples=len(self.data.layout.train),
                                     student_shapes=shapes[0] if shapes else {},
                                     teacher_shapes=shapes[1] if shapes else {})
-        return Distiller(model, teacher=teacher, objective=objective, teacher_cache=cache,
+        return Distiller(model, teacher=None if teacher_free else teacher, objective=objective,
+                         teacher_cache=None if teacher_free else cache, teacher_free=teacher_free,
                          student_layers=c.student_layers, teacher_layers=c.teacher_layers, feature_shapes=shapes,
                          **options)
 

@@ -82,15 +82,15 @@ class SliceScore(pl.Callback):
 
 
 class Tuner:
-    """One --tune of a student stage: the study of run ``c``'s baseline (no ``teacher``) or distill stage, its
-    trials, and the settings it chooses. The baseline's trials live in ``tune/baseline/``, the distill stage's in
-    ``tune/``; both studies share one storage."""
+    """One --tune of a student stage: the study of run ``c``'s baseline or distill stage (``role``; its ``teacher``,
+    None for the baseline and for losses that need none), its trials, and the settings it chooses. The baseline's
+    trials live in ``tune/baseline/``, the distill stage's in ``tune/``; both studies share one storage."""
 
-    def __init__(self, c: Config, build: StageBuilder, teacher: Teacher | None, root: Path) -> None:
-        self.role = Role.DISTILL if teacher is not None else Role.BASELINE
-        self.teacher, self.root = teacher, root / "tune"
-        self.folder = self.root if teacher is not None else self.root / "baseline"
-        self.base = c if teacher is not None else replace(c, train_teacher=False, baseline=True, distill=False)
+    def __init__(self, c: Config, build: StageBuilder, teacher: Teacher | None, root: Path, role: Role) -> None:
+        self.role, self.teacher, self.root = role, teacher, root / "tune"
+        distill = role is Role.DISTILL
+        self.folder = self.root if distill else self.root / "baseline"
+        self.base = c if distill else replace(c, train_teacher=False, baseline=True, distill=False)
         self.seed = (c.seeds or [c.seed])[0]
         self.epochs = c.tune_epochs or c.epochs
         self.space = search_space(c, self.role)
@@ -109,10 +109,9 @@ class Tuner:
         flags = replace(self.base, seed=self.seed, teacher_checkpoint=[]).identity(self.role)
         what = {"fraction": self.base.tune_fraction, "epochs": self.epochs,
                 "space": {k: [r.low, r.high, r.log] for k, r in self.space.items()}}
-        if self.teacher is None:
-            what["baseline"] = flags
-        else:
-            what |= {"distill": flags, "teacher": [file_digest(p) for p in self.teacher.checkpoints]}
+        what[self.role.value] = flags
+        if self.teacher is not None:
+            what["teacher"] = [file_digest(p) for p in self.teacher.checkpoints]
         return "kd-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def run(self) -> Config:
@@ -133,7 +132,7 @@ class Tuner:
             raise KDError(f"--tune: no trial of study {study.study_name} finished unpruned; tune with more trials")
         trial, why = chosen_trial(study, len(self.data.layout.val))
         chosen = settings_at(self.base, trial.params)
-        preset = replace(chosen, tune=None, train_teacher=False, baseline=self.teacher is None)
+        preset = replace(chosen, tune=None, train_teacher=False, baseline=self.role is Role.BASELINE)
         if self.teacher is not None:
             preset = replace(preset, baseline=False, teacher_arch=list(self.teacher.archs),
                              ensemble_weights=list(self.teacher.weights),
@@ -310,7 +309,7 @@ def fail_orphans(study: optuna.Study) -> None:
             study.tell(trial.number, state=TrialState.FAIL)
 
 
-def tune_stage(c: Config, build: StageBuilder, teacher: Teacher | None, root: Path) -> Config:
-    """``c`` with the settings a study of --tune trials chose for the baseline (no ``teacher``) or the distill stage
-    (see :class:`Tuner`)."""
-    return Tuner(c, build, teacher, root).run()
+def tune_stage(c: Config, build: StageBuilder, teacher: Teacher | None, root: Path, role: Role) -> Config:
+    """``c`` with the settings a study of --tune trials chose for the baseline or the distill stage (``role``, see
+    :class:`Tuner`)."""
+    return Tuner(c, build, teacher, root, role).run()
