@@ -154,6 +154,11 @@ class Config:
     assistant_arch: list[str] = _flag([], "teacher assistants: distill teacher → A → B → ... → student, each "
                                       "from the one before (Mirzadeh et al. 2020)",
                                       group="distillation", roles=(R.RECORDED,))
+    born_again: int | None = _flag(None, "born-again networks (Furlanello et al. 2018): instead of one distill stage, "
+                                   "N generations of the student, the first distilled from the teacher (or, with "
+                                   "none, from the baseline student), each later one from the one before; then "
+                                   "their ensemble is evaluated", check=_positive, must="be at least 1",
+                                   group="distillation", roles=(R.RECORDED,))
     teacher_cache: str | None = _flag(None, "store the teacher's logits here on the first distillation and read "
                                       "them on later runs with the same teacher, data, transforms and seed",
                                       group="speed", roles=(R.DISTILL,), path=True)

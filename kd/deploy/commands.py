@@ -25,7 +25,8 @@ from kd.report.results import RESULT_FILE, StageResult
 EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 
-def _device(config: Config) -> str:
+def device_of(config: Config) -> str:
+    """Where an evaluation runs: the GPU when there is one and --accelerator allows it, else the CPU."""
     return "cuda" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "cpu"
 
 
@@ -154,7 +155,7 @@ def evaluate_checkpoint(config: Config) -> Path | None:
                      augment=meta.get("augment", "imagenet" if meta else config.augment))  # older kd: imagenet
     data = make_datamodule(config)
     model = load_network(path, arch, data.classes, config.image_size, "--evaluate")
-    result = evaluate(model, data.val_dataloader(), data.classes, _device(config), config.augment)
+    result = evaluate(model, data.val_dataloader(), data.classes, device_of(config), config.augment)
     print(f"{path} ({arch}, {config.image_size} px) on the validation images of {config.data_dir}:\n"
           f"{format_evaluation(result)}", flush=True)
     log_dir = _log_evaluation(result, Path(config.output_dir) / config.experiment_name)
@@ -171,9 +172,9 @@ def deploy_students(results: list[StageResult], teacher: nn.Module | None, confi
     if teacher is not None:
         profiles["teacher"] = profile_model(teacher.cpu(), config.image_size)
     for result in results:
-        if result.stage == "teacher":
+        if result.stage in ("teacher", "ensemble"):  # an ensemble's members are exported as themselves
             continue
-        flag = "--student_arch" if result.stage in ("baseline", "distill") else "--assistant_arch"
+        flag = "--assistant_arch" if result.stage.startswith("assistant") else "--student_arch"
         arch = trusted_arch(result.arch, named_archs(config), f"--export: {result.log_dir / RESULT_FILE}", flag)
         model = load_network(result.best_checkpoint, arch, classes, config.image_size, "--export")
         profiles.setdefault("student", profile_model(model, config.image_size))

@@ -32,6 +32,7 @@ from kd.tables import text_table  # noqa: E402
 from kd.versions import missing_folders, remove_empty  # noqa: E402
 
 Group = tuple[str, str]  # (experiment, label)
+DISTILLED = ("distill", "generation", "ensemble")  # the stages a gain over the baseline is computed for
 
 
 def _mean_std(values: list[float], digits: int = 2) -> str:
@@ -67,7 +68,7 @@ def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, dict[str, Gain]
     """
     out: dict[Group, dict[str, Gain]] = {}
     for (experiment, label), runs in groups.items():
-        if not label.startswith("distill"):
+        if not label.startswith(DISTILLED):
             continue
         baselines = [group for (other, name), group in groups.items() if other == experiment and
                      name.startswith("baseline")]
@@ -150,7 +151,7 @@ def figure(results: list[StageResult]) -> Figure:
     for index, ((experiment, label), runs) in enumerate(groups.items()):
         name, colour = f"{experiment}/{label}" if many else label, colours[index % len(colours)]
         seeds = f"{len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
-        if label == "teacher":
+        if label == "teacher" or label.startswith("ensemble"):  # no curve: one figure, drawn across
             best = statistics.fmean(r.best_top1 for r in runs)
             handles.append(axes.axhline(best, color=colour, linestyle=TEACHER_STYLES[teachers % len(TEACHER_STYLES)]))
             labels.append(f"{name}: {runs[0].arch}, best {best:.1f} %{' (mean)' if len(runs) > 1 else ''}, {seeds}")

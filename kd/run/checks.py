@@ -18,7 +18,7 @@ from kd.files import check_writable
 from kd.losses.spec import resolve_losses
 from kd.models.build import check_forward
 from kd.models.checkpoints import require_file
-from kd.run.plan import Plan, plan_stages, teacher_files
+from kd.run.plan import Plan, plan_stages, teacher_files, teacher_given
 from kd.train.teachers import Teacher, teacher_archs
 from kd.train.trainer import make_trainer
 from kd.tune.slice import tuning_split
@@ -45,8 +45,9 @@ def check_tune(c: Config, world_size: int) -> None:
     space or storage."""
     if not (c.baseline or c.distill):
         raise KDError("--tune searches the settings of the student stages: add --baseline and/or --distill")
-    if c.assistant_arch:
-        raise KDError("--tune with --assistant_arch: a tune searches one distillation; tune without assistants")
+    if c.assistant_arch or c.born_again:
+        flag = "--assistant_arch" if c.assistant_arch else "--born_again"
+        raise KDError(f"--tune with {flag}: a tune searches one distillation; tune without {flag}")
     if c.teacher_cache_only:
         raise KDError("--tune with --teacher_cache_only: trials train on the training set less a held-out slice, whose "
                       "teacher logits the cache does not hold; drop --teacher_cache_only")
@@ -98,10 +99,11 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
     if c.teacher_cache and teacher_free:
         raise KDError(f"--teacher_cache with --kd_loss {' '.join(c.kd_loss)}: it needs no teacher, so there are no "
                       "teacher outputs to cache; drop --teacher_cache")
-    if c.teacher_cache and (features or world_size > 1 or c.assistant_arch):
+    if c.teacher_cache and (features or world_size > 1 or c.assistant_arch or c.born_again):
         why = ("feature losses need the teacher's features, and the cache holds logits only" if features else
                "it is written by one process; run the cached distillation on one device" if world_size > 1
-               else "each assistant is a new teacher; cache the final distillation in a run without assistants")
+               else "each assistant is a new teacher; cache the final distillation in a run without assistants"
+               if c.assistant_arch else "each generation is a new teacher; cache a run without --born_again")
         raise KDError(f"--teacher_cache: {why}")
     if c.teacher_cache:
         check_writable(c.teacher_cache, "--teacher_cache")
@@ -120,6 +122,9 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
                           f"{' ...' if len(splits) > 3 else ''} for this teacher, data, transforms and seed")
         teacher = build.teacher(tuple(teacher_archs(c)), paths, tuple(c.ensemble_weights), load=not caches or missing)
     chain = [c.teacher_arch[0], *c.assistant_arch, c.student_arch]
+    if c.born_again:  # the first generation learns from the teacher or the baseline, later ones from a student
+        chain = [c.teacher_arch[0] if teacher_given(c) else c.student_arch, c.student_arch,
+                 *[c.student_arch] * (c.born_again > 1)]
     trial = replace(c, compile=False)
     for index, (teacher_arch, student_arch) in enumerate(zip(chain, chain[1:])):
         network = (None if teacher_free else teacher.network if index == 0 and teacher is not None and

@@ -34,7 +34,7 @@ class TeacherFrom:
 class Stage:
     """One stage of one seed: what it trains, from what, and whether it is tuned first or teaches a later stage."""
 
-    name: str  # teacher, baseline, assistant1, ..., distill
+    name: str  # teacher, baseline, assistant1, ..., distill, or generation1, ..., generationN (--born_again)
     role: Role  # the flags that make it what it is (an assistant is a distill stage)
     arch: str
     seed: int
@@ -63,7 +63,9 @@ def plan_stages(c: Config) -> list[Stage]:
     """The stages of run ``c`` for each seed, refusing combinations of flags that cannot work.
 
     The teacher is trained once (with the first seed) unless --repeat_teacher asks for one per seed. With
-    --assistant_arch, each assistant learns from the network before it, and the student from the last one.
+    --assistant_arch, each assistant learns from the network before it, and the student from the last one. With
+    --born_again N, N generations of the student replace the distill stage: the first learns from the teacher (or,
+    without one, from the seed's baseline student), each later one from the one before.
     """
     wanted = check_stages(c)
     stages, teacher_seed = [], None
@@ -74,7 +76,7 @@ def plan_stages(c: Config) -> list[Stage]:
                                 "--teacher_weights", teaches=True))
         if "baseline" in wanted:
             stages.append(Stage("baseline", Role.BASELINE, c.student_arch, seed, c.student_weights,
-                                tune=index == 0 and bool(c.tune)))
+                                tune=index == 0 and bool(c.tune), teaches=bool(c.born_again and not teacher_given(c))))
         if "distill" in wanted:
             source = (None if resolve_losses(c).teacher_free else TeacherFrom("teacher", teacher_seed)
                       if c.train_teacher else TeacherFrom())
@@ -82,10 +84,22 @@ def plan_stages(c: Config) -> list[Stage]:
                 stages.append(Stage(f"assistant{number}", Role.DISTILL, arch, seed, teacher=source, teaches=True))
                 source = TeacherFrom(f"assistant{number}", seed)
             baseline = "baseline" if "baseline" in wanted else None
+            if c.born_again:
+                source = source if teacher_given(c) else TeacherFrom("baseline", seed)
+                for number in range(1, c.born_again + 1):
+                    stages.append(Stage(f"generation{number}", Role.DISTILL, c.student_arch, seed, c.student_weights,
+                                        teacher=source, baseline=baseline, teaches=number < c.born_again))
+                    source = TeacherFrom(f"generation{number}", seed)
+                continue
             # Tuned once, before the first seed's student (kd.run.checks refuses --tune with assistants).
             stages.append(Stage("distill", Role.DISTILL, c.student_arch, seed, c.student_weights, teacher=source,
                                 baseline=baseline, tune=index == 0 and bool(c.tune)))
     return stages
+
+
+def teacher_given(c: Config) -> bool:
+    """Whether run ``c`` has a teacher: one it trains, or --teacher_checkpoint files."""
+    return bool(c.train_teacher or c.teacher_checkpoint)
 
 
 def teacher_files(c: Config) -> tuple[Path, ...]:
@@ -103,8 +117,8 @@ def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:
         return with_weights_in_force(config) if stage.role is Role.DISTILL else config
     return replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),
                    teacher_checkpoint=[str(path) for path in teacher.checkpoints],
-                   ensemble_weights=list(teacher.weights), student_arch=stage.arch,
-                   student_weights=c.student_weights if stage.name == "distill" else None)
+                   ensemble_weights=list(teacher.weights), student_arch=stage.arch, student_weights=stage.weights,
+                   born_again=None)
 
 
 def with_weights_in_force(c: Config) -> Config:
@@ -143,7 +157,9 @@ def check_stages(c: Config) -> list[str]:
     if c.distill and c.train_teacher and c.teacher_checkpoint:
         raise KDError("--teacher_checkpoint and --train_teacher both given: distill from one or the other")
     teacher_free = c.distill and resolve_losses(c).teacher_free
-    if c.distill and not (c.train_teacher or c.teacher_checkpoint or teacher_free):
+    if c.born_again:
+        _check_born_again(c, teacher_free)
+    if c.distill and not (teacher_given(c) or teacher_free or (c.born_again and c.baseline)):
         raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
     if teacher_free and (c.teacher_checkpoint or c.assistant_arch):
         flag = "--teacher_checkpoint" if c.teacher_checkpoint else "--assistant_arch"
@@ -160,6 +176,21 @@ def check_stages(c: Config) -> list[str]:
     if c.scheduler == "multistep" and not c.milestones:
         raise KDError("--scheduler multistep needs --milestones: the epochs after which the learning rate decays")
     return stages
+
+
+def _check_born_again(c: Config, teacher_free: bool) -> None:
+    """Refuse --born_again where generations cannot follow one another."""
+    if not c.distill:
+        raise KDError(f"--born_again {c.born_again} trains generations of distilled students: add --distill")
+    if teacher_free:
+        raise KDError(f"--born_again with --kd_loss {' '.join(c.kd_loss)}: each generation learns from the one "
+                      "before, and this loss needs no teacher; choose a loss that learns from one")
+    if c.assistant_arch:
+        raise KDError("--born_again with --assistant_arch: generations repeat the student, assistants step down to it; "
+                      "use one or the other")
+    if not (teacher_given(c) or c.baseline):
+        raise KDError(f"--born_again {c.born_again} without a teacher distils its first generation from the baseline "
+                      "student: add --baseline, or a teacher (--train_teacher or --teacher_checkpoint)")
 
 
 def _check_mixing(c: Config) -> None:

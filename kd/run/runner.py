@@ -23,6 +23,7 @@ from kd.files import remove_path, write_text, writer_thread_errors_raised_here
 from kd.losses.options import loss_key
 from kd.report.results import RESULT_FILE, StageResult
 from kd.run.checks import check_experiment, check_run
+from kd.run.generations import ensemble_of_generations, last_generation
 from kd.run.plan import Plan, Stage, TeacherFrom, stage_record
 from kd.run.resume import check_tuned_resume, find_earlier
 from kd.run.summary import report_and_summary
@@ -63,6 +64,9 @@ class StageRunner:
             baseline = results.get((stage.baseline, stage.seed)) if stage.baseline else None
             results[stage.key] = self._stage(stage, self.tuned.get(stage.name, self.config), teacher,
                                              baseline.best_top1 if baseline else None)
+            if last_generation(stage.name, self.config) and is_main_process():
+                generations = [results[f"generation{n}", stage.seed] for n in range(1, self.config.born_again + 1)]
+                results["ensemble", stage.seed] = ensemble_of_generations(generations, self.build, self.config)
             if stage.teaches:
                 offered[stage.key] = self._load_teacher(stage.arch, results[stage.key])
                 if stage.name == "teacher":

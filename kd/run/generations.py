@@ -1,0 +1,39 @@
+"""Born-again networks (``--born_again N``): the ensemble of a seed's generations, evaluated after the last one.
+
+Each generation is an ordinary distill stage (planned by :mod:`kd.run.plan`); what Furlanello et al. (2018) add
+is the ensemble of all of them, whose logits are averaged. It is evaluated on the validation set once the last
+generation finished and reported as a row of its own (stage ``ensemble``), beside the generations; it trains
+nothing, so it is not saved as a stage: a resumed run evaluates it again from the generations' checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from kd.config import Config
+from kd.deploy.commands import device_of
+from kd.deploy.metrics import evaluate
+from kd.report.results import StageResult
+from kd.train.stage import StageBuilder
+
+
+def last_generation(name: str, config: Config) -> bool:
+    """Whether stage ``name`` is the last generation of --born_again, after which the ensemble is evaluated."""
+    return bool(config.born_again) and name == f"generation{config.born_again}"
+
+
+def ensemble_of_generations(generations: list[StageResult], build: StageBuilder, config: Config) -> StageResult:
+    """The validation top-1 and top-5 of the mean of the ``generations``' logits (their best checkpoints), as a
+    result row: stage ``ensemble``, its architecture ``N×ARCH``, its parameters all of theirs."""
+    started = time.monotonic()
+    members = build.teacher(tuple(r.arch for r in generations), tuple(r.best_checkpoint.resolve() for r in generations))
+    data = build.data
+    scores = evaluate(members.network, data.val_dataloader(), data.classes, device_of(config), config.augment)
+    last = generations[-1]
+    return replace(last, stage="ensemble", arch=f"{len(generations)}×{last.arch}",
+                   params=sum(r.params for r in generations), best_top1=scores.top1, best_top5=scores.top5,
+                   best_epoch=0, seconds=time.monotonic() - started, log_dir=last.log_dir.parent.parent,
+                   val_top1=[scores.top1], last_top5=scores.top5, warnings=[],
+                   teachers=[{"arch": r.arch, "checkpoint": str(r.best_checkpoint), "top1": r.top1}
+                             for r in generations], teacher_top1=None)
