@@ -50,6 +50,8 @@ def test_there_is_a_row_per_pair_and_method_of_the_tables():
     assert {f"{pair}/{method}" for pair in pairs for method in methods} <= set(reproduce.ROWS)
     assert {row for row in reproduce.ROWS if row.endswith("/dist")} == {  # DIST's README has these three
         "res32x4_res8x4/dist", "res56_res20/dist", "res32x4_shuv2/dist"}
+    assert {row for row in reproduce.ROWS if row.endswith("/ctkd")} == {  # CTKD's README has these three
+        "res56_res20/ctkd", "wrn40_2_wrn16_2/ctkd", "vgg13_vgg8/ctkd"}
 
 
 @pytest.mark.parametrize("row", reproduce.ROWS)
