@@ -181,9 +181,14 @@ class Config:
     lr: float = _flag(0.05, "peak learning rate", check=lambda x: _positive(x) and _float32(x),
                       must=f"be positive and at most {FLOAT32_MAX:.4g} (float32, the weights' type)", group="training",
                       roles=TRAINING)
-    optimizer: str = _flag("sgd", "optimizer", choices=("sgd", "adam", "adamw"), group="training", roles=TRAINING)
+    optimizer: str = _flag("sgd", "optimizer (dot: Zhao et al. 2023's distillation-oriented trainer, SGD with one "
+                           "momentum for the distillation loss's gradient and another for the cross-entropy's)",
+                           choices=("sgd", "adam", "adamw", "dot"), group="training", roles=TRAINING)
     momentum: float = _flag(0.9, "SGD momentum (Adam's beta1)", check=lambda x: 0 <= x < 1,
                             must="be in [0, 1)", group="training", roles=TRAINING)
+    dot_delta: float = _flag(0.075, "--optimizer dot's momentum gap: the distillation loss's gradient gets momentum "
+                             "--momentum + this, the cross-entropy's --momentum - this (DOT's default, 0.075)",
+                             check=lambda x: 0 <= x < 1, must="be in [0, 1)", group="training", roles=TRAINING)
     weight_decay: float = _flag(5e-4, "weight decay", check=_float32,
                                 must=f"be 0 or more and at most {FLOAT32_MAX:.4g} (float32, the weights' type)",
                                 group="training", roles=TRAINING)

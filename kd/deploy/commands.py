@@ -14,7 +14,8 @@ from kd.config import Config
 from kd.data.transforms import RECIPES
 from kd.data.loaders import make_datamodule
 from kd.errors import KDError, warn
-from kd.deploy.metrics import Evaluation, confusion_figure, evaluate, format_evaluation, weight_problems
+from kd.deploy.metrics import (Evaluation, confusion_figure, device_of, evaluate, format_evaluation,
+                               weight_problems)
 from kd.deploy.export import METADATA_FILE, export_model, format_profiles, profile_model, read_metadata
 from kd.files import file_digest, writer_thread_errors_raised_here
 from kd.models.build import load_network
@@ -23,11 +24,6 @@ from kd.models.sources import trusted_arch
 from kd.report.results import RESULT_FILE, StageResult
 
 EXTENSIONS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-
-
-def device_of(config: Config) -> str:
-    """Where an evaluation runs: the GPU when there is one and --accelerator allows it, else the CPU."""
-    return "cuda" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "cpu"
 
 
 def preprocessing(image_size: int, augment: str) -> str:
@@ -155,7 +151,7 @@ def evaluate_checkpoint(config: Config) -> Path | None:
                      augment=meta.get("augment", "imagenet" if meta else config.augment))  # older kd: imagenet
     data = make_datamodule(config)
     model = load_network(path, arch, data.classes, config.image_size, "--evaluate")
-    result = evaluate(model, data.val_dataloader(), data.classes, device_of(config), config.augment)
+    result = evaluate(model, data.val_dataloader(), data.classes, device_of(config.accelerator), config.augment)
     print(f"{path} ({arch}, {config.image_size} px) on the validation images of {config.data_dir}:\n"
           f"{format_evaluation(result)}", flush=True)
     log_dir = _log_evaluation(result, Path(config.output_dir) / config.experiment_name)

@@ -32,6 +32,11 @@ class Evaluation:
     count: int
 
 
+def device_of(accelerator: str) -> str:
+    """Where an evaluation runs: the GPU when there is one and --accelerator allows it, else the CPU."""
+    return "cuda" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "cpu"
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for a while, then give every submodule back its own train/eval mode."""

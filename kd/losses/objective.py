@@ -68,6 +68,21 @@ class Objective(nn.Module):
             terms |= {f"kd/{key}" if name == key else f"kd/{key}/{name}": value for name, value in output.items()}
         return total, terms
 
+    def split(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The two parts that :meth:`forward` sums, from the ``terms`` it returned: ce_weight·CE, and Σ weightᵢ·lossᵢ
+        over the distillation losses (None without one), for an optimiser that treats their gradients apart (DOT).
+
+        A term ``kd/<loss>`` or ``kd/<loss>/<term>`` belongs to the loss of the longest key that names it so.
+        """
+        distillation = None
+        for name, value in terms.items():
+            if name == "ce":
+                continue
+            key = max((k for k in self.losses if name == f"kd/{k}" or name.startswith(f"kd/{k}/")), key=len)
+            weighted = self.weights[key] * value
+            distillation = weighted if distillation is None else distillation + weighted
+        return self.ce_weight * terms["ce"], distillation
+
 
 def build_objective(losses: ResolvedLosses, label_smoothing: float = 0.0, **settings: Any) -> Objective:
     """The objective of a run's resolved losses (see :mod:`kd.losses.spec`), and ``--label_smoothing`` of its

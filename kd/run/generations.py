@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from kd.config import Config
-from kd.deploy.commands import device_of
-from kd.deploy.metrics import evaluate
+from kd.deploy.metrics import device_of, evaluate
 from kd.report.results import StageResult
-from kd.train.stage import StageBuilder
+
+if TYPE_CHECKING:  # the runner's builder is handed in; evaluating needs no import of it
+    from kd.train.stage import StageBuilder
 
 
 def last_generation(name: str, config: Config) -> bool:
@@ -28,8 +30,8 @@ def ensemble_of_generations(generations: list[StageResult], build: StageBuilder,
     result row: stage ``ensemble``, its architecture ``N×ARCH``, its parameters all of theirs."""
     started = time.monotonic()
     members = build.teacher(tuple(r.arch for r in generations), tuple(r.best_checkpoint.resolve() for r in generations))
-    data = build.data
-    scores = evaluate(members.network, data.val_dataloader(), data.classes, device_of(config), config.augment)
+    data, device = build.data, device_of(config.accelerator)
+    scores = evaluate(members.network, data.val_dataloader(), data.classes, device, config.augment)
     last = generations[-1]
     return replace(last, stage="ensemble", arch=f"{len(generations)}×{last.arch}",
                    params=sum(r.params for r in generations), best_top1=scores.top1, best_top5=scores.top5,

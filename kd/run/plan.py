@@ -16,6 +16,7 @@ from kd.config import Config, Role, identity
 from kd.errors import KDError
 from kd.files import checked_path
 from kd.losses.spec import resolve_losses
+from kd.train.optim import check_optimizer
 from kd.train.teachers import Teacher
 
 STAGES = ("teacher", "baseline", "distill")
@@ -175,6 +176,7 @@ def check_stages(c: Config) -> list[str]:
                       f"not {c.scheduler}")
     if c.scheduler == "multistep" and not c.milestones:
         raise KDError("--scheduler multistep needs --milestones: the epochs after which the learning rate decays")
+    check_optimizer(c)
     return stages
 
 

@@ -16,7 +16,7 @@ from kd.train.teachers import TeacherEnsemble
 from kd.errors import KDError
 from kd.losses.logits import kl_softmax
 from kd.train.mixing import hard_labels
-from kd.train.optim import OptimSettings
+from kd.train.optim import OptimSettings, check_dot_backward, distillation_gradients
 
 if TYPE_CHECKING:  # the stage builder makes it; this module only runs its step
     from kd.train.distiller import Distiller
@@ -86,7 +86,30 @@ class KDModule(pl.LightningModule):
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, **log)
         self.log("train/top1", self.train_top1, **(log | {"on_step": False}))
         self.log("train/top5", self.train_top5, **(log | {"on_step": False}))
+        if self.optim.optimizer == "dot" and self.distiller.distilling:
+            return self._dot_cross_entropy(terms)
         return loss
+
+    def _dot_cross_entropy(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """For ``--optimizer dot``: hand the optimiser the distillation part's gradient, and return the
+        cross-entropy part, whose gradient Lightning's backward pass computes (loss scaling and DDP included).
+
+        Under a loss scaler (16-mixed), a non-finite distillation gradient makes the returned part NaN, so that
+        the scaler skips the step and lowers its scale, as it does when the summed loss overflows.
+        """
+        ce, distillation = self.distiller.objective.split(terms)
+        if distillation is None:
+            return ce
+        optimizer = self.trainer.optimizers[0]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        mean = (lambda t: self.trainer.strategy.reduce(t, reduce_op="mean")) if self.trainer.world_size > 1 else None
+        grads = distillation_gradients(distillation, params, scaler.get_scale() if scaler is not None else 1.0, mean)
+        optimizer.hold_distillation_gradients(params, grads)
+        if scaler is None:
+            return ce
+        finite = torch.stack([g.isfinite().all() for g in grads if g is not None]).all()
+        return ce * torch.where(finite, 1.0, float("nan"))
 
     def on_train_epoch_start(self) -> None:
         """Log each term's weight beside it (constant unless a loss warms up inside)."""
@@ -140,6 +163,10 @@ class KDModule(pl.LightningModule):
         self.distiller.remove_hooks()
 
     def configure_optimizers(self) -> Any:
+        if self.optim.optimizer == "dot" and self.distiller.distilling:
+            student = set(self.model.parameters())
+            check_dot_backward(self.trainer.strategy.model,
+                               [p for p in self.distiller.trained_parameters() if p not in student])
         return self.optim.configure(self.distiller.trained_parameters(), self.trainer.estimated_stepping_batches,
                                     self.trainer.max_epochs)
 
