@@ -80,7 +80,8 @@ def main() -> None:
     teacher = out / "tune_table" / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
     baseline = top1(out / "tune_table", "baseline")
     seconds = clock(out, common, args.seeds[0], "tune_table_clock_baseline")
-    run(*seeds, "--experiment_name", "tune_table_baseline_tuned", "--baseline", *tune)
+    run(*seeds, "--experiment_name", "tune_table_baseline_tuned", "--train_teacher", "false", "--baseline",
+        "--distill", "false", *tune)
     tuned_baseline = top1(out / "tune_table_baseline_tuned", "baseline")
     spent = tune_seconds(out / "tune_table_baseline_tuned" / "tune" / "baseline")
     rows = ["| method | gain at defaults over the baseline at the preset's flags | gain tuned over the baseline at the "

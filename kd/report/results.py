@@ -41,6 +41,7 @@ class StageResult:
     warnings: list[str] = field(default_factory=list)  # what the user was told about this stage, e.g. a weak teacher
     last_top5: float | None = None  # percent, the last epoch's (None: saved before kd recorded it)
     tune_trials: int | None = None  # the --tune N that chose its settings (None: not tuned)
+    tune_study: str | None = None  # the name of the Optuna study that chose them
 
     @property
     def top1(self) -> float:
@@ -120,6 +121,7 @@ FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warnings": (_list_of(_text), "a list of strings"),
     "last_top5": (lambda value: value is None or _number(value), "a number or null"),
     "tune_trials": (lambda value: value is None or _whole(value), "a whole number or null"),
+    "tune_study": (lambda value: value is None or _text(value), "a string or null"),
 }
 REQUIRED = [f.name for f in dataclasses.fields(StageResult) if f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING]

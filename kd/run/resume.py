@@ -17,19 +17,23 @@ from kd.report.results import RESULT_FILE, StageResult
 from kd.run.plan import saved_identity
 
 
-def find_earlier(folder: Path, config: Config, role: Role, arch: str,
-                 classes: list[str]) -> tuple[StageResult | Path | None, list[str]]:
+def find_earlier(folder: Path, config: Config, role: Role, arch: str, classes: list[str],
+                 tune: tuple[int, str] | None = None) -> tuple[StageResult | Path | None, list[str]]:
     """The latest run under stage ``folder`` whose saved flags of ``role`` are ``config``'s (the stage's record), and
     why others were passed over.
 
     Its result if it finished, its folder if it can continue from ``last.ckpt``, None if none can. A run
     whose checkpoint cannot be read, does not fit an ``arch``, or learned other ``classes`` is left as it is.
+    A finished run is reused only if the same tune chose its settings (``tune``: trials and study; None: untuned),
+    so a tuned stage is never an untuned one that happened to keep the flags' values, nor the other way round.
     """
     passed, wanted = list[str](), config.identity(role)
     for version in _versions(folder):
         if saved_identity(_moved_along(_saved_config(version), folder.parent), config, role) != wanted:
             continue
         result = StageResult.load(version / RESULT_FILE) if (version / RESULT_FILE).is_file() else None
+        if result is not None and (tune or (None, None)) != (result.tune_trials, result.tune_study):
+            continue
         checkpoint = result.best_checkpoint if result else version / "checkpoints" / "last.ckpt"
         if result is None and not checkpoint.is_file():  # stopped in its first epoch, before last.ckpt
             passed.append(f"--resume: {version} stopped before its first epoch ended, so it has no last.ckpt to "
@@ -44,23 +48,23 @@ def find_earlier(folder: Path, config: Config, role: Role, arch: str,
 
 
 TUNED = ("lr", "weight_decay", "label_smoothing", "kd_weights", "ce_weight", "loss_options", "temperature")
-TUNE_FLAGS = ("tune", "tune_epochs", "tune_fraction", "tune_space")
 
 
-def check_tuned_resume(folder: Path, config: Config, role: Role) -> None:
-    """Refuse --resume of a tuned stage whose tune chose settings other than those a finished run of it recorded under
-    the same --tune flags: the study is not the one that tuned it (another --tune_storage, a replaced study.db), and
-    reusing either would compare stages tuned by different studies. Other --tune flags ask for a new tune: the stage
-    then trains anew beside the old one."""
+def check_tuned_resume(folder: Path, config: Config, role: Role, study: str, trials: int) -> None:
+    """Refuse --resume of a tuned stage that a finished run of it says the same study (``study``, ``trials``) tuned
+    to other settings than this run's tune chose: the study under that name is not the one that tuned it (another
+    --tune_storage, a replaced study.db), and reusing either would compare stages tuned by different studies. A
+    different study or trial count (other flags, a larger --tune) asks for a new tune: the stage trains anew."""
     def untuned(flags: dict[str, Any]) -> dict[str, Any]:
         return {name: value for name, value in flags.items() if name not in TUNED}
 
     wanted = config.identity(role)
     for version in _versions(folder):
-        saved = _moved_along(_saved_config(version), folder.parent)
-        same_tune = all(saved.get(flag) == getattr(config, flag) for flag in TUNE_FLAGS)
-        recorded = saved_identity(saved, config, role)
-        if not (version / RESULT_FILE).is_file() or not same_tune or untuned(recorded) != untuned(wanted):
+        if not (version / RESULT_FILE).is_file():
+            continue
+        result = StageResult.load(version / RESULT_FILE)
+        recorded = saved_identity(_moved_along(_saved_config(version), folder.parent), config, role)
+        if (result.tune_study, result.tune_trials) != (study, trials) or untuned(recorded) != untuned(wanted):
             continue
         changed = [f"{name} {recorded[name]} → {wanted[name]}" for name in TUNED
                    if name in wanted and recorded[name] != wanted[name]]

@@ -33,7 +33,7 @@ from kd.train.module import KDModule, NonFiniteLoss
 from kd.train.stage import StageBuilder
 from kd.train.teachers import Teacher
 from kd.train.trainer import is_main_process, make_trainer
-from kd.tune.search import tune_stage
+from kd.tune.search import Tuned, tune_stage
 from kd.versions import new_version, training_lock
 
 
@@ -50,7 +50,7 @@ class StageRunner:
         self.root = Path(config.output_dir) / config.experiment_name
         self.kd_loss_name = "+".join(loss_key(spec) for spec in config.kd_loss)
         self.given = replace(plan.teacher, top1=_recorded_top1(plan.teacher)) if plan.teacher else None
-        self.tuned: dict[str, Config] = {}  # the settings a tune chose, by stage name
+        self.tuned: dict[str, Tuned] = {}  # what a tune chose, by stage name
         self.teacher = self.given  # the latest teacher trained or given: --export compares the students with it
 
     def run(self) -> list[StageResult]:
@@ -62,7 +62,8 @@ class StageRunner:
             if stage.tune:  # tuned once, with the first seed; every seed's stage of this name gets the best
                 self.tuned[stage.name] = tune_stage(self.config, self.build, teacher, self.root, stage.role)
             baseline = results.get((stage.baseline, stage.seed)) if stage.baseline else None
-            results[stage.key] = self._stage(stage, self.tuned.get(stage.name, self.config), teacher,
+            tuned = self.tuned.get(stage.name)
+            results[stage.key] = self._stage(stage, tuned.config if tuned else self.config, teacher,
                                              baseline.best_top1 if baseline else None)
             if last_generation(stage.name, self.config) and is_main_process():
                 generations = [results[f"generation{n}", stage.seed] for n in range(1, self.config.born_again + 1)]
@@ -92,17 +93,17 @@ class StageRunner:
         """
         config = stage_record(c, stage, teacher)
         earlier = None
-        if config.resume and stage.name in self.tuned:
-            check_tuned_resume(self.root / stage.name, config, stage.role)
+        tuned = self.tuned.get(stage.name)
+        if config.resume and tuned:
+            check_tuned_resume(self.root / stage.name, config, stage.role, tuned.study, tuned.trials)
         if config.resume:
-            earlier, passed = find_earlier(self.root / stage.name, config, stage.role, stage.arch, self.build.classes)
+            earlier, passed = find_earlier(self.root / stage.name, config, stage.role, stage.arch, self.build.classes,
+                                           (tuned.trials, tuned.study) if tuned else None)
             for notice in passed if is_main_process() else []:
                 warn(notice)
         if isinstance(earlier, StageResult):
             if is_main_process():
                 print(f"\n== {stage.name}, seed {stage.seed}: finished earlier in {earlier.log_dir}", flush=True)
-            if stage.name in self.tuned and earlier.tune_trials is None:  # the tune chose the flags' own values
-                earlier = replace(earlier, tune_trials=c.tune)
             return earlier
         known = teacher is not None and teacher.top1 is not None
         doubt = teacher_doubt(teacher.top1, len(self.build.classes), baseline) if known else None
@@ -187,12 +188,14 @@ class StageRunner:
                                {"hp/best_top1": best["val/top1"], "hp/best_top5": best["val/top5"]})
         logger.experiment.flush()  # on disk when the stage returns, not whenever its writer thread gets to it
         log_dir = self.root / stage / Path(checkpoint.dirpath).parent.name  # rank 0's version on every rank
+        tuned = self.tuned.get(stage)
         result = StageResult(c.experiment_name, stage, arch, c.seed, params, best["val/top1"], best["val/top5"],
                              int(best["epoch"]), timer.time_elapsed("train"), log_dir, Path(checkpoint.best_model_path),
                              self.kd_loss_name if module.distiller.distilling else "",
                              [e["val/top1"] for e in history.epochs], teacher_records(teacher, history.epochs[-1]),
                              history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None,
-                             notes, history.epochs[-1]["val/top5"], c.tune if stage in self.tuned else None)
+                             notes, history.epochs[-1]["val/top5"], tuned.trials if tuned else None,
+                             tuned.study if tuned else None)
         if is_main_process():
             result.save()
         return result

@@ -11,7 +11,7 @@ with the same study, and a study stops at N finished trials, whoever ran them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import hashlib
 import json
@@ -53,6 +53,15 @@ if TYPE_CHECKING:  # the builder is handed in; building with it needs no import 
     from kd.train.stage import StageBuilder
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class Tuned(NamedTuple):
+    """What a tune chose for a stage: the run's config with the chosen settings, and the study and trials behind it
+    (recorded with the stage, so --resume reuses only a stage that this very study chose)."""
+
+    config: Config
+    study: str
+    trials: int
 
 
 class SliceScore(pl.Callback):
@@ -309,7 +318,8 @@ def fail_orphans(study: optuna.Study) -> None:
             study.tell(trial.number, state=TrialState.FAIL)
 
 
-def tune_stage(c: Config, build: StageBuilder, teacher: Teacher | None, root: Path, role: Role) -> Config:
+def tune_stage(c: Config, build: StageBuilder, teacher: Teacher | None, root: Path, role: Role) -> Tuned:
     """``c`` with the settings a study of --tune trials chose for the baseline or the distill stage (``role``, see
-    :class:`Tuner`)."""
-    return Tuner(c, build, teacher, root, role).run()
+    :class:`Tuner`), and that study."""
+    tuner = Tuner(c, build, teacher, root, role)
+    return Tuned(tuner.run(), tuner.study_name(), c.tune)
