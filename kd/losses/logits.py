@@ -281,7 +281,9 @@ class SKD(DistillationLoss):
         diff = direction_gram(student_logits) - direction_gram(teacher_logits)
         eye = torch.eye(diff.shape[1], dtype=diff.dtype, device=diff.device)
         precision = torch.cholesky_inverse(torch.linalg.cholesky(torch.cov(diff.T) + self.tikhonov * eye))
-        return torch.einsum("bi,ij,bj->b", diff, precision, diff).sqrt().mean()
+        squared = torch.einsum("bi,ij,bj->b", diff, precision, diff)
+        positive = squared > 0  # √ has no gradient at 0: a row the student matches exactly gives 0 and no gradient
+        return (torch.where(positive, squared, torch.ones_like(squared)).sqrt() * positive).mean()
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kd.errors import KDError  # noqa: E402
 from kd.files import written_atomically  # noqa: E402
-from kd.report.confidence import Gain, paired_gain  # noqa: E402
+from kd.report.confidence import Gain, paired_gain, unpaired_gain  # noqa: E402
 from kd.report.provenance import saved_config, settings_table  # noqa: E402
 from kd.report.results import StageResult  # noqa: E402
 from kd.tables import text_table  # noqa: E402
@@ -64,7 +64,8 @@ def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, dict[str, Gain]
     seed by seed, by the baseline's name (:func:`baseline_name`); a tuned distill group is compared with a tuned
     baseline when there is one, an untuned group with an untuned one, and each with the other kind as well.
 
-    Where the two share no seed, the gain is the difference of their means (one value, no interval).
+    Each side counts one run per seed (:func:`one_per_seed`); where the two share no seed, the gain is the
+    difference of their means (no interval).
     """
     out: dict[Group, dict[str, Gain]] = {}
     for (experiment, label), runs in groups.items():
@@ -74,12 +75,27 @@ def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, dict[str, Gain]
                      name.startswith("baseline")]
         tuned = bool(runs[0].tune_trials)
         baselines.sort(key=lambda group: bool(group[0].tune_trials) != tuned)  # the same kind first
+        students = one_per_seed(runs)
         for baseline in baselines:
-            base_by_seed = {r.seed: r.top1 for r in baseline}
-            paired = [r.top1 - base_by_seed[r.seed] for r in runs if r.seed in base_by_seed]
-            out.setdefault((experiment, label), {})[baseline_name(baseline)] = paired_gain(
-                paired or [statistics.fmean(r.top1 for r in runs) - statistics.fmean(base_by_seed.values())])
+            base_by_seed = {r.seed: r.top1 for r in one_per_seed(baseline)}
+            paired = [r.top1 - base_by_seed[r.seed] for r in students if r.seed in base_by_seed]
+            out.setdefault((experiment, label), {})[baseline_name(baseline)] = paired_gain(paired) if paired else (
+                unpaired_gain(statistics.fmean(r.top1 for r in students) - statistics.fmean(base_by_seed.values())))
     return out
+
+
+def one_per_seed(runs: list[StageResult]) -> list[StageResult]:
+    """The newest run (highest ``version_N``) of each seed: a stage trained again without --resume is one sample of
+    that seed, not a second one, so it may not narrow an interval."""
+    def version(run: StageResult) -> int:
+        number = run.log_dir.name.removeprefix("version_")
+        return int(number) if number.isdigit() else -1
+
+    newest: dict[int, StageResult] = {}
+    for run in runs:
+        if run.seed not in newest or version(run) > version(newest[run.seed]):
+            newest[run.seed] = run
+    return list(newest.values())
 
 
 def _shown(value: float | None) -> str:

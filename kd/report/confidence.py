@@ -18,7 +18,10 @@ LEVEL = 0.95
 
 @dataclass(frozen=True)
 class Gain:
-    """A paired gain in top-1 points over ``seeds`` seeds: its mean, the interval (None with one seed), the wins."""
+    """A paired gain in top-1 points over ``seeds`` seeds: its mean, the interval (None with one seed), the wins.
+
+    ``seeds`` 0: the two sides share no seed, and the gain is the difference of their means, not paired.
+    """
 
     mean: float
     low: float | None
@@ -34,17 +37,23 @@ class Gain:
     def short(self) -> str:
         """``+2.10 [−0.51, +4.71], 2/3 wins`` (the mean alone for one seed), for table cells."""
         if self.low is None:
-            return f"{self.mean:+.2f}"
+            return f"{self.mean:+.2f}" if self.seeds else f"{self.mean:+.2f} (no shared seeds)"
         return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}], {self.wins}/{self.seeds} wins"
 
     def sentence(self) -> str:
         """The gain in words, saying the interval's level and method and whether it holds zero."""
         if self.low is None:
-            return f"{self.mean:+.2f} top-1 points (one seed: no interval)"
+            why = "one seed" if self.seeds else "no seed on both sides: the difference of the means"
+            return f"{self.mean:+.2f} top-1 points ({why}: no interval)"
         verdict = ("; the interval includes zero: the gain could be noise" if self.includes_zero
                    else "; the interval excludes zero")
         return (f"{self.mean:+.2f} top-1 points, {LEVEL:.0%} CI [{self.low:+.2f}, {self.high:+.2f}] (Student's t over "
                 f"{self.seeds} seeds' paired differences), wins on {self.wins} of {self.seeds} seeds{verdict}")
+
+
+def unpaired_gain(difference: float) -> Gain:
+    """The :class:`Gain` of two groups that share no seed: the difference of their means, without an interval."""
+    return Gain(difference, None, None, int(difference > 0), 0)
 
 
 def paired_gain(differences: list[float]) -> Gain:

@@ -113,13 +113,13 @@ def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:
     --resume compares. A stage with a teacher records the very teacher and loss settings in force, so --resume
     never mixes them up."""
     config = replace(c, seed=stage.seed, seeds=[], train_teacher=stage.name == "teacher",
-                     baseline=stage.name == "baseline", distill=stage.role is Role.DISTILL, assistant_arch=[])
+                     baseline=stage.name == "baseline", distill=stage.role is Role.DISTILL, assistant_arch=[],
+                     born_again=None)
     if teacher is None:  # trained on labels alone, or by losses that need no teacher
         return with_weights_in_force(config) if stage.role is Role.DISTILL else config
     return replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),
                    teacher_checkpoint=[str(path) for path in teacher.checkpoints],
-                   ensemble_weights=list(teacher.weights), student_arch=stage.arch, student_weights=stage.weights,
-                   born_again=None)
+                   ensemble_weights=list(teacher.weights), student_arch=stage.arch, student_weights=stage.weights)
 
 
 def with_weights_in_force(c: Config) -> Config:
@@ -162,8 +162,10 @@ def check_stages(c: Config) -> list[str]:
         _check_born_again(c, teacher_free)
     if c.distill and not (teacher_given(c) or teacher_free or (c.born_again and c.baseline)):
         raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
-    if teacher_free and (c.teacher_checkpoint or c.assistant_arch):
-        flag = "--teacher_checkpoint" if c.teacher_checkpoint else "--assistant_arch"
+    if teacher_free and (teacher_given(c) or c.assistant_arch or c.teacher_layers):
+        given = {"--teacher_checkpoint": c.teacher_checkpoint, "--train_teacher": c.train_teacher,
+                 "--assistant_arch": c.assistant_arch, "--teacher_layers": c.teacher_layers}
+        flag = next(name for name, value in given.items() if value)
         raise KDError(f"--kd_loss {' '.join(c.kd_loss)} needs no teacher (it makes its own soft labels), but {flag} "
                       "gives one: drop it, or add a loss that learns from a teacher")
     if c.assistant_arch and not c.distill:

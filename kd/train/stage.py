@@ -79,10 +79,10 @@ class StageBuilder:
         """
         options = {"label_smoothing": c.label_smoothing, "ema_decay": c.ema, "channels_last": c.channels_last,
                    "compile": c.compile, "mixing": batch_mixing(c.mixup, c.cutmix, len(self.classes), c.seed)}
-        losses = resolve_losses(c)
-        teacher_free = c.distill and losses.teacher_free
+        teacher_free = c.distill and resolve_losses(c).teacher_free  # a teacher or baseline stage reads no loss flag
         if teacher is None and cache is None and not teacher_free:
             return Distiller(model, **options)
+        losses = resolve_losses(c)
         shapes = None
         if c.student_layers and (teacher is not None or teacher_free):
             shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),

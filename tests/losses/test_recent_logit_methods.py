@@ -204,6 +204,15 @@ def test_skd_direction_ignores_logit_norms_and_a_single_sample():
     assert torch.isfinite(lone.grad).all()
 
 
+def test_skd_direction_of_a_student_matching_the_teachers_directions_is_zero_with_a_finite_gradient():
+    """Logits twice the teacher's have the same directions: the direction term is 0, and √ at 0 gives no NaN."""
+    t = random_tensor(27, (5, 7))
+    s = (2 * t).requires_grad_(True)
+    direction = SKD()(s, t, None)["direction"]
+    direction.backward()
+    assert direction.item() == 0.0 and torch.isfinite(s.grad).all()
+
+
 # ---------------------------------------------------------------- CTKD (Li et al. 2023; zhengli97/CTKD)
 
 def sigmoid(x):

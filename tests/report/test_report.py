@@ -43,7 +43,20 @@ def test_gain_is_paired_seed_by_seed():
 def test_gain_without_shared_seeds_is_the_difference_of_means():
     results = [_result("baseline", 0, 40.0), _result("baseline", 1, 50.0), _result("distill", 7, 60.0, kd_loss="kl")]
     gain = gains(group_results(results))[("e", "distill (kl)")]["baseline"]
-    assert (gain.mean, gain.low, gain.seeds) == (15.0, None, 1)
+    assert (gain.mean, gain.low, gain.seeds) == (15.0, None, 0) and gain.short() == "+15.00 (no shared seeds)"
+    assert "no seed on both sides" in gain.sentence()
+
+
+def test_a_seed_trained_twice_counts_once_its_newest_run():
+    """A stage run again without --resume adds a version of the same seed: one sample, not two."""
+    def run(stage, seed, top1, version, kd_loss=""):
+        folder = Path(f"/r/{stage}/version_{version}")
+        return dataclasses.replace(_result(stage, seed, top1, kd_loss=kd_loss), log_dir=folder)
+
+    results = [run("baseline", 0, 40.0, 0), run("baseline", 1, 50.0, 1), run("baseline", 0, 42.0, 10),
+               run("distill", 0, 45.0, 0, "kl"), run("distill", 1, 52.0, 1, "kl"), run("distill", 0, 49.0, 2, "kl")]
+    gain = gains(group_results(results))[("e", "distill (kl)")]["baseline"]
+    assert gain.seeds == 2 and gain.mean == pytest.approx(((49 - 42) + (52 - 50)) / 2)
 
 
 def test_the_headline_top1_is_the_last_epochs_not_the_best_epoch_val_selected():

@@ -25,18 +25,13 @@ def test_a_teacher_free_loss_distils_without_a_teacher(tiny_data, tmp_path, flag
     assert events  # it logged its own curves
 
 
-def test_a_trained_teacher_is_not_run_by_a_teacher_free_stage(tiny_data, tmp_path):
-    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--distill",
-                 "--kd_loss", "tf_kd"]) == 0
-    assert _result(tmp_path, "teacher")["stage"] == "teacher" and _result(tmp_path)["teachers"] == []
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--kd_loss", "tf_kd", "--teacher_checkpoint", "x.ckpt"],
      "--kd_loss tf_kd needs no teacher (it makes its own soft labels), but --teacher_checkpoint gives one"),
     (["--kd_loss", "uskd"], "it reads the student's own features, with no teacher: give --student_layers"),
     (["--kd_loss", "uskd", "--student_layers", "features.3", "--teacher_layers", "features.3"],
-     "and no --teacher_layers"),
+     "but --teacher_layers gives one"),
+    (["--kd_loss", "tf_kd", "--train_teacher"], "but --train_teacher gives one: drop it"),
     (["--kd_loss", "tf_kd", "--teacher_cache", "cache"], "it needs no teacher, so there are no teacher outputs"),
 ])
 def test_a_teacher_free_stage_refuses_what_it_cannot_use_in_one_line(tiny_data, tmp_path, capsys, flags, message):
