@@ -167,9 +167,11 @@ def test_every_registered_loss_gives_finite_scalars_and_gradients(name):
     for value in terms.values():
         assert value.shape == () and torch.isfinite(value)
     sum(terms.values()).backward()
-    # What the loss compares of the student: the logits, or every hooked feature (crd embeds the last pair only).
-    trained = [s] if not features else list(student_features.values())[-1:] if name == "crd" else list(
-        student_features.values())
+    # What the loss compares of the student: the logits, or every hooked feature (crd embeds the last pair only;
+    # self_distill's last feature is the detached teacher of the others).
+    hooked = list(student_features.values())
+    trained = ([s] if not features else hooked[-1:] if name == "crd" else hooked[:-1] if name == "self_distill"
+               else hooked)
     for tensor in trained:
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
 
