@@ -11,8 +11,6 @@ from kd.losses.base import LOSSES
 class CrossEntropy(nn.Module):
     """Cross-entropy between the student's logits and the labels; ignores the teacher."""
 
-    needs_teacher = False
-
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(student_logits, labels)
