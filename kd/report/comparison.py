@@ -67,19 +67,20 @@ def gains(groups: dict[Group, list[StageResult]]) -> dict[Group, dict[str, Gain]
     Each side counts one run per seed (:func:`one_per_seed`); where the two share no seed, the gain is the
     difference of their means (no interval).
     """
+    # Each baseline group once: its experiment, name (read from its config.yaml), whether tuned, top-1 by seed.
+    baselines = [(experiment, baseline_name(group), bool(group[0].tune_trials),
+                  {r.seed: r.top1 for r in one_per_seed(group)})
+                 for (experiment, name), group in groups.items() if name.startswith("baseline")]
     out: dict[Group, dict[str, Gain]] = {}
     for (experiment, label), runs in groups.items():
         if not label.startswith(DISTILLED):
             continue
-        baselines = [group for (other, name), group in groups.items() if other == experiment and
-                     name.startswith("baseline")]
         tuned = bool(runs[0].tune_trials)
-        baselines.sort(key=lambda group: bool(group[0].tune_trials) != tuned)  # the same kind first
         students = one_per_seed(runs)
-        for baseline in baselines:
-            base_by_seed = {r.seed: r.top1 for r in one_per_seed(baseline)}
+        ours = sorted((b for b in baselines if b[0] == experiment), key=lambda b: b[2] != tuned)  # same kind first
+        for _, name, _, base_by_seed in ours:
             paired = [r.top1 - base_by_seed[r.seed] for r in students if r.seed in base_by_seed]
-            out.setdefault((experiment, label), {})[baseline_name(baseline)] = paired_gain(paired) if paired else (
+            out.setdefault((experiment, label), {})[name] = paired_gain(paired) if paired else (
                 unpaired_gain(statistics.fmean(r.top1 for r in students) - statistics.fmean(base_by_seed.values())))
     return out
 
