@@ -159,6 +159,13 @@ class Config:
                                    "none, from the baseline student), each later one from the one before; then "
                                    "their ensemble is evaluated", check=_positive, must="be at least 1",
                                    group="distillation", roles=(R.RECORDED,))
+    mutual: list[str] = _flag([], "deep mutual learning (Zhang et al. 2018): train these peer networks together "
+                              "with the student in its distill stage, each learning from the labels (and the teacher, "
+                              "if any) and from the others' outputs; each keeps its own checkpoints and result",
+                              group="distillation", roles=(R.DISTILL,))
+    mutual_weight: float = _flag(1.0, "weight of each network's mutual term: the mean over the other networks of "
+                                 "KL(their softmax || its softmax), at temperature 1 (the paper's)",
+                                 check=lambda x: x >= 0, must="be 0 or more", group="distillation", roles=(R.DISTILL,))
     teacher_cache: str | None = _flag(None, "store the teacher's logits here on the first distillation and read "
                                       "them on later runs with the same teacher, data, transforms and seed",
                                       group="speed", roles=(R.DISTILL,), path=True)

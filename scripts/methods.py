@@ -3,7 +3,8 @@
 Trains the demo teacher (cnn_medium) once, the label-only baseline (cnn_tiny) for each seed, the baseline tuned
 (``--tune``: 16 trials of 10 epochs over its learning rate, weight decay and label smoothing, with the first seed)
 for each seed, then the same student with each method at its papers' defaults for each seed (the teacher-free
-ones without the teacher; ``born_again``: two generations of kl_softmax, the first from the teacher), all with
+ones without the teacher; ``born_again``: two generations of kl_softmax, the first from the teacher; ``mutual``: the
+student and one peer, no teacher), all with
 the shipped commandline_args.txt (32 px, 20 epochs), and prints the last epoch's top-1 as mean ± std with the gain
 over each baseline paired seed by seed, its 95% interval and the seeds won.
 
@@ -51,10 +52,13 @@ METHODS = {
     # The reference's weak head reads the stage before the last: the demo CNN's first block.
     "uskd": ["--student_layers", "features.3"],
     "self_distill": ["--student_layers", "features.3", "features.7"],
+    "mlkd": [],
     "born_again": ["--kd_loss", "kl_softmax", "--born_again", "2"],
+    # Deep mutual learning as its paper runs it: no teacher, the student and one peer of its own architecture.
+    "mutual": ["--mutual", "cnn_tiny"],
 }
-TEACHER_FREE = {"tf_kd", "uskd", "self_distill"}  # they learn from no teacher
-PARADIGMS = {"born_again"}  # not a loss: its flags name the loss
+TEACHER_FREE = {"tf_kd", "uskd", "self_distill", "mutual"}  # they learn from no teacher
+PARADIGMS = {"born_again", "mutual"}  # not a loss: its flags name the loss, if any
 
 
 def run(*flags: str) -> None:

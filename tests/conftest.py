@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -58,6 +59,43 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, **options) -> subpro
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(PROJECT / "experiment.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, **options)
+
+
+# A student that sleeps in each training step, so that a test can stop it in the middle of an epoch.
+SLOW_NET = """
+import time
+from torch import nn
+from kd.models.kd_cnns import SimpleCNN
+
+class Slow(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.net = SimpleCNN((8, 16), num_classes)
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(0.03)
+        return self.net(x)
+"""
+
+
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``python experiment.py ARGS`` in ``cwd`` without waiting for it (a test stops it)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT)}
+    return subprocess.Popen([sys.executable, str(PROJECT / "experiment.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_mid_epoch(process: subprocess.Popen, stage_dir: Path, timeout: float = 120) -> None:
+    """Return once the first epoch's checkpoint exists and the second epoch is under way."""
+    deadline = time.monotonic() + timeout
+    while not (stage_dir / "checkpoints" / "last.ckpt").is_file():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    time.sleep(0.12)  # a few of the 9 steps of the next epoch
+    assert process.poll() is None, "the run ended before it could be interrupted"
+
 
 
 # ------------------------------------------------------------------------------------------ a full disk

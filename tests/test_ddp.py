@@ -42,3 +42,16 @@ def test_ddp_run_writes_once_and_syncs_validation_metrics(tiny_data, tmp_path):
         with torch.no_grad():
             accuracy = 100 * (model(normalize(x)).argmax(1) == y).float().mean().item()
         assert abs(reported - accuracy) < 1e-4, (stage, reported, accuracy)
+
+
+@pytest.mark.parametrize("flags, students", [
+    (["--mutual", "cnn_tiny"], {"distill", "peer1"}),
+    (["--train_teacher", "--kd_loss", "mlkd"], {"distill"}),
+])
+def test_mutual_learning_and_two_view_losses_train_under_ddp(tiny_data, tmp_path, flags, students):
+    result = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--devices", "2",
+                      "--strategy", "ddp", "--batch_size", "6", "--distill", *flags], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = [json.loads(path.read_text()) for path in (tmp_path / "kd").rglob("result.json")]
+    assert {r["stage"] for r in results} - {"teacher"} == students  # one row each, written by rank 0 alone
+    assert len(results) == len(students) + ("--train_teacher" in flags)

@@ -52,6 +52,7 @@ def test_there_is_a_row_per_pair_and_method_of_the_tables():
         "res32x4_res8x4/dist", "res56_res20/dist", "res32x4_shuv2/dist"}
     assert {row for row in reproduce.ROWS if row.endswith("/ctkd")} == {  # CTKD's README has these three
         "res56_res20/ctkd", "wrn40_2_wrn16_2/ctkd", "vgg13_vgg8/ctkd"}
+    assert {row for row in reproduce.ROWS if row.endswith("/mlkd")} == {f"{pair}/mlkd" for pair in pairs}
 
 
 @pytest.mark.parametrize("row", reproduce.ROWS)
@@ -114,6 +115,30 @@ def test_a_feature_row_runs_end_to_end_on_a_fake_cifar100(cifar100, tmp_path, on
                     *SMALL]) == 0
     result = json.loads((tmp_path / "runs/cifar100/res56_res20/distill/version_0/result.json").read_text())
     assert result["kd_loss"] == "crd" and result["arch"] == "cifar:resnet8" and len(result["val_top1"]) == 1
+
+
+# The methods and paradigms of the recent logit methods issue, each as it runs on a CIFAR pair at 32 px.
+RECENT = {"mlkd": ["--kd_loss", "mlkd"], "nkd": ["--kd_loss", "nkd"], "wsld": ["--kd_loss", "wsld"],
+          "skd": ["--kd_loss", "skd"], "ctkd": ["--kd_loss", "ctkd"],
+          "dist_plus": ["--kd_loss", "dist_plus", "--student_layers", "layer3", "--teacher_layers", "layer3"],
+          "dot": ["--optimizer", "dot"], "born_again": ["--born_again", "2"],
+          "tf_kd": ["--kd_loss", "tf_kd", "--train_teacher", "false"],
+          "uskd": ["--kd_loss", "uskd", "--student_layers", "layer2", "--train_teacher", "false"],
+          "self_distill": ["--kd_loss", "self_distill", "--student_layers", "layer1", "layer2", "layer3",
+                           "--train_teacher", "false"],
+          "mutual": ["--mutual", "cifar:resnet8", "--train_teacher", "false"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", RECENT)
+def test_each_recent_method_and_paradigm_trains_a_cifar_pair_at_32_px(method, cifar100, tmp_path, one_thread):
+    assert kd_main(["--flags_file", "none", "--config", str(PROJECT / "configs/cifar100/recipe.yaml"),
+                    str(PROJECT / "configs/cifar100/res56_res20.yaml"), "--output_dir", str(tmp_path),
+                    "--data_dir", f"torchvision:CIFAR100:{cifar100}", "--baseline", "false", *SMALL,
+                    *RECENT[method]]) == 0
+    results = [json.loads(path.read_text()) for path in tmp_path.rglob("result.json")]
+    students = [r for r in results if r["stage"] != "teacher"]
+    assert students and all(r["arch"] == "cifar:resnet8" and len(r["val_top1"]) == 1 for r in students)
 
 
 def _table(output: str) -> dict[str, list[str]]:

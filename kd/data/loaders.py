@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from kd.config import Config
 from kd.errors import KDError
 from kd.data.image_cache import ImageCache
+from kd.data.strong import TwoViews, strong_view
 from kd.data.transforms import RECIPES, normalize
 from kd.seeding import draw_seed
 from kd.data.sources.base import (DataSource, DatasetLayout, LoadOptions, Split,  # the package registers the sources
@@ -100,6 +101,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.sampler = EpochSampler(0, seed)  # replaced by each train_dataloader()
         self.image_cache = Path(image_cache).expanduser() if image_cache else None
         self.images: dict[str, ImageCache] = {}
+        self.strong_view = False  # set by the module a stage trains: a loss compares a strongly augmented view
 
     @property
     def cache_short_side(self) -> int:
@@ -147,6 +149,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         transform = self.recipe.train(self.image_size, self.min_crop_scale, self.hflip)
+        if self.strong_view:
+            transform = TwoViews(transform, strong_view(self.recipe.train(self.image_size, self.min_crop_scale,
+                                                                          self.hflip)))
         self.sampler = EpochSampler(len(self.layout.train), self.seed)
         return self._loader(self.layout.train, transform, train=True)
 

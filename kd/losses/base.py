@@ -27,6 +27,8 @@ from kd.registry import Registry, running_user_code
 
 LOSSES: Registry = Registry("loss")
 EXTRAS = ("student_features", "teacher_features", "indices", "epoch")
+# Asked for by name only (a loss taking **kwargs does not get it): it costs a second forward pass of both networks.
+STRONG_VIEW = "strong_view"  # (student's, teacher's) logits of a second, strongly augmented view (MLKD)
 RUN_SETTINGS = frozenset({"num_classes", "num_samples", "student_shapes", "teacher_shapes"})  # from the run itself
 LossOutput = torch.Tensor | dict[str, torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossOutput]
@@ -68,14 +70,14 @@ def loss_property(loss: Loss, name: str) -> Any:
 
 
 def wanted_extras(loss: Loss) -> tuple[str, ...]:
-    """The extras (features, indices, epoch) that ``loss``'s call signature names."""
+    """The extras (features, indices, epoch, strong_view) that ``loss``'s call signature names."""
     try:
         params = inspect.signature(loss.forward if isinstance(loss, nn.Module) else loss).parameters
     except (TypeError, ValueError):
         return ()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return EXTRAS
-    return tuple(name for name in EXTRAS if name in params)
+    return tuple(name for name in (*EXTRAS, STRONG_VIEW) if name in params)
 
 
 def accepted_settings(factory: Any) -> set[str] | None:

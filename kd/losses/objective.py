@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import KDError
-from kd.losses.base import Loss, build_loss, loss_property, loss_terms, wanted_extras
+from kd.losses.base import STRONG_VIEW, Loss, build_loss, loss_property, loss_terms, wanted_extras
 from kd.losses.spec import ResolvedLosses
 
 
@@ -42,13 +42,15 @@ class Objective(nn.Module):
         self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
         self.needs_features = any(loss_property(loss, "features") for loss in losses.values())
         self.needs_connectors = any(self.connect.values())
+        self.needs_strong_view = any(STRONG_VIEW in extras for extras in self.extras.values())
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                 targets: torch.Tensor | None = None, **extras: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total loss and its terms (``ce``, ``kd/<loss>`` or ``kd/<loss>/<term>``), each unweighted.
 
         The cross-entropy compares with ``targets`` (label distributions of mixed images) when given, else
-        with ``labels``, which the losses get. ``extras`` holds the features, indices and epoch;
+        with ``labels``, which the losses get. ``extras`` holds the features, indices, epoch and the strong view's
+        logits (MLKD's, student's and teacher's);
         ``connected_features`` replaces the student's features for losses that compare them element by element.
         """
         ce = F.cross_entropy(student_logits, labels if targets is None else targets,

@@ -15,6 +15,7 @@ from pathlib import Path
 from kd.config import Config, Role
 from kd.errors import KDError
 from kd.files import check_writable
+from kd.losses.base import STRONG_VIEW
 from kd.losses.spec import resolve_losses
 from kd.models.build import check_forward
 from kd.models.checkpoints import require_file
@@ -45,8 +46,8 @@ def check_tune(c: Config, world_size: int) -> None:
     space or storage."""
     if not (c.baseline or c.distill):
         raise KDError("--tune searches the settings of the student stages: add --baseline and/or --distill")
-    if c.assistant_arch or c.born_again:
-        flag = "--assistant_arch" if c.assistant_arch else "--born_again"
+    if c.assistant_arch or c.born_again or c.mutual:
+        flag = "--assistant_arch" if c.assistant_arch else "--born_again" if c.born_again else "--mutual"
         raise KDError(f"--tune with {flag}: a tune searches one distillation; tune without {flag}")
     if c.teacher_cache_only:
         raise KDError("--tune with --teacher_cache_only: trials train on the training set less a held-out slice, whose "
@@ -70,6 +71,8 @@ def check_experiment(c: Config, build: StageBuilder, plan: Plan) -> Plan:
     if c.baseline or c.distill:
         model = build.network(c.student_arch, c.student_weights, "--student_weights", c.seed)
         check_forward(model, c.student_arch, c.image_size, len(classes), "--student_arch")
+    for arch in c.mutual if c.distill else []:
+        check_forward(build.network(arch, None, "--mutual", c.seed), arch, c.image_size, len(classes), "--mutual")
     if c.tune:
         tuning_split(build.data.layout, c.tune_fraction)
     return replace(plan, teacher=_check_distillation(c, build, plan.world_size) if c.distill else None)
@@ -99,8 +102,11 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
     if c.teacher_cache and teacher_free:
         raise KDError(f"--teacher_cache with --kd_loss {' '.join(c.kd_loss)}: it needs no teacher, so there are no "
                       "teacher outputs to cache; drop --teacher_cache")
-    if c.teacher_cache and (features or world_size > 1 or c.assistant_arch or c.born_again):
+    viewed = [loss.spec for loss in losses.needing(STRONG_VIEW)]
+    if c.teacher_cache and (features or viewed or world_size > 1 or c.assistant_arch or c.born_again):
         why = ("feature losses need the teacher's features, and the cache holds logits only" if features else
+               f"--kd_loss {' '.join(viewed)} needs the teacher's logits of a second, strongly augmented view of "
+               "each image, which the cache does not hold" if viewed else
                "it is written by one process; run the cached distillation on one device" if world_size > 1
                else "each assistant is a new teacher; cache the final distillation in a run without assistants"
                if c.assistant_arch else "each generation is a new teacher; cache a run without --born_again")
@@ -127,7 +133,8 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
                  *[c.student_arch] * (c.born_again > 1)]
     trial = replace(c, compile=False)
     for index, (teacher_arch, student_arch) in enumerate(zip(chain, chain[1:])):
-        network = (None if teacher_free else teacher.network if index == 0 and teacher is not None and
+        unteached = teacher_free or (c.mutual and not teacher_given(c))
+        network = (None if unteached else teacher.network if index == 0 and teacher is not None and
                    teacher.network is not None else build.network(teacher_arch, None, "--teacher_arch", c.seed))
         student = build.network(student_arch, None, "--assistant_arch", c.seed)
         check_forward(student, student_arch, c.image_size, len(build.classes), "--assistant_arch")

@@ -15,6 +15,7 @@ from typing import Any
 from kd.config import Config, Role, identity
 from kd.errors import KDError
 from kd.files import checked_path
+from kd.losses.base import STRONG_VIEW
 from kd.losses.spec import resolve_losses
 from kd.train.optim import check_optimizer
 from kd.train.teachers import Teacher
@@ -79,8 +80,8 @@ def plan_stages(c: Config) -> list[Stage]:
             stages.append(Stage("baseline", Role.BASELINE, c.student_arch, seed, c.student_weights,
                                 tune=index == 0 and bool(c.tune), teaches=bool(c.born_again and not teacher_given(c))))
         if "distill" in wanted:
-            source = (None if resolve_losses(c).teacher_free else TeacherFrom("teacher", teacher_seed)
-                      if c.train_teacher else TeacherFrom())
+            source = (None if resolve_losses(c).teacher_free or not teacher_given(c) else
+                      TeacherFrom("teacher", teacher_seed) if c.train_teacher else TeacherFrom())
             for number, arch in enumerate(c.assistant_arch, start=1):
                 stages.append(Stage(f"assistant{number}", Role.DISTILL, arch, seed, teacher=source, teaches=True))
                 source = TeacherFrom(f"assistant{number}", seed)
@@ -160,7 +161,9 @@ def check_stages(c: Config) -> list[str]:
     teacher_free = c.distill and resolve_losses(c).teacher_free
     if c.born_again:
         _check_born_again(c, teacher_free)
-    if c.distill and not (teacher_given(c) or teacher_free or (c.born_again and c.baseline)):
+    if c.mutual:
+        _check_mutual(c, teacher_free)
+    if c.distill and not (teacher_given(c) or teacher_free or c.mutual or (c.born_again and c.baseline)):
         raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
     if teacher_free and (teacher_given(c) or c.assistant_arch or c.teacher_layers):
         given = {"--teacher_checkpoint": c.teacher_checkpoint, "--train_teacher": c.train_teacher,
@@ -197,12 +200,43 @@ def _check_born_again(c: Config, teacher_free: bool) -> None:
                       "student: add --baseline, or a teacher (--train_teacher or --teacher_checkpoint)")
 
 
+def _check_mutual(c: Config, teacher_free: bool) -> None:
+    """Refuse --mutual where its peers cannot train beside the student: they learn from logits alone, in one
+    distill stage, each network by its own parameters."""
+    peers = f"--mutual {' '.join(c.mutual)}"
+    if not c.distill:
+        raise KDError(f"{peers} trains peers beside the student in its distill stage: add --distill")
+    others = {"--born_again": c.born_again, "--assistant_arch": c.assistant_arch, "--ema": c.ema,
+              "--optimizer dot": c.optimizer == "dot"}
+    clash = next((flag for flag, value in others.items() if value), None)
+    if clash:
+        why = {"--ema": "the average is kept of the student alone",
+               "--optimizer dot": "it splits one network's gradients into the cross-entropy's and the distillation's"}
+        raise KDError(f"{peers} with {clash}: {why.get(clash, 'the peers train in one distill stage')}; use one or "
+                      "the other")
+    losses = resolve_losses(c)
+    unfit = [loss.spec for loss in losses.losses if loss.features or {"indices", STRONG_VIEW} & set(loss.extras)]
+    if teacher_given(c) and unfit:
+        raise KDError(f"{peers} with --kd_loss {' '.join(unfit)}: every network learns from the teacher's logits, "
+                      "and this loss needs features, per-image indices or a second view; choose losses of logits")
+    if teacher_free:
+        raise KDError(f"{peers} with --kd_loss {' '.join(c.kd_loss)}: the peers learn from each other (and a teacher, "
+                      "if given), not from this loss's own soft labels; choose a loss that learns from a teacher")
+    if c.teacher_cache and not teacher_given(c):
+        raise KDError(f"{peers} with --teacher_cache and no teacher: there are no teacher outputs to cache; drop it")
+
+
 def _check_mixing(c: Config) -> None:
     """Refuse losses that learn per dataset image (they take ``indices``: CRD's memory bank); a mixed image is two."""
-    indexed = [loss.spec for loss in resolve_losses(c).needing("indices")]
+    losses = resolve_losses(c)
+    indexed = [loss.spec for loss in losses.needing("indices")]
     if indexed:
         raise KDError(f"--kd_loss {' '.join(indexed)} with --mixup {c.mixup} --cutmix {c.cutmix}: it learns per "
                       "dataset image (indices), and a mixed image is two images; drop the loss or the mixing")
+    viewed = [loss.spec for loss in losses.needing(STRONG_VIEW)]
+    if viewed:
+        raise KDError(f"--kd_loss {' '.join(viewed)} with --mixup {c.mixup} --cutmix {c.cutmix}: it compares two "
+                      "augmented views of each image, which mixing would pair with other images; drop the mixing")
 
 
 def _check_teachers(c: Config) -> None:

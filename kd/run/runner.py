@@ -24,12 +24,14 @@ from kd.losses.options import loss_key
 from kd.report.results import RESULT_FILE, StageResult
 from kd.run.checks import check_experiment, check_run
 from kd.run.generations import ensemble_of_generations, last_generation
+from kd.run.peers import peer_results, save_peer_results
 from kd.run.plan import Plan, Stage, TeacherFrom, stage_record
 from kd.run.resume import check_tuned_resume, find_earlier
 from kd.run.summary import report_and_summary
 from kd.train.callbacks import EpochSeeding, History
 from kd.train.checkpoint_io import AtomicCheckpointIO, InterruptCheckpoint
 from kd.train.module import KDModule, NonFiniteLoss
+from kd.train.mutual import PEERS_FOLDER, PeerCheckpoints
 from kd.train.stage import StageBuilder
 from kd.train.teachers import Teacher
 from kd.train.trainer import is_main_process, make_trainer
@@ -65,6 +67,8 @@ class StageRunner:
             tuned = self.tuned.get(stage.name)
             results[stage.key] = self._stage(stage, tuned.config if tuned else self.config, teacher,
                                              baseline.best_top1 if baseline else None)
+            if stage.name == "distill" and self.config.mutual and is_main_process():
+                results |= {(peer.stage, peer.seed): peer for peer in peer_results(results[stage.key])}
             if last_generation(stage.name, self.config) and is_main_process():
                 generations = [results[f"generation{n}", stage.seed] for n in range(1, self.config.born_again + 1)]
                 results["ensemble", stage.seed] = ensemble_of_generations(generations, self.build, self.config)
@@ -154,12 +158,13 @@ class StageRunner:
                                      mode="max")
         # Replaced each epoch (save_last=True on the one above saves only when the best improves).
         every_epoch = ModelCheckpoint(dirpath=log_dir / "checkpoints", filename="last")
+        peers = [PeerCheckpoints(log_dir / PEERS_FOLDER, c.mutual)] if module.distiller.peers else []
         steps_per_epoch = max(1, len(data.layout.train) // (c.batch_size * self.plan.world_size))
         trainer = make_trainer(c, max_epochs=c.epochs, logger=logger, log_every_n_steps=min(50, steps_per_epoch),
                                plugins=[AtomicCheckpointIO()],
                                callbacks=[checkpoint, every_epoch, history, timer, EpochSeeding(data, c.seed),
                                           InterruptCheckpoint(log_dir / "checkpoints" / "interrupted.ckpt"),
-                                          LearningRateMonitor("step"), progress_bar()])
+                                          LearningRateMonitor("step"), progress_bar(), *peers])
         ckpt_path = last if resumed and last.is_file() else None
         if is_main_process():
             how = f"resuming from {ckpt_path}" if ckpt_path else "resuming from the start" if resumed else ""
@@ -191,14 +196,22 @@ class StageRunner:
         tuned = self.tuned.get(stage)
         result = StageResult(c.experiment_name, stage, arch, c.seed, params, best["val/top1"], best["val/top5"],
                              int(best["epoch"]), timer.time_elapsed("train"), log_dir, Path(checkpoint.best_model_path),
-                             self.kd_loss_name if module.distiller.distilling else "",
+                             self._loss_label(module),
                              [e["val/top1"] for e in history.epochs], teacher_records(teacher, history.epochs[-1]),
                              history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None,
                              notes, history.epochs[-1]["val/top5"], tuned.trials if tuned else None,
                              tuned.study if tuned else None)
         if is_main_process():
             result.save()
+            if module.distiller.peers:
+                save_peer_results(result, history.epochs, c, list(module.distiller.peers))
         return result
+
+    def _loss_label(self, module: KDModule) -> str:
+        """What a stage's student learned from besides labels, for its row: the losses, ``mutual`` (its peers), both
+        or neither."""
+        parts = [self.kd_loss_name] * module.distiller.learns_from_objective + ["mutual"] * bool(module.distiller.peers)
+        return "+".join(parts)
 
 
 def _checkpoints(folder: Path) -> list[Path]:

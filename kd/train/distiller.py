@@ -53,6 +53,7 @@ class Distiller(nn.Module):
         self.ema = weight_average(model, ema_decay) if ema_decay else None  # copied before hooks and compiling
         self.model, self.teacher, self.objective, self.teacher_cache = model, teacher, objective, teacher_cache
         self.label_smoothing, self.mixing, self.teacher_free = label_smoothing, mixing, teacher_free
+        self.peers = nn.ModuleList()  # networks trained beside the student: see kd.train.mutual
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         features = objective is not None and objective.needs_features
@@ -74,9 +75,14 @@ class Distiller(nn.Module):
         return self.teacher is not None or self.teacher_cache is not None
 
     @property
-    def distilling(self) -> bool:
+    def learns_from_objective(self) -> bool:
         """Whether the objective trains the student: with a teacher (or its cache), or with losses needing none."""
         return self.objective is not None and (self.has_teacher or self.teacher_free)
+
+    @property
+    def distilling(self) -> bool:
+        """Whether the student learns from more than labels (subclasses add other sources: peers)."""
+        return self.learns_from_objective
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """What the optimiser updates: the student, the connectors and the losses' own parameters."""
@@ -139,19 +145,42 @@ class Distiller(nn.Module):
         ``y`` holds labels, or label distributions (a batch from :meth:`mix`): the cross-entropy compares
         the student with them, and the distillation losses get each image's larger share as its label.
         """
+        x, strong = (x[:, 0], x[:, 1]) if x.dim() == 5 else (x, None)  # a second, strongly augmented view (MLKD)
         x = x.contiguous(memory_format=self.memory_format)
         logits = self.model(x)
-        if not self.distilling:
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-            return Step(logits, loss, {"ce": loss})
+        if not self.learns_from_objective:
+            return Step(logits, *self.label_loss(logits, y))
         student_features = self.student_hooks.take() if self.student_hooks is not None else {}
         teacher_logits, teacher_features = self.teacher_outputs(x, indices, epoch) if self.has_teacher else (None, {})
         connected = ({name: connector(f) for (name, f), connector in zip(student_features.items(), self.connectors)}
                      if self.connectors is not None else {})
         loss, terms = self.objective(logits, teacher_logits, hard_labels(y), targets=y,
                                      student_features=student_features, teacher_features=teacher_features,
-                                     connected_features=connected, indices=indices, epoch=epoch)
+                                     connected_features=connected, indices=indices, epoch=epoch,
+                                     strong_view=self.strong_logits(strong) if strong is not None else None)
         return Step(logits, loss, terms)
+
+    def strong_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's and the teacher's logits of a batch's strong view (the teacher run, never cached); the
+        features hooked on the way are dropped: feature losses compare the first view's."""
+        x = x.contiguous(memory_format=self.memory_format)
+        student = self.model(x)
+        with torch.inference_mode():
+            teacher = self.teacher(x)
+        for hooks in (self.student_hooks, self.teacher_hooks):
+            if hooks is not None:
+                hooks.take()
+        return student, teacher.clone()
+
+    @property
+    def wants_strong_view(self) -> bool:
+        """Whether a loss compares a second, strongly augmented view of each training image (MLKD)."""
+        return self.learns_from_objective and self.objective.needs_strong_view
+
+    def label_loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The cross-entropy on labels (or label distributions) alone, and its term: training without an objective."""
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return loss, {"ce": loss}
 
     def check_step(self, image_size: int, num_classes: int) -> None:
         """Run the loss once on random images in eval mode (no statistics or memory banks change).
@@ -161,7 +190,8 @@ class Distiller(nn.Module):
         was_training, cache, self.teacher_cache = self.training, self.teacher_cache, None
         self.eval()
         try:
-            x, y = self.mix(torch.randn(2, 3, image_size, image_size), torch.tensor([0, num_classes - 1]), 0, 0)
+            views = (2,) if self.wants_strong_view else ()
+            x, y = self.mix(torch.randn(2, *views, 3, image_size, image_size), torch.tensor([0, num_classes - 1]), 0, 0)
             _, _, terms = self.step(x, y, torch.tensor([0, 1]), 0)
         finally:
             self.train(was_training)

@@ -59,6 +59,8 @@ class KDModule(pl.LightningModule):
         self.val_top1, self.val_top5 = _accuracy(num_classes, 1), _accuracy(num_classes, top5)
         if distiller.ema is not None:  # val/top1 measures the average: the raw weights are measured beside it
             self.raw_top1, self.raw_top5 = _accuracy(num_classes, 1), _accuracy(num_classes, top5)
+        self.peer_top1 = torch.nn.ModuleList(_accuracy(num_classes, 1) for _ in distiller.peers)
+        self.peer_top5 = torch.nn.ModuleList(_accuracy(num_classes, top5) for _ in distiller.peers)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -67,6 +69,11 @@ class KDModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.distiller(x)
+
+    def setup(self, stage: str) -> None:
+        """Ask the data for a second, strongly augmented view of each training image when a loss compares one."""
+        if self.trainer.datamodule is not None:
+            self.trainer.datamodule.strong_view = self.distiller.wants_strong_view
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x, y, indices = batch
@@ -86,7 +93,7 @@ class KDModule(pl.LightningModule):
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, **log)
         self.log("train/top1", self.train_top1, **(log | {"on_step": False}))
         self.log("train/top5", self.train_top5, **(log | {"on_step": False}))
-        if self.optim.optimizer == "dot" and self.distiller.distilling:
+        if self.optim.optimizer == "dot" and self.distiller.learns_from_objective:
             return self._dot_cross_entropy(terms)
         return loss
 
@@ -114,7 +121,7 @@ class KDModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         """Log each term's weight beside it (constant unless a loss warms up inside)."""
         objective = self.distiller.objective
-        if self.distiller.distilling:
+        if self.distiller.learns_from_objective:
             weights = {"ce": objective.ce_weight} | {f"kd/{k}": w for k, w in objective.weights.items()}
             self.log_dict({f"weight/{name}": float(w) for name, w in weights.items()}, on_epoch=True, on_step=False)
 
@@ -140,6 +147,13 @@ class KDModule(pl.LightningModule):
             self.raw_top5(raw, y)
             self.log("val/raw_top1", self.raw_top1, prog_bar=True, **log)
             self.log("val/raw_top5", self.raw_top5, **log)
+        for number, (peer, top1, top5) in enumerate(zip(self.distiller.peer_logits(x) if self.distiller.peers else [],
+                                                        self.peer_top1, self.peer_top5), start=1):
+            top1(peer, y)
+            top5(peer, y)
+            self.log(f"val/peer{number}/loss", F.cross_entropy(peer, y), **log)
+            self.log(f"val/peer{number}/top1", top1, **log)
+            self.log(f"val/peer{number}/top5", top5, **log)
         if self.distiller.has_teacher:
             ensemble = self.distiller.teacher if isinstance(self.distiller.teacher, TeacherEnsemble) else None
             if ensemble is not None:
@@ -163,7 +177,7 @@ class KDModule(pl.LightningModule):
         self.distiller.remove_hooks()
 
     def configure_optimizers(self) -> Any:
-        if self.optim.optimizer == "dot" and self.distiller.distilling:
+        if self.optim.optimizer == "dot" and self.distiller.learns_from_objective:
             student = set(self.model.parameters())
             check_dot_backward(self.trainer.strategy.model,
                                [p for p in self.distiller.trained_parameters() if p not in student])

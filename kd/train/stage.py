@@ -14,14 +14,16 @@ from torch import nn
 
 from kd.config import Config, cache_settings
 from kd.data.loaders import ImageDataModule
-from kd.train.distiller import Distiller
+from kd.seeding import draw_seed
+from kd.train.distiller import Distiller, Shapes
 from kd.train.hooks import feature_shapes
-from kd.losses.objective import build_objective
+from kd.losses.objective import Objective, build_objective
 from kd.losses.spec import resolve_losses
 from kd.train.teachers import Teacher, TeacherEnsemble, teacher_archs
 from kd.train.mixing import batch_mixing
 from kd.models.build import build_model, load_network
 from kd.train.module import KDModule
+from kd.train.mutual import MutualDistiller
 from kd.train.optim import OptimSettings
 from kd.train.teacher_cache import TeacherCache, cache_key
 
@@ -72,30 +74,38 @@ class StageBuilder:
     def distiller(self, model: nn.Module, c: Config, teacher: nn.Module | None,
                   cache: TeacherCache | None) -> Distiller:
         """The training step of a stage with settings ``c``; distilling when it has a teacher or a teacher cache, or
-        when its losses need none (teacher-free: no teacher is run even if one is given).
+        when its losses need none (teacher-free: no teacher is run even if one is given). With --mutual, the student
+        trains beside its peers (each freshly seeded from the stage's seed and its number).
 
         The objective is built anew for every stage, so a loss's state (CRD's memory bank) never
         carries over from one student to the next.
         """
         options = {"label_smoothing": c.label_smoothing, "ema_decay": c.ema, "channels_last": c.channels_last,
                    "compile": c.compile, "mixing": batch_mixing(c.mixup, c.cutmix, len(self.classes), c.seed)}
+        if c.distill and c.mutual:
+            peers = [self.network(arch, None, "--mutual", draw_seed(c.seed, number) % 2**32)
+                     for number, arch in enumerate(c.mutual, start=1)]
+            objective = self._objective(c, None) if teacher is not None or cache is not None else None
+            return MutualDistiller(model, peers, c.mutual_weight, teacher=teacher, teacher_cache=cache,
+                                   objective=objective, **options)
         teacher_free = c.distill and resolve_losses(c).teacher_free  # a teacher or baseline stage reads no loss flag
         if teacher is None and cache is None and not teacher_free:
             return Distiller(model, **options)
-        losses = resolve_losses(c)
         shapes = None
         if c.student_layers and (teacher is not None or teacher_free):
             shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),
                       feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers")
                       if teacher is not None else {})
-        objective = build_objective(losses, label_smoothing=c.label_smoothing, num_classes=len(self.classes),
-                                    num_samples=len(self.data.layout.train),
-                                    student_shapes=shapes[0] if shapes else {},
-                                    teacher_shapes=shapes[1] if shapes else {})
-        return Distiller(model, teacher=None if teacher_free else teacher, objective=objective,
+        return Distiller(model, teacher=None if teacher_free else teacher, objective=self._objective(c, shapes),
                          teacher_cache=None if teacher_free else cache, teacher_free=teacher_free,
                          student_layers=c.student_layers, teacher_layers=c.teacher_layers, feature_shapes=shapes,
                          **options)
+
+    def _objective(self, c: Config, shapes: tuple[Shapes, Shapes] | None) -> Objective:
+        """The losses of run ``c`` with their weights; feature losses sized by the hooked layers' ``shapes``."""
+        return build_objective(resolve_losses(c), label_smoothing=c.label_smoothing, num_classes=len(self.classes),
+                               num_samples=len(self.data.layout.train), student_shapes=shapes[0] if shapes else {},
+                               teacher_shapes=shapes[1] if shapes else {})
 
     def module(self, distiller: Distiller, arch: str, c: Config) -> KDModule:
         """The LightningModule that trains ``distiller``'s student, an ``arch``, with the settings ``c``."""

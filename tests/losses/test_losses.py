@@ -161,7 +161,9 @@ def test_every_registered_loss_gives_finite_scalars_and_gradients(name):
                 "teacher_shapes": {k: v[1:] for k, v in TEACHER_SHAPES.items()}}
     loss = build_loss(name, **settings)
     extras = {"student_features": student_features, "teacher_features": random_features(20, TEACHER_SHAPES),
-              "indices": torch.arange(5), "epoch": 0}
+              "indices": torch.arange(5), "epoch": 0,
+              "strong_view": (random_logits(21, dtype=torch.float32).requires_grad_(True),
+                              random_logits(22, dtype=torch.float32))}
     terms = loss_terms(name, loss(s, t, y, **{k: extras[k] for k in wanted_extras(loss)}))
     assert terms
     for value in terms.values():

@@ -4,59 +4,20 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import FAST, PROJECT
+from conftest import FAST, PROJECT, SLOW_NET, start_cli, wait_mid_epoch
 from kd.cli import main
-
-# A student that sleeps in each training step, so that a test can stop it in the middle of an epoch.
-SLOW_NET = """
-import time
-from torch import nn
-from kd.models.kd_cnns import SimpleCNN
-
-class Slow(nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.net = SimpleCNN((8, 16), num_classes)
-
-    def forward(self, x):
-        if self.training:
-            time.sleep(0.03)
-        return self.net(x)
-"""
-
 
 def _flags(tiny_data: Path, tmp_path: Path, out: str) -> list[str]:
     (tmp_path / "slow.py").write_text(SLOW_NET)
     return [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / out), "--baseline",
             "--student_arch", f"{tmp_path / 'slow.py'}:Slow", "--batch_size", "8", "--epochs", "4"]
-
-
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT)}
-    return subprocess.Popen([sys.executable, str(PROJECT / "experiment.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_mid_epoch(process: subprocess.Popen, stage_dir: Path, timeout: float = 120) -> None:
-    """Return once the first epoch's checkpoint exists and the second epoch is under way."""
-    deadline = time.monotonic() + timeout
-    while not (stage_dir / "checkpoints" / "last.ckpt").is_file():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    time.sleep(0.12)  # a few of the 9 steps of the next epoch
-    assert process.poll() is None, "the run ended before it could be interrupted"
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -67,8 +28,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tiny_data, tmp_path):
     flags = _flags(tiny_data, tmp_path, "killed")
     stage = tmp_path / "killed" / "kd" / "baseline" / "version_0"
-    process = _start(flags, tmp_path)
-    _wait_mid_epoch(process, stage)
+    process = start_cli(flags, tmp_path)
+    wait_mid_epoch(process, stage)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (stage / "result.json").exists()
@@ -89,8 +50,8 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tiny_data, tmp_p
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_data, tmp_path, signum):
     flags = _flags(tiny_data, tmp_path, "runs")
     stage = tmp_path / "runs" / "kd" / "baseline" / "version_0"
-    process = _start(flags, tmp_path)
-    _wait_mid_epoch(process, stage)
+    process = start_cli(flags, tmp_path)
+    wait_mid_epoch(process, stage)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err[-2000:]
