@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
             _print_all(describe_models(resolved.config.list_models))
             return 0
+        if resolved.config.list_layers is not None:
+            from kd.models.layers import describe_layers
+
+            c = resolved.config
+            _print_all(describe_layers(c.list_layers, c.image_size, c.num_classes or 10))
+            return 0
         resolved.check_modes()
         for flag, path in named_paths(resolved.config):  # before anything opens them
             checked_path(path, flag)

@@ -288,6 +288,9 @@ class Config:
     list_models: str | None = _flag(None, "print the model names each source offers (kd, torchvision, timm:...) "
                                     "matching a shell pattern such as 'timm:*mobilenetv3*' (all when given alone) "
                                     "and exit", group="config", roles=(R.INVOCATION,), bare="*")
+    list_layers: str | None = _flag(None, "print the modules of this network that a forward pass runs, with their "
+                                    "output shapes at --image_size (what --student_layers / --teacher_layers may "
+                                    "name), and exit", group="config", roles=(R.INVOCATION,))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that define a run (not what this invocation did), for saving beside its logs."""

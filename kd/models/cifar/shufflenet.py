@@ -89,11 +89,12 @@ class ShuffleNet(nn.Module):
                                         *(Bottleneck(planes, planes, 1, groups) for _ in range(count - 1))))
             in_planes = planes
         self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # a module, so the pooled vector can be hooked
         self.linear = nn.Linear(out_planes[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.linear(torch.flatten(self.avgpool(x), 1))
 
 
 class SplitBlock(nn.Module):
@@ -172,12 +173,14 @@ class ShuffleNetV2(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.conv2 = conv1x1(channels[2], channels[3])
         self.bn2 = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # modules, so the last map and the pooled vector can be hooked
         self.linear = nn.Linear(channels[3], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        x = self.relu(self.bn2(self.conv2(x)))
+        return self.linear(torch.flatten(self.avgpool(x), 1))
 
 
 @MODELS.register()

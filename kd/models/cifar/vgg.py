@@ -10,7 +10,6 @@ so they are the references' pre-activation features; the ReLU comes after the bl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd.models.cifar.base import MODELS, he_init
@@ -36,7 +35,8 @@ def conv_block(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
 
 
 class VGG(nn.Module):
-    """Blocks ``block0`` … ``block4`` each followed by ReLU and ``pool0`` … ``pool4``, then ``classifier``.
+    """Blocks ``block0`` … ``block4`` (ending in BN) each followed by ``relu0`` … ``relu4`` and ``pool0`` … ``pool4``,
+    then ``classifier``.
 
     ``pool0`` … ``pool2`` halve the size; ``pool3`` only for 64 px images (the references' Tiny-ImageNet
     rule), so block4 sees 4×4 maps either way; ``pool4`` is global average pooling.
@@ -47,6 +47,8 @@ class VGG(nn.Module):
         ins = (3, *(block[-1] for block in widths[:-1]))
         self.block0, self.block1, self.block2, self.block3, self.block4 = (
             conv_block(in_channels, block) for in_channels, block in zip(ins, widths))
+        # Modules, not functions, so hooks can read each block's pre-activation output (blockN) and its ReLU's (reluN).
+        self.relu0, self.relu1, self.relu2, self.relu3, self.relu4 = (nn.ReLU() for _ in range(5))
         self.pool0, self.pool1, self.pool2, self.pool3 = (nn.MaxPool2d(kernel_size=2, stride=2) for _ in range(4))
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(widths[-1][-1], num_classes)
@@ -54,11 +56,11 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tiny_imagenet = x.shape[2] == 64
-        x = self.pool0(F.relu(self.block0(x)))
-        x = self.pool1(F.relu(self.block1(x)))
-        x = self.pool2(F.relu(self.block2(x)))
-        x = F.relu(self.block3(x))
-        x = self.pool4(F.relu(self.block4(self.pool3(x) if tiny_imagenet else x)))
+        x = self.pool0(self.relu0(self.block0(x)))
+        x = self.pool1(self.relu1(self.block1(x)))
+        x = self.pool2(self.relu2(self.block2(x)))
+        x = self.relu3(self.block3(x))
+        x = self.pool4(self.relu4(self.block4(self.pool3(x) if tiny_imagenet else x)))
         return self.classifier(torch.flatten(x, 1))
 
 

@@ -9,7 +9,6 @@ Features are hooked by name (``block1``, ``block2``, ``block3``: not yet activat
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd.models.cifar.base import MODELS, he_init
@@ -64,13 +63,14 @@ class WideResNet(nn.Module):
         self.block3 = NetworkBlock(blocks, widths[2], widths[3], 2)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # a module, so the pooled vector can be hooked
         self.fc = nn.Linear(widths[3], num_classes)
         he_init(self)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.block3(self.block2(self.block1(self.conv1(x))))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 @MODELS.register()
