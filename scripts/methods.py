@@ -42,6 +42,10 @@ METHODS = {
     "sp": LAST_MAP,
     # 16,384 negatives suit CIFAR's 50,000 images; the demo has 960, so 959 negatives span them all.
     "crd": [*POOLED, "--loss_options", "crd.nce_k=959"],
+    "nst": MAPS,
+    "kdsvd": MAPS,  # it relates consecutive hooked layers: two or more
+    "cc": POOLED,
+    "vid": MAPS,
     "nkd": [],
     "wsld": [],
     "skd": [],

@@ -45,7 +45,7 @@ def cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_there_is_a_row_per_pair_and_method_of_the_tables():
     pairs = {"res32x4_res8x4", "wrn40_2_wrn16_2", "res56_res20", "vgg13_vgg8", "res32x4_shuv2"}
-    methods = {"kl_softmax", "dkd", "crd", "fitnets", "at", "rkd", "pkt", "sp", "logit_std"}
+    methods = {"kl_softmax", "dkd", "crd", "fitnets", "at", "rkd", "pkt", "sp", "logit_std", "mlkd", "nst", "cc", "vid"}
     assert {row.split("/")[0] for row in reproduce.ROWS} == pairs
     assert {f"{pair}/{method}" for pair in pairs for method in methods} <= set(reproduce.ROWS)
     assert {row for row in reproduce.ROWS if row.endswith("/dist")} == {  # DIST's README has these three
