@@ -46,6 +46,7 @@ METHODS = {
     "kdsvd": MAPS,  # it relates consecutive hooked layers: two or more
     "cc": POOLED,
     "vid": MAPS,
+    "reviewkd": MAPS,
     "nkd": [],
     "wsld": [],
     "skd": [],

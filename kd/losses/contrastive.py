@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -52,8 +53,9 @@ class ContrastiveRepresentationDistillation(FeatureLoss):
     renormalised. Weight 0.8, CE weight 1 (mdistiller's ``CRD.LOSS``).
 
     Follows mdistiller's / RepDistiller's ``CRD``, ``ContrastMemory`` and ``ContrastLoss``, with the
-    memory's own uniform draw (the ``idx=None`` path) rather than the dataset's ``contrast_idx``
-    (which in mdistiller's "exact" mode draws the negatives from other classes). Departures: an eval-mode
+    memory's own uniform draw (the ``idx=None`` path) by default; ``negatives="exact"`` draws them as the references'
+    CIFAR runs do (mdistiller's ``CRD.MODE`` "exact", RepDistiller's ``--mode exact``: the dataset's ``contrast_idx``,
+    uniform with replacement over the training images of the other classes). Departures: an eval-mode
     call changes no state (neither the banks nor an unset Z, which it estimates for that call only),
     and the scores are computed in the banks' dtype (float32 under mixed precision, as exp(1/0.07)
     overflows float16).
@@ -69,7 +71,8 @@ class ContrastiveRepresentationDistillation(FeatureLoss):
     z_t: torch.Tensor
 
     def __init__(self, student_shapes: Shapes, teacher_shapes: Shapes, num_samples: int, feat_dim: int = 128,
-                 nce_k: int = 16384, nce_t: float = 0.07, momentum: float = 0.5) -> None:
+                 nce_k: int = 16384, nce_t: float = 0.07, momentum: float = 0.5, negatives: str = "uniform",
+                 sample_labels: Sequence[int] | None = None) -> None:
         super().__init__()
         if not student_shapes or not teacher_shapes:
             raise ValueError("crd needs at least one hooked student and teacher feature")
@@ -78,6 +81,23 @@ class ContrastiveRepresentationDistillation(FeatureLoss):
         if nce_k < 1 or feat_dim < 1 or nce_t <= 0 or not 0 <= momentum <= 1:
             raise ValueError(f"crd: need nce_k >= 1, feat_dim >= 1, nce_t > 0 and 0 <= momentum <= 1, got "
                              f"nce_k={nce_k}, feat_dim={feat_dim}, nce_t={nce_t}, momentum={momentum}")
+        if negatives not in ("uniform", "exact"):
+            raise ValueError(f"crd: negatives is uniform (from every training image) or exact (from other classes), "
+                             f"got {negatives!r}")
+        self.negatives = negatives
+        if negatives == "exact":
+            labels = torch.as_tensor(list(sample_labels or []), dtype=torch.long)
+            if len(labels) != num_samples:
+                raise ValueError(f"crd: negatives=exact needs the class of each of the {num_samples} training images, "
+                                 f"got {len(labels)}")
+            counts = torch.bincount(labels)
+            if (counts == num_samples).any():
+                raise ValueError("crd: negatives=exact needs two classes or more in the training set")
+            # Training indices sorted by class: class c holds positions [start[c], start[c] + count[c]).
+            self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
+            self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
+            self.register_buffer("class_count", counts, persistent=False)
+            self.register_buffer("sample_label", labels, persistent=False)
         s_dim = math.prod(list(student_shapes.values())[-1])
         t_dim = math.prod(list(teacher_shapes.values())[-1])
         self.num_samples, self.feat_dim = int(num_samples), int(feat_dim)
@@ -91,8 +111,16 @@ class ContrastiveRepresentationDistillation(FeatureLoss):
         self.register_buffer("z_t", torch.tensor(-1.0))  # params[3] (Z_v2)
 
     def sample(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, nce_k + 1) bank rows: each sample's own index, then nce_k uniform draws with replacement."""
-        drawn = torch.randint(self.num_samples, (len(indices), self.nce_k + 1), device=self.memory_s.device)
+        """(B, nce_k + 1) bank rows: each sample's own index, then nce_k draws with replacement, uniform over every
+        training image, or (``negatives="exact"``, the references' CIFAR mode) over the images of other classes."""
+        shape, device = (len(indices), self.nce_k + 1), self.memory_s.device
+        if self.negatives == "uniform":
+            drawn = torch.randint(self.num_samples, shape, device=device)
+        else:  # a uniform position among the others, skipping the anchor's own class block in the sorted order
+            label = self.sample_label[indices].unsqueeze(1)
+            start, count = self.class_start[label], self.class_count[label]
+            position = (torch.rand(shape, device=device) * (self.num_samples - count)).long()
+            drawn = self.by_class[position + (position >= start) * count]
         drawn[:, 0] = indices
         return drawn
 

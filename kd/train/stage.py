@@ -104,7 +104,8 @@ class StageBuilder:
     def _objective(self, c: Config, shapes: tuple[Shapes, Shapes] | None) -> Objective:
         """The losses of run ``c`` with their weights; feature losses sized by the hooked layers' ``shapes``."""
         return build_objective(resolve_losses(c), label_smoothing=c.label_smoothing, num_classes=len(self.classes),
-                               num_samples=len(self.data.layout.train), student_shapes=shapes[0] if shapes else {},
+                               num_samples=len(self.data.layout.train), sample_labels=self.data.layout.train.labels,
+                               student_shapes=shapes[0] if shapes else {},
                                teacher_shapes=shapes[1] if shapes else {})
 
     def module(self, distiller: Distiller, arch: str, c: Config) -> KDModule:
