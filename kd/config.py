@@ -188,6 +188,11 @@ class Config:
     lr: float = _flag(0.05, "peak learning rate", check=lambda x: _positive(x) and _float32(x),
                       must=f"be positive and at most {FLOAT32_MAX:.4g} (float32, the weights' type)", group="training",
                       roles=TRAINING)
+    teacher_lr: float | None = _flag(None, "peak learning rate of the teacher stage (default: --lr), so that a student "
+                                     "can train at its own, as the references' MobileNet and ShuffleNet students do",
+                                     check=lambda x: _positive(x) and _float32(x),
+                                     must=f"be positive and at most {FLOAT32_MAX:.4g}", group="training",
+                                     roles=(R.TEACHER,))
     optimizer: str = _flag("sgd", "optimizer (dot: Zhao et al. 2023's distillation-oriented trainer, SGD with one "
                            "momentum for the distillation loss's gradient and another for the cross-entropy's)",
                            choices=("sgd", "adam", "adamw", "dot"), group="training", roles=TRAINING)

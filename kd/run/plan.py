@@ -115,7 +115,7 @@ def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:
     never mixes them up."""
     config = replace(c, seed=stage.seed, seeds=[], train_teacher=stage.name == "teacher",
                      baseline=stage.name == "baseline", distill=stage.role is Role.DISTILL, assistant_arch=[],
-                     born_again=None)
+                     born_again=None, lr=c.teacher_lr if stage.name == "teacher" and c.teacher_lr else c.lr)
     if teacher is None:  # trained on labels alone, or by losses that need no teacher
         return with_weights_in_force(config) if stage.role is Role.DISTILL else config
     return replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),

@@ -64,3 +64,11 @@ def test_a_stage_records_its_own_flags_and_the_very_teacher_it_learns_from(tmp_p
 def test_a_plan_that_cannot_work_is_refused_before_anything_loads(flags, message):
     with pytest.raises(KDError, match=message):
         plan_stages(Config(**flags))
+
+
+def test_teacher_lr_sets_the_teacher_stages_learning_rate_and_leaves_the_students_at_lr():
+    c = Config(train_teacher=True, baseline=True, distill=True, lr=0.01, teacher_lr=0.05)
+    records = {s.name: stage_record(c, s, None) for s in plan_stages(c)}
+    assert (records["teacher"].lr, records["baseline"].lr, records["distill"].lr) == (0.05, 0.01, 0.01)
+    alone = Config(train_teacher=True, lr=0.01)
+    assert stage_record(alone, plan_stages(alone)[0], None).lr == 0.01
