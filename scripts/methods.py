@@ -47,6 +47,8 @@ METHODS = {
     "cc": POOLED,
     "vid": MAPS,
     "reviewkd": MAPS,
+    "ickd": LAST_MAP,
+    "pad_l2": POOLED,
     "nkd": [],
     "wsld": [],
     "skd": [],
