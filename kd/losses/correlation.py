@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.losses.base import LOSSES, Range
-from kd.losses.features import FeatureLoss, Shapes, feature_pairs, flat
-from kd.losses.information import SIDES, check_built, layer_pairs
+from kd.losses.features import (SIDES, FeatureLoss, Shapes, check_built, check_map_channels, feature_pairs, flat,
+                                layer_pairs)
 
 # ---- ICKD ------------------------------------------------------------------------------------------------------
 
@@ -94,11 +94,8 @@ class InterChannelCorrelation(FeatureLoss):
         check_built("ickd", len(self.embeds), student_features)
         loss = student_logits.new_zeros(())
         for (s_name, t_name), (s, t), embed in zip(zip(student_features, teacher_features), pairs, self.embeds):
-            for flag, name, f, channels in (("student", s_name, s, embed.conv2d.in_channels),
-                                            ("teacher", t_name, t, embed.conv2d.out_channels)):
-                if f.dim() != 4 or f.shape[1] != channels:
-                    raise ValueError(f"ickd: --{flag}_layers '{name}' gives {tuple(f.shape)}, but its embedding was "
-                                     f"built for (B, {channels}, H, W) maps")
+            check_map_channels("ickd", "embedding", (("student", s_name, s, embed.conv2d.in_channels),
+                                                     ("teacher", t_name, t, embed.conv2d.out_channels)))
             loss = loss + channel_correlation_loss(embed(s), t)
         return loss
 

@@ -1,6 +1,7 @@
 """What the losses on hooked intermediate features share: pairing student and teacher layers, shape checks and
 the base classes. The losses themselves, one file per family: hints.py (FitNets), attention.py (AT),
-relations.py (RKD, PKT, SP), contrastive.py (CRD).
+relations.py (RKD, PKT, SP), contrastive.py (CRD), transfer.py (NST, KDSVD), information.py (CC, VID),
+correlation.py (ICKD, PAD-L2), review.py (ReviewKD).
 
 Each loss gets ``student_features`` / ``teacher_features`` (hooked outputs by layer name; student
 layer i pairs with teacher layer i) and, built with the run's settings, the per-sample shapes of
@@ -43,6 +44,40 @@ def require_maps(loss: str, shapes: Shapes | None, side: str, per_sample: bool =
             wanted = "(C, H, W) per sample" if per_sample else "(B, C, H, W)"
             raise ValueError(f"{loss} needs 4-D feature maps, but {side} layer '{layer}' has shape "
                              f"{tuple(shape)}, not {wanted}: hook a convolutional layer, not a pooled vector")
+
+
+Layer = tuple[str, tuple[int, ...]]  # a hooked layer's name and per-sample shape
+SIDES = ("student", "teacher")  # as in the flags --student_layers / --teacher_layers
+
+
+def layer_pairs(loss: str, student_shapes: Shapes | None, teacher_shapes: Shapes | None) -> list[tuple[Layer, Layer]]:
+    """The hooked (student, teacher) layers and per-sample shapes, paired in order; a ValueError naming the flags
+    unless both sides hook as many layers, at least one."""
+    student, teacher = list((student_shapes or {}).items()), list((teacher_shapes or {}).items())
+    if not student or not teacher:
+        raise ValueError(f"{loss} builds a head per hooked layer pair: give --student_layers and --teacher_layers "
+                         f"(got {len(student)} student and {len(teacher)} teacher layers)")
+    if len(student) != len(teacher):
+        raise ValueError(f"{loss} pairs --student_layers with --teacher_layers in order, but got {len(student)} "
+                         f"student layer(s) ({', '.join(name for name, _ in student)}) and {len(teacher)} teacher "
+                         f"layer(s) ({', '.join(name for name, _ in teacher)})")
+    return [((s_name, tuple(s_shape)), (t_name, tuple(t_shape)))
+            for (s_name, s_shape), (t_name, t_shape) in zip(student, teacher)]
+
+
+def check_built(loss: str, built: int, student_features: dict[str, torch.Tensor]) -> None:
+    """A ValueError unless the call hooks as many layers as the loss built heads for."""
+    if len(student_features) != built:
+        raise ValueError(f"{loss} was built for {built} --student_layers but got {len(student_features)} features "
+                         f"({', '.join(student_features)})")
+
+def check_map_channels(loss: str, head: str, named: tuple[tuple[str, str, torch.Tensor, int], ...]) -> None:
+    """A ValueError unless each (side, layer, feature, channels) is a (B, channels, H, W) map, as the loss's ``head``
+    was built for."""
+    for side, name, feature, channels in named:
+        if feature.dim() != 4 or feature.shape[1] != channels:
+            raise ValueError(f"{loss}: --{side}_layers '{name}' gives {tuple(feature.shape)}, but its {head} was "
+                             f"built for (B, {channels}, H, W) maps")
 
 
 class FeatureLoss(DistillationLoss):

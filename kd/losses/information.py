@@ -15,33 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.losses.base import LOSSES, Range
-from kd.losses.features import FeatureLoss, Shapes, feature_pairs, flat
-
-
-Layer = tuple[str, tuple[int, ...]]  # a hooked layer's name and per-sample shape
-SIDES = ("student", "teacher")  # as in the flags --student_layers / --teacher_layers
-
-
-def layer_pairs(loss: str, student_shapes: Shapes | None, teacher_shapes: Shapes | None) -> list[tuple[Layer, Layer]]:
-    """The hooked (student, teacher) layers and per-sample shapes, paired in order; a ValueError naming the flags
-    unless both sides hook as many layers, at least one."""
-    student, teacher = list((student_shapes or {}).items()), list((teacher_shapes or {}).items())
-    if not student or not teacher:
-        raise ValueError(f"{loss} builds a head per hooked layer pair: give --student_layers and --teacher_layers "
-                         f"(got {len(student)} student and {len(teacher)} teacher layers)")
-    if len(student) != len(teacher):
-        raise ValueError(f"{loss} pairs --student_layers with --teacher_layers in order, but got {len(student)} "
-                         f"student layer(s) ({', '.join(name for name, _ in student)}) and {len(teacher)} teacher "
-                         f"layer(s) ({', '.join(name for name, _ in teacher)})")
-    return [((s_name, tuple(s_shape)), (t_name, tuple(t_shape)))
-            for (s_name, s_shape), (t_name, t_shape) in zip(student, teacher)]
-
-
-def check_built(loss: str, built: int, student_features: dict[str, torch.Tensor]) -> None:
-    """A ValueError unless the call hooks as many layers as the loss built heads for."""
-    if len(student_features) != built:
-        raise ValueError(f"{loss} was built for {built} --student_layers but got {len(student_features)} features "
-                         f"({', '.join(student_features)})")
+from kd.losses.features import (SIDES, FeatureLoss, Shapes, check_built, check_map_channels, feature_pairs, flat,
+                                layer_pairs)
 
 
 # ---- CC -------------------------------------------------------------------------------------------------------
@@ -201,10 +176,7 @@ class VariationalInformationDistillation(FeatureLoss):
         check_built("vid", len(self.regressors), student_features)
         loss = student_logits.new_zeros(())
         for (s_name, t_name), (s, t), head in zip(zip(student_features, teacher_features), pairs, self.regressors):
-            for flag, name, f, channels in (("student", s_name, s, head.regressor[0].in_channels),
-                                            ("teacher", t_name, t, head.log_scale.numel())):
-                if f.dim() != 4 or f.shape[1] != channels:
-                    raise ValueError(f"vid: --{flag}_layers '{name}' gives {tuple(f.shape)}, but its regressor was "
-                                     f"built for (B, {channels}, H, W) maps")
+            check_map_channels("vid", "regressor", (("student", s_name, s, head.regressor[0].in_channels),
+                                                    ("teacher", t_name, t, head.log_scale.numel())))
             loss = loss + head(s, t)
         return loss

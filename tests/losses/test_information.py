@@ -231,8 +231,9 @@ def test_on_cifar_resnets_the_loss_is_finite_and_trains_student_and_heads(name, 
 # ---- layers a loss cannot use ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["cc", "vid"])
+@pytest.mark.parametrize("name", ["cc", "vid", "ickd", "pad_l2"])
 def test_a_loss_refuses_unpaired_or_missing_layers(name: str) -> None:
+    """Every loss that builds a head per layer pair (here and in correlation.py) refuses layers it cannot pair."""
     maps = {"layer1": (16, 8, 8), "layer2": (32, 4, 4)}
     with pytest.raises(KDError, match=r"--student_layers with --teacher_layers.*2 student.*1 teacher"):
         build_loss(name, student_shapes=maps, teacher_shapes={"layer1": (16, 8, 8)})
@@ -242,6 +243,8 @@ def test_a_loss_refuses_unpaired_or_missing_layers(name: str) -> None:
     one = {"layer1": rand(2, 16, 8, 8, seed=0)}
     with pytest.raises(ValueError, match="built for 2 --student_layers but got 1"):
         call(loss, one, dict(one))
+    with pytest.raises(ValueError, match="student features.*teacher features.*hook as many layers"):
+        call(loss, {**one, "layer2": rand(2, 32, 4, 4, seed=1)}, dict(one))
 
 
 def test_vid_refuses_a_vector_where_it_regresses_a_map() -> None:
