@@ -45,7 +45,9 @@ class FeatureHooks:
             tensor = _tensor(output)
             if tensor is None:
                 raise KDError(f"module {name!r} returned {type(output).__name__}, not a tensor: hook another one")
-            self.outputs[name] = tensor
+            # A copy: a ReLU(inplace=True) after the module (torchvision's and kd's ResNets, WRN) would otherwise
+            # rectify the recorded output, and a hooked BatchNorm would give post-activation values.
+            self.outputs[name] = tensor.clone()
         return record
 
     def take(self) -> dict[str, torch.Tensor]:

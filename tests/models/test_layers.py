@@ -47,3 +47,19 @@ def test_a_tap_sees_what_the_references_compute_there():
         resnet(torch.randn(2, 3, 32, 32))
     assert torch.equal(seen["relu2"], torch.relu(seen["block2"])) and (seen["block2"] < 0).any()
     assert torch.equal(seen["block"], torch.relu(seen["preact"])) and (seen["preact"] < 0).any()
+
+
+def test_a_hooked_module_keeps_its_own_output_when_an_in_place_relu_follows():
+    """WRN's bn1 is followed by ReLU(inplace=True): the hooked features are still the BN's, negatives included."""
+    from kd.train.hooks import FeatureHooks
+
+    torch.manual_seed(0)
+    wrn = build_model("cifar:wrn_16_2", 100).eval()
+    seen = {}
+    wrn.bn1.register_forward_hook(lambda m, i, o: seen.__setitem__("bn1", o.clone()))
+    hooks = FeatureHooks(wrn, ["bn1"], "--teacher_layers")
+    with torch.no_grad():
+        wrn(torch.randn(2, 3, 32, 32))
+    features = hooks.take()["bn1"]
+    hooks.remove()
+    assert (features < 0).any() and torch.equal(features, seen["bn1"])
