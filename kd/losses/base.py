@@ -6,7 +6,8 @@ named scalar terms, each logged on its own. A loss's own parameters are trained 
 
 A loss receives only the settings and extras its signature names, so a three-argument loss keeps
 working. Settings: ``temperature``, ``num_classes``, ``num_samples`` (training images), ``sample_labels`` (the
-class of each training image, by dataset index),
+class of each training image, by dataset index), ``teacher_network`` (the loaded teacher, frozen; None when only
+its cached logits are read: a loss reads what it needs of it, such as OFD's BatchNorm statistics, when built),
 ``student_shapes`` / ``teacher_shapes`` (per-sample shape of each hooked feature, by layer name) and
 its own hyper-parameters (``--loss_options``). Extras: ``student_features`` / ``teacher_features``
 (hooked outputs by layer name, paired in order), ``indices`` (dataset indices of the batch) and
@@ -31,7 +32,7 @@ EXTRAS = ("student_features", "teacher_features", "indices", "epoch")
 # Asked for by name only (a loss taking **kwargs does not get it): it costs a second forward pass of both networks.
 STRONG_VIEW = "strong_view"  # (student's, teacher's) logits of a second, strongly augmented view (MLKD)
 RUN_SETTINGS = frozenset({"num_classes", "num_samples", "sample_labels", "student_shapes",  # from the run itself
-                          "teacher_shapes"})
+                          "teacher_shapes", "teacher_network"})
 LossOutput = torch.Tensor | dict[str, torch.Tensor]
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossOutput]
 

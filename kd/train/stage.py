@@ -85,7 +85,7 @@ class StageBuilder:
         if c.distill and c.mutual:
             peers = [self.network(arch, None, "--mutual", draw_seed(c.seed, number) % 2**32)
                      for number, arch in enumerate(c.mutual, start=1)]
-            objective = self._objective(c, None) if teacher is not None or cache is not None else None
+            objective = self._objective(c, None, teacher) if teacher is not None or cache is not None else None
             return MutualDistiller(model, peers, c.mutual_weight, teacher=teacher, teacher_cache=cache,
                                    objective=objective, **options)
         teacher_free = c.distill and resolve_losses(c).teacher_free  # a teacher or baseline stage reads no loss flag
@@ -96,17 +96,18 @@ class StageBuilder:
             shapes = (feature_shapes(model, c.student_layers, c.image_size, "--student_layers"),
                       feature_shapes(teacher, c.teacher_layers, c.image_size, "--teacher_layers")
                       if teacher is not None else {})
-        return Distiller(model, teacher=None if teacher_free else teacher, objective=self._objective(c, shapes),
+        teacher = None if teacher_free else teacher
+        return Distiller(model, teacher=teacher, objective=self._objective(c, shapes, teacher),
                          teacher_cache=None if teacher_free else cache, teacher_free=teacher_free,
                          student_layers=c.student_layers, teacher_layers=c.teacher_layers, feature_shapes=shapes,
                          **options)
 
-    def _objective(self, c: Config, shapes: tuple[Shapes, Shapes] | None) -> Objective:
+    def _objective(self, c: Config, shapes: tuple[Shapes, Shapes] | None, teacher: nn.Module | None) -> Objective:
         """The losses of run ``c`` with their weights; feature losses sized by the hooked layers' ``shapes``."""
         return build_objective(resolve_losses(c), label_smoothing=c.label_smoothing, num_classes=len(self.classes),
                                num_samples=len(self.data.layout.train), sample_labels=self.data.layout.train.labels,
                                student_shapes=shapes[0] if shapes else {},
-                               teacher_shapes=shapes[1] if shapes else {})
+                               teacher_shapes=shapes[1] if shapes else {}, teacher_network=teacher)
 
     def module(self, distiller: Distiller, arch: str, c: Config) -> KDModule:
         """The LightningModule that trains ``distiller``'s student, an ``arch``, with the settings ``c``."""
