@@ -340,7 +340,8 @@ def cache_settings(config: Config) -> dict[str, Any]:
     """
     return {name: bool(value) if FIELDS[name].metadata["path"] else value
             for name, value in identity(config.to_dict(), Role.CACHE_KEY).items()}
-CODE_FLAGS = ("teacher_arch", "student_arch", "assistant_arch", "kd_loss")  # may name a user's file.py:Name
+# Flags that may name a user's file.py:Name.
+CODE_FLAGS = ("teacher_arch", "student_arch", "assistant_arch", "mutual", "kd_loss")
 
 
 def named_paths(config: Config) -> list[tuple[str, str]]:

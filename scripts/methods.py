@@ -49,6 +49,9 @@ METHODS = {
     "reviewkd": MAPS,
     "ickd": LAST_MAP,
     "pad_l2": POOLED,
+    # OFD hooks pre-ReLU maps: the demo CNN's first two BatchNorms, which also give its margins.
+    "ofd": ["--student_layers", "features.1", "features.5", "--teacher_layers", "features.1", "features.5",
+            "--loss_options", "ofd.teacher_bns=features.1,features.5"],
     "nkd": [],
     "wsld": [],
     "skd": [],

@@ -132,7 +132,7 @@ def _log_evaluation(result: Evaluation, folder: Path) -> Path | None:
 
 def named_archs(config: Config) -> set[str]:
     """The architectures the user named (flags, flags file, preset): the only user code kd may import."""
-    return {config.student_arch, *config.teacher_arch, *config.assistant_arch}
+    return {config.student_arch, *config.teacher_arch, *config.assistant_arch, *config.mutual}
 
 
 def evaluate_checkpoint(config: Config) -> Path | None:

@@ -55,9 +55,9 @@ class ContrastiveRepresentationDistillation(FeatureLoss):
     Follows mdistiller's / RepDistiller's ``CRD``, ``ContrastMemory`` and ``ContrastLoss``, with the
     memory's own uniform draw (the ``idx=None`` path) by default; ``negatives="exact"`` draws them as the references'
     CIFAR runs do (mdistiller's ``CRD.MODE`` "exact", RepDistiller's ``--mode exact``: the dataset's ``contrast_idx``,
-    uniform with replacement over the training images of the other classes). Departures: an eval-mode
-    call changes no state (neither the banks nor an unset Z, which it estimates for that call only),
-    and the scores are computed in the banks' dtype (float32 under mixed precision, as exp(1/0.07)
+    uniform over the training images of the other classes, without replacement unless ``nce_k`` exceeds them).
+    Departures: an eval-mode call changes no state (neither the banks nor an unset Z, which it estimates for that
+    call only), and the scores are computed in the banks' dtype (float32 under mixed precision, as exp(1/0.07)
     overflows float16).
     """
 
@@ -93,11 +93,8 @@ class ContrastiveRepresentationDistillation(FeatureLoss):
             counts = torch.bincount(labels)
             if (counts == num_samples).any():
                 raise ValueError("crd: negatives=exact needs two classes or more in the training set")
-            # Training indices sorted by class: class c holds positions [start[c], start[c] + count[c]).
-            self.register_buffer("by_class", torch.argsort(labels, stable=True), persistent=False)
-            self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
-            self.register_buffer("class_count", counts, persistent=False)
             self.register_buffer("sample_label", labels, persistent=False)
+            self.distinct = nce_k <= num_samples - int(counts.max())  # else some anchor has too few negatives
         s_dim = math.prod(list(student_shapes.values())[-1])
         t_dim = math.prod(list(teacher_shapes.values())[-1])
         self.num_samples, self.feat_dim = int(num_samples), int(feat_dim)
@@ -113,16 +110,21 @@ class ContrastiveRepresentationDistillation(FeatureLoss):
     def sample(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, nce_k + 1) bank rows: each sample's own index, then nce_k draws with replacement, uniform over every
         training image, or (``negatives="exact"``, the references' CIFAR mode) over the images of other classes."""
-        shape, device = (len(indices), self.nce_k + 1), self.memory_s.device
+        device = self.memory_s.device
         if self.negatives == "uniform":
-            drawn = torch.randint(self.num_samples, shape, device=device)
-        else:  # a uniform position among the others, skipping the anchor's own class block in the sorted order
-            label = self.sample_label[indices].unsqueeze(1)
-            start, count = self.class_start[label], self.class_count[label]
-            position = (torch.rand(shape, device=device) * (self.num_samples - count)).long()
-            drawn = self.by_class[position + (position >= start) * count]
-        drawn[:, 0] = indices
-        return drawn
+            drawn = torch.randint(self.num_samples, (len(indices), self.nce_k + 1), device=device)
+            drawn[:, 0] = indices
+            return drawn
+        # Random keys, the anchor's own class last: the nce_k largest are distinct images of other classes, drawn
+        # uniformly without replacement (the references' np.random.choice(cls_negative, k, replace=k > len)).
+        own = self.sample_label.unsqueeze(0) == self.sample_label[indices].unsqueeze(1)
+        if self.distinct:
+            keys = torch.rand(len(indices), self.num_samples, device=device).masked_fill_(own, -1.0)
+            negatives = keys.topk(self.nce_k, dim=1).indices
+        else:  # too few negatives for some anchor: with replacement, among the others
+            weights = (~own).float()
+            negatives = torch.multinomial(weights, self.nce_k, replacement=True)
+        return torch.cat([indices.unsqueeze(1), negatives], dim=1)
 
     def normalizer(self, z: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Z for one side: the stored constant, set from this batch if unset (stored only in training)."""

@@ -59,12 +59,13 @@ class FitNets(FeaturePairLoss):
             require_maps("fitnets regressor=convreg", student_shapes, "student")
             require_maps("fitnets regressor=convreg", teacher_shapes, "teacher")
             self.connect = False
-            self.regressors = nn.ModuleDict({layer: ConvReg(s, t) for (layer, s), t in
-                                             zip((student_shapes or {}).items(), (teacher_shapes or {}).values())})
+            pairs = list(zip((student_shapes or {}).items(), (teacher_shapes or {}).values()))
+            self.positions = {layer: index for index, ((layer, _), _) in enumerate(pairs)}  # names may hold dots
+            self.regressors = nn.ModuleList(ConvReg(s, t) for (_, s), t in pairs)
 
     def pair_loss(self, layer: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if self.regressors is not None:
-            student = self.regressors[layer](student)
+            student = self.regressors[self.positions[layer]](student)
         if student.shape != teacher.shape:
             raise ValueError(f"fitnets: student feature '{layer}' has shape {tuple(student.shape)} but the teacher's "
                              f"has {tuple(teacher.shape)}; fitnets compares them element by element")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kd.models.build import build_model
+from kd.models.build import build_model, check_forward
 from kd.tables import text_table
 
 
@@ -21,6 +21,7 @@ def describe_layers(arch: str, image_size: int, num_classes: int) -> str:
     """Every module of ``arch`` that one forward pass of an ``image_size`` image runs, in the order it runs them,
     with its output's shape (per image) and its parameters: the names feature losses hook."""
     model = build_model(arch, num_classes, flag="--list_layers").eval()
+    check_forward(model, arch, image_size, num_classes, "--list_layers")  # a failing forward: one line, not a traceback
     outputs: dict[str, object] = {}
     handles = [module.register_forward_hook(lambda _, __, out, name=name: outputs.setdefault(name, out))
                for name, module in model.named_modules() if name]

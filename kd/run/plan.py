@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kd.config import Config, Role, identity
+from kd.config import FIELDS, Config, Role, identity
 from kd.errors import KDError
 from kd.files import checked_path
 from kd.losses.base import STRONG_VIEW
@@ -115,7 +115,8 @@ def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:
     never mixes them up."""
     config = replace(c, seed=stage.seed, seeds=[], train_teacher=stage.name == "teacher",
                      baseline=stage.name == "baseline", distill=stage.role is Role.DISTILL, assistant_arch=[],
-                     born_again=None, lr=c.teacher_lr if stage.name == "teacher" and c.teacher_lr else c.lr)
+                     born_again=None, lr=c.teacher_lr if stage.name == "teacher" and c.teacher_lr else c.lr,
+                     teacher_lr=None)
     if teacher is None:  # trained on labels alone, or by losses that need no teacher
         return with_weights_in_force(config) if stage.role is Role.DISTILL else config
     return replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),
@@ -163,6 +164,11 @@ def check_stages(c: Config) -> list[str]:
         _check_born_again(c, teacher_free)
     if c.mutual:
         _check_mutual(c, teacher_free)
+    elif c.mutual_weight != FIELDS["mutual_weight"].default:
+        raise KDError(f"--mutual_weight {c.mutual_weight}: it weighs the peers of --mutual, and none are given")
+    if c.teacher_lr is not None and not c.train_teacher:
+        raise KDError(f"--teacher_lr {c.teacher_lr}: it is the learning rate of a teacher this run trains; add "
+                      "--train_teacher, or drop it")
     if c.distill and not (teacher_given(c) or teacher_free or c.mutual or (c.born_again and c.baseline)):
         raise KDError("--distill needs a teacher: add --train_teacher or --teacher_checkpoint PATH")
     if teacher_free and (teacher_given(c) or c.assistant_arch or c.teacher_layers):
@@ -216,7 +222,7 @@ def _check_mutual(c: Config, teacher_free: bool) -> None:
                       "the other")
     losses = resolve_losses(c)
     unfit = [loss.spec for loss in losses.losses if loss.features or {"indices", STRONG_VIEW} & set(loss.extras)]
-    if teacher_given(c) and unfit:
+    if unfit:
         raise KDError(f"{peers} with --kd_loss {' '.join(unfit)}: every network learns from the teacher's logits, "
                       "and this loss needs features, per-image indices or a second view; choose losses of logits")
     if teacher_free:

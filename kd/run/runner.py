@@ -201,10 +201,10 @@ class StageRunner:
                              history.epochs[-1]["val/teacher_top1"] if module.distiller.has_teacher else None,
                              notes, history.epochs[-1]["val/top5"], tuned.trials if tuned else None,
                              tuned.study if tuned else None)
-        if is_main_process():
-            result.save()
+        if is_main_process():  # the peers first: the student's result.json marks the whole stage finished
             if module.distiller.peers:
                 save_peer_results(result, history.epochs, c, list(module.distiller.peers))
+            result.save()
         return result
 
     def _loss_label(self, module: KDModule) -> str:

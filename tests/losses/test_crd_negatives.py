@@ -31,6 +31,17 @@ def test_exact_negatives_come_from_every_other_class_image_and_never_the_anchors
         assert torch.allclose(share, torch.full_like(share, 1 / len(others)), atol=0.03)  # uniform among them
 
 
+def test_exact_negatives_are_distinct_when_there_are_enough_as_the_references_draw_them():
+    torch.manual_seed(0)
+    labels = [index % 4 for index in range(40)]  # 30 negatives for every anchor
+    crd = _crd(labels, negatives="exact", nce_k=25)
+    draws = torch.stack([crd.sample(torch.tensor([3]))[0, 1:] for _ in range(400)])
+    assert all(len(set(row.tolist())) == 25 for row in draws)  # without replacement
+    assert not (torch.tensor(labels)[draws] == labels[3]).any()
+    counts = torch.bincount(draws.flatten(), minlength=40)[[i for i in range(40) if i % 4 != 3]].float()
+    assert torch.allclose(counts / counts.sum(), torch.full_like(counts, 1 / 30), atol=0.01)  # each equally likely
+
+
 def test_uniform_negatives_stay_the_default_and_draw_from_every_image():
     torch.manual_seed(0)
     crd = _crd([0, 1, 0, 1], nce_k=500)

@@ -22,7 +22,7 @@ def test_convreg_picks_the_references_convolution_and_the_loss_is_the_mse_after_
     torch.manual_seed(0)
     loss = build_loss("fitnets", regressor="convreg", student_shapes={"s": student},
                       teacher_shapes={"t": teacher}).double()
-    regressor = loss.regressors["s"]
+    regressor = loss.regressors[0]
     assert isinstance(regressor[0], conv) and regressor[0].stride == (stride, stride)
     assert isinstance(regressor[1], nn.BatchNorm2d) and isinstance(regressor[2], nn.ReLU) and not loss.connect
     f_s = torch.randn(3, *student, dtype=torch.float64, requires_grad=True)
@@ -62,3 +62,12 @@ def test_with_convreg_the_distiller_builds_no_connector_and_the_default_keeps_kd
 def test_a_regressor_that_cannot_map_the_shapes_is_refused(options, message):
     with pytest.raises(KDError, match=message):
         build_loss("fitnets", **options)
+
+
+def test_convreg_regresses_layers_whose_names_hold_dots():
+    loss = build_loss("fitnets", regressor="convreg", student_shapes={"layer2.1": (4, 8, 8)},
+                      teacher_shapes={"layer2.5": (6, 8, 8)})
+    value = loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2),
+                 student_features={"layer2.1": torch.randn(2, 4, 8, 8)},
+                 teacher_features={"layer2.5": torch.randn(2, 6, 8, 8)})
+    assert torch.isfinite(value)

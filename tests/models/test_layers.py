@@ -23,6 +23,16 @@ def test_list_layers_of_an_unknown_network_is_one_line(capsys):
     assert err.startswith("error: --list_layers: unknown model 'no_such_net'") and "\n" not in err
 
 
+def test_list_layers_of_a_network_that_cannot_take_the_image_size_is_one_line(tmp_path, capsys):
+    (tmp_path / "net.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n    def __init__(self, num_classes):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(3 * 64 * 64, num_classes)\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1))\n")
+    assert main(["--flags_file", "none", "--list_layers", f"{tmp_path / 'net.py'}:Net", "--image_size", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --list_layers") and "\n" not in err
+
+
 def test_the_pooled_vector_and_pre_activations_are_modules_to_hook():
     shapes = {arch: feature_shapes(build_model(arch, 100), layers, 32, "--student_layers")
               for arch, layers in {"cifar:wrn_16_2": ["avgpool"], "cifar:ShuffleV2": ["avgpool", "relu"],

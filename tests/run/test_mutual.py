@@ -159,3 +159,9 @@ def test_mutual_refuses_what_cannot_work_in_one_line(tiny_data, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not any(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_peer_named_by_file_is_user_code_the_user_named(tmp_path):
+    from kd.deploy.commands import named_archs
+
+    assert f"{tmp_path}/net.py:Net" in named_archs(Config(distill=True, mutual=[f"{tmp_path}/net.py:Net"]))

@@ -72,3 +72,17 @@ def test_teacher_lr_sets_the_teacher_stages_learning_rate_and_leaves_the_student
     assert (records["teacher"].lr, records["baseline"].lr, records["distill"].lr) == (0.05, 0.01, 0.01)
     alone = Config(train_teacher=True, lr=0.01)
     assert stage_record(alone, plan_stages(alone)[0], None).lr == 0.01
+    # The rate in force is what --resume compares: a teacher trained at --lr 0.05 is one trained at --teacher_lr 0.05.
+    plain = Config(train_teacher=True, lr=0.05)
+    assert (records["teacher"].identity(Role.TEACHER) == stage_record(plain, plan_stages(plain)[0], None)
+            .identity(Role.TEACHER))
+
+
+@pytest.mark.parametrize("config, message", [
+    (Config(distill=True, train_teacher=True, mutual_weight=3.0), "--mutual_weight 3.0: it weighs the peers"),
+    (Config(distill=True, teacher_checkpoint=["t.ckpt"], teacher_lr=0.1), "--teacher_lr 0.1: it is the learning rate"),
+    (Config(distill=True, mutual=["cnn_tiny"], kd_loss=["crd"]), "--mutual cnn_tiny with --kd_loss crd"),
+])
+def test_flags_that_would_be_ignored_are_refused(config, message):
+    with pytest.raises(KDError, match=message):
+        plan_stages(config)
