@@ -79,11 +79,19 @@ class Slow(nn.Module):
 """
 
 
+def _signals_as_a_terminal_gives_them() -> None:
+    """In the child before it runs: Ctrl+C and SIGTERM at their defaults. A test suite started in the background
+    by a non-interactive shell ignores SIGINT, and a child would inherit that and never see the test's Ctrl+C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     """Start ``python experiment.py ARGS`` in ``cwd`` without waiting for it (a test stops it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT)}
     return subprocess.Popen([sys.executable, str(PROJECT / "experiment.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_signals_as_a_terminal_gives_them)
 
 
 def wait_mid_epoch(process: subprocess.Popen, stage_dir: Path, timeout: float = 120) -> None:

@@ -48,8 +48,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tiny_data, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_data, tmp_path, signum):
-    # 12 epochs, not 4: on a loaded machine this test's process can lag long enough for 4 to end before the signal.
-    flags = [*_flags(tiny_data, tmp_path, "runs"), "--epochs", "12"]
+    flags = _flags(tiny_data, tmp_path, "runs")
     stage = tmp_path / "runs" / "kd" / "baseline" / "version_0"
     process = start_cli(flags, tmp_path)
     wait_mid_epoch(process, stage)
@@ -61,7 +60,7 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_data, tmp_path
     assert last.endswith("--resume") and f"continue with: python {PROJECT / 'experiment.py'} " in last
     assert (stage / "checkpoints" / "interrupted.ckpt").is_file()
     assert main([*flags, "--resume"]) == 0
-    assert len(json.loads((stage / "result.json").read_text())["val_top1"]) == 12
+    assert len(json.loads((stage / "result.json").read_text())["val_top1"]) == 4
 
 
 def _versions(folder: Path) -> list[str]:
