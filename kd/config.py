@@ -154,6 +154,10 @@ class Config:
     assistant_arch: list[str] = _flag([], "teacher assistants: distill teacher → A → B → ... → student, each "
                                       "from the one before (Mirzadeh et al. 2020)",
                                       group="distillation", roles=(R.RECORDED,))
+    assistant_lr: list[float] = _flag([], "peak learning rate of each --assistant_arch stage, one per assistant in "
+                                      "order (default: --lr)", check=lambda x: _positive(x) and _float32(x),
+                                      must=f"be positive and at most {FLOAT32_MAX:.4g}", group="distillation",
+                                      roles=(R.RECORDED,))
     born_again: int | None = _flag(None, "born-again networks (Furlanello et al. 2018): instead of one distill stage, "
                                    "N generations of the student, the first distilled from the teacher (or, with "
                                    "none, from the baseline student), each later one from the one before; then "

@@ -52,6 +52,11 @@ METHODS = {
     # OFD hooks pre-ReLU maps: the demo CNN's first two BatchNorms, which also give its margins.
     "ofd": ["--student_layers", "features.1", "features.5", "--teacher_layers", "features.1", "features.5",
             "--loss_options", "ofd.teacher_bns=features.1,features.5"],
+    # AB hooks pre-ReLU maps (the first two BatchNorms); its init phase and FT's run 30 of 240 epochs in the
+    # references, so 3 of the demo's 20. FSP cannot run on the demo pair: its networks' channels differ.
+    "ab": ["--student_layers", "features.1", "features.5", "--teacher_layers", "features.1", "features.5",
+           "--loss_options", "ab.init_epochs=3"],
+    "ft": [*LAST_MAP, "--loss_options", "ft.init_epochs=3"],
     "nkd": [],
     "wsld": [],
     "skd": [],

@@ -140,6 +140,16 @@ RECENT = {"mlkd": ["--kd_loss", "mlkd"], "nkd": ["--kd_loss", "nkd"], "wsld": ["
           "self_distill": ["--kd_loss", "self_distill", "--student_layers", "layer1", "layer2", "layer3",
                            "--train_teacher", "false"],
           "mutual": ["--mutual", "cifar:resnet8", "--train_teacher", "false"]}
+# The methods with an init phase (RepDistiller's FSP, AB, FT), on resnet20 -> resnet8 as their presets hook them; at
+# --lr 0.005, as the recipe's 0.05 leaves a teacher of one epoch on 200 images with maps whose FSP/FT losses overflow.
+STAGES = ["--student_layers", "relu", "layer1", "layer2", "layer3", "--teacher_layers", "relu", "layer1", "layer2",
+          "layer3"]
+PREACT = ["--student_layers", "layer1.0.preact", "layer2.0.preact", "layer3.0.preact",
+          "--teacher_layers", "layer1.2.preact", "layer2.2.preact", "layer3.2.preact"]
+WITH_INIT = {"fsp": [*STAGES, "--loss_options", "fsp.init_epochs=1"],
+             "ab": [*PREACT, "--loss_options", "ab.init_epochs=1"],
+             "ft": ["--student_layers", "layer3", "--teacher_layers", "layer3", "--loss_options", "ft.init_epochs=1",
+                    "ft.init_lr=0.01"]}
 
 
 @pytest.mark.slow
@@ -152,6 +162,31 @@ def test_each_recent_method_and_paradigm_trains_a_cifar_pair_at_32_px(method, ci
     results = [json.loads(path.read_text()) for path in tmp_path.rglob("result.json")]
     students = [r for r in results if r["stage"] != "teacher"]
     assert students and all(r["arch"] == "cifar:resnet8" and len(r["val_top1"]) == 1 for r in students)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", WITH_INIT)
+def test_each_method_with_an_init_phase_trains_a_cifar_pair_at_32_px(method, cifar100, tmp_path, one_thread):
+    assert kd_main(["--flags_file", "none", "--config", str(PROJECT / "configs/cifar100/recipe.yaml"),
+                    str(PROJECT / "configs/cifar100/res56_res20.yaml"), "--output_dir", str(tmp_path),
+                    "--data_dir", f"torchvision:CIFAR100:{cifar100}", "--baseline", "false", *SMALL,
+                    "--kd_loss", method, *WITH_INIT[method], "--lr", "0.005"]) == 0
+    stages = {json.loads(path.read_text())["stage"] for path in tmp_path.rglob("result.json")}
+    assert stages == {"teacher", "init_distill", "distill"}
+
+
+@pytest.mark.parametrize("row", [row for row in reproduce.ROWS if row.endswith(("/fsp", "/ab", "/ft"))])
+def test_the_init_phase_rows_hook_layers_their_networks_have_and_their_losses_take(row):
+    """Each FSP, AB and FT preset names layers of its real pair that its loss accepts (shapes at 32 px)."""
+    from kd.losses.base import build_loss
+    from kd.models.build import build_model
+    from kd.train.hooks import feature_shapes
+
+    config = _config(row)
+    shapes = [feature_shapes(build_model(arch, 100), layers, 32, flag)
+              for arch, layers, flag in ((config.student_arch, config.student_layers, "--student_layers"),
+                                         (config.teacher_arch[0], config.teacher_layers, "--teacher_layers"))]
+    build_loss(config.kd_loss[0], student_shapes=shapes[0], teacher_shapes=shapes[1])
 
 
 def _table(output: str) -> dict[str, list[str]]:

@@ -64,6 +64,19 @@ class DistillationLoss(nn.Module):
     needs_teacher: bool = True  # False: the loss ignores the teacher's outputs (a teacher-free method)
     space: ClassVar[dict[str, Range]] = {}
     share_of_total: ClassVar[bool] = False
+    # A loss with an init phase (RepDistiller's init(): FSP, AB, FT) defines ``init_loss(student_features,
+    # teacher_features)`` and takes ``init_epochs``: a stage of that many epochs before distillation minimises the
+    # init losses alone, unweighted, training the loss's :meth:`init_parameters`, and the student too when this is set.
+    init_trains_student: ClassVar[bool] = False
+
+    def init_parameters(self) -> list[nn.Parameter]:
+        """What the init phase trains of this loss (all of its parameters unless it says otherwise)."""
+        return list(self.parameters())
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """What distillation trains of this loss after the init phase (all of its parameters unless it says
+        otherwise: FT's paraphraser stays as its init phase left it)."""
+        return list(self.parameters())
 
 
 def loss_property(loss: Loss, name: str) -> Any:

@@ -43,6 +43,8 @@ class Objective(nn.Module):
         self.needs_features = any(loss_property(loss, "features") for loss in losses.values())
         self.needs_connectors = any(self.connect.values())
         self.needs_strong_view = any(STRONG_VIEW in extras for extras in self.extras.values())
+        self.init_keys = [key for key, loss in losses.items() if hasattr(loss, "init_loss")]
+        self.init_trains_student = any(loss_property(losses[key], "init_trains_student") for key in self.init_keys)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                 targets: torch.Tensor | None = None, **extras: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -69,6 +71,29 @@ class Objective(nn.Module):
             total = total + self.weights[key] * sum(output.values())
             terms |= {f"kd/{key}" if name == key else f"kd/{key}/{name}": value for name, value in output.items()}
         return total, terms
+
+    def init_step(self, student_features: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor],
+                  connected_features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The init phase's loss (the init losses summed, unweighted, as RepDistiller's ``init()``) and its terms
+        (``init/<loss>``)."""
+        terms = {}
+        for key in self.init_keys:
+            student = connected_features if self.connect[key] else student_features
+            try:
+                value = self.losses[key].init_loss(student, teacher_features)
+            except Exception as exc:  # a shape the loss cannot take: name it
+                raise KDError(f"--kd_loss {key}: its init phase: {type(exc).__name__}: {exc}") from None
+            terms[f"init/{key}"] = loss_terms(key, value)[key]
+        return sum(terms.values()), terms
+
+    def init_parameters(self) -> list[nn.Parameter]:
+        """What the init phase trains of the losses: each init loss's :meth:`init_parameters`."""
+        return [p for key in self.init_keys
+                for p in getattr(self.losses[key], "init_parameters", self.losses[key].parameters)()]
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """What distillation trains of the losses: each loss's own ``main_parameters()``, or all of its parameters."""
+        return [p for loss in self.losses.values() for p in getattr(loss, "main_parameters", loss.parameters)()]
 
     def split(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two parts that :meth:`forward` sums, from the ``terms`` it returned: ce_weight·CE, and Σ weightᵢ·lossᵢ

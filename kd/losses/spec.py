@@ -71,6 +71,12 @@ class ResolvedLoss:
         return dict(getattr(self.factory, "space", {}))
 
     @property
+    def init_epochs(self) -> int:
+        """The epochs of its init phase before distillation (RepDistiller's ``init()``: FSP, AB, FT); 0 without."""
+        has = hasattr(self.factory, "init_loss") and "init_epochs" in self.settings
+        return int(self.settings["init_epochs"].value) if has else 0
+
+    @property
     def options(self) -> dict[str, Any]:
         """The settings flags gave it, as its constructor receives them (defaults stay the constructor's own)."""
         return {name: setting.value for name, setting in self.settings.items() if setting.given}
@@ -97,6 +103,11 @@ class ResolvedLosses:
     def teacher_free(self) -> bool:
         """Whether no loss reads the teacher's outputs (USKD, TF-KD's virtual teacher): a distill stage needs none."""
         return not any(loss.needs_teacher for loss in self.losses)
+
+    @property
+    def with_init(self) -> list[ResolvedLoss]:
+        """The losses whose init phase runs before distillation (a stage of its own; see :mod:`kd.run.plan`)."""
+        return [loss for loss in self.losses if loss.init_epochs > 0]
 
     def needing(self, extra: str) -> list[ResolvedLoss]:
         """The losses whose call names ``extra`` (``indices``, ``epoch``, ...)."""

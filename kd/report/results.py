@@ -13,6 +13,7 @@ from kd.errors import KDError
 from kd.files import checked_path, write_text
 
 RESULT_FILE = "result.json"
+INIT_PREFIX = "init_"  # an init phase's stage (init_distill): the distillation after it is the row, not the phase
 
 
 @dataclass
@@ -172,7 +173,8 @@ def find_results(paths: list[str]) -> list[StageResult]:
         if not found:
             raise KDError(f"--report: no finished stage ({RESULT_FILE}) under {root}")
         try:
-            results += [StageResult.load(path) for path in found]
+            results += [result for result in map(StageResult.load, found)
+                        if not result.stage.startswith(INIT_PREFIX)]
         except KDError as exc:
             raise KDError(f"--report: {exc}") from None
     return results

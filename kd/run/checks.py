@@ -138,10 +138,12 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
                    teacher.network is not None else build.network(teacher_arch, None, "--teacher_arch", c.seed))
         student = build.network(student_arch, None, "--assistant_arch", c.seed)
         check_forward(student, student_arch, c.image_size, len(build.classes), "--assistant_arch")
-        distiller = build.distiller(student, trial, network, None)
-        try:
-            distiller.check_step(c.image_size, len(build.classes))
-        finally:
-            distiller.remove_hooks()
+        phases = (True, False) if network is not None and losses.with_init else (False,)  # FSP's, AB's, FT's init
+        for init_phase in phases:
+            distiller = build.distiller(student, trial, network, None, init_phase)
+            try:
+                distiller.check_step(c.image_size, len(build.classes))
+            finally:
+                distiller.remove_hooks()
     return teacher
 

@@ -17,6 +17,7 @@ from kd.errors import KDError
 from kd.files import checked_path
 from kd.losses.base import STRONG_VIEW
 from kd.losses.spec import resolve_losses
+from kd.report.results import INIT_PREFIX
 from kd.train.optim import check_optimizer
 from kd.train.teachers import Teacher
 
@@ -46,6 +47,9 @@ class Stage:
     baseline: str | None = None  # the stage (of this seed) whose top-1 its teacher should beat
     tune: bool = False  # --tune searches its settings before it trains (then every seed's stage of its name has them)
     teaches: bool = False  # a later stage (or --export's comparison) learns from it
+    init: bool = False  # the init phase of the stage after it: trains only its losses' init_loss (FSP, AB, FT)
+    lr: float | None = None  # its own peak learning rate (--teacher_lr, --assistant_lr), else the run's --lr
+    starts_from: str | None = None  # the stage of this seed whose last weights (student and losses) it starts from
 
     @property
     def key(self) -> tuple[str, int]:
@@ -75,7 +79,7 @@ def plan_stages(c: Config) -> list[Stage]:
         if "teacher" in wanted and (index == 0 or c.repeat_teacher):
             teacher_seed = seed
             stages.append(Stage("teacher", Role.TEACHER, c.teacher_arch[0], seed, c.teacher_weights,
-                                "--teacher_weights", teaches=True))
+                                "--teacher_weights", teaches=True, lr=c.teacher_lr))
         if "baseline" in wanted:
             stages.append(Stage("baseline", Role.BASELINE, c.student_arch, seed, c.student_weights,
                                 tune=index == 0 and bool(c.tune), teaches=bool(c.born_again and not teacher_given(c))))
@@ -83,20 +87,34 @@ def plan_stages(c: Config) -> list[Stage]:
             source = (None if resolve_losses(c).teacher_free or not teacher_given(c) else
                       TeacherFrom("teacher", teacher_seed) if c.train_teacher else TeacherFrom())
             for number, arch in enumerate(c.assistant_arch, start=1):
-                stages.append(Stage(f"assistant{number}", Role.DISTILL, arch, seed, teacher=source, teaches=True))
+                lr = c.assistant_lr[number - 1] if c.assistant_lr else None
+                stages += with_init(c, Stage(f"assistant{number}", Role.DISTILL, arch, seed, teacher=source,
+                                             teaches=True, lr=lr))
                 source = TeacherFrom(f"assistant{number}", seed)
             baseline = "baseline" if "baseline" in wanted else None
             if c.born_again:
                 source = source if teacher_given(c) else TeacherFrom("baseline", seed)
                 for number in range(1, c.born_again + 1):
-                    stages.append(Stage(f"generation{number}", Role.DISTILL, c.student_arch, seed, c.student_weights,
-                                        teacher=source, baseline=baseline, teaches=number < c.born_again))
+                    stages += with_init(c, Stage(f"generation{number}", Role.DISTILL, c.student_arch, seed,
+                                                 c.student_weights, teacher=source, baseline=baseline,
+                                                 teaches=number < c.born_again))
                     source = TeacherFrom(f"generation{number}", seed)
                 continue
             # Tuned once, before the first seed's student (kd.run.checks refuses --tune with assistants).
-            stages.append(Stage("distill", Role.DISTILL, c.student_arch, seed, c.student_weights, teacher=source,
-                                baseline=baseline, tune=index == 0 and bool(c.tune)))
+            stages += with_init(c, Stage("distill", Role.DISTILL, c.student_arch, seed, c.student_weights,
+                                         teacher=source, baseline=baseline, tune=index == 0 and bool(c.tune)))
     return stages
+
+
+def with_init(c: Config, stage: Stage) -> list[Stage]:
+    """A distill stage, preceded by its init phase when a loss has one (RepDistiller's ``init()``: FSP's and AB's
+    student warm-up, FT's paraphraser): a stage of its own (``init_<name>``), resumable and reused like any, from
+    whose last weights the distillation starts."""
+    if stage.teacher is None or not resolve_losses(c).with_init:
+        return [stage]
+    name = f"{INIT_PREFIX}{stage.name}"
+    return [replace(stage, name=name, init=True, baseline=None, tune=False, teaches=False),
+            replace(stage, starts_from=name)]
 
 
 def teacher_given(c: Config) -> bool:
@@ -115,8 +133,12 @@ def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:
     never mixes them up."""
     config = replace(c, seed=stage.seed, seeds=[], train_teacher=stage.name == "teacher",
                      baseline=stage.name == "baseline", distill=stage.role is Role.DISTILL, assistant_arch=[],
-                     born_again=None, lr=c.teacher_lr if stage.name == "teacher" and c.teacher_lr else c.lr,
-                     teacher_lr=None)
+                     born_again=None, lr=stage.lr or c.lr, teacher_lr=None, assistant_lr=[])
+    if stage.init:  # RepDistiller's init(): its losses' epochs, at a constant learning rate, no average
+        (loss,) = resolve_losses(c).with_init
+        init_lr = loss.settings["init_lr"].value if "init_lr" in loss.settings else None  # FT's 0.01, say
+        config = replace(config, epochs=loss.init_epochs, scheduler="none", milestones=[], warmup_epochs=0.0,
+                         ema=None, lr=init_lr or config.lr)
     if teacher is None:  # trained on labels alone, or by losses that need no teacher
         return with_weights_in_force(config) if stage.role is Role.DISTILL else config
     return replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),
@@ -166,6 +188,8 @@ def check_stages(c: Config) -> list[str]:
         _check_mutual(c, teacher_free)
     elif c.mutual_weight != FIELDS["mutual_weight"].default:
         raise KDError(f"--mutual_weight {c.mutual_weight}: it weighs the peers of --mutual, and none are given")
+    if c.distill:
+        _check_init(c)
     if c.teacher_lr is not None and not c.train_teacher:
         raise KDError(f"--teacher_lr {c.teacher_lr}: it is the learning rate of a teacher this run trains; add "
                       "--train_teacher, or drop it")
@@ -179,6 +203,9 @@ def check_stages(c: Config) -> list[str]:
                       "gives one: drop it, or add a loss that learns from a teacher")
     if c.assistant_arch and not c.distill:
         raise KDError("--assistant_arch trains teacher assistants on the way to the student: add --distill")
+    if c.assistant_lr and len(c.assistant_lr) != len(c.assistant_arch):
+        raise KDError(f"--assistant_lr {' '.join(map(str, c.assistant_lr))}: give one learning rate per "
+                      f"--assistant_arch ({len(c.assistant_arch)}: {' '.join(c.assistant_arch) or 'none'})")
     _check_teachers(c)
     if c.distill and (c.mixup or c.cutmix):
         _check_mixing(c)
@@ -230,6 +257,17 @@ def _check_mutual(c: Config, teacher_free: bool) -> None:
                       "if given), not from this loss's own soft labels; choose a loss that learns from a teacher")
     if c.teacher_cache and not teacher_given(c):
         raise KDError(f"{peers} with --teacher_cache and no teacher: there are no teacher outputs to cache; drop it")
+
+
+def _check_init(c: Config) -> None:
+    """Refuse an init phase (FSP, AB, FT) where it cannot run: beside another loss's, or before a tuned stage."""
+    with_init = [loss.spec for loss in resolve_losses(c).with_init]
+    if len(with_init) > 1:
+        raise KDError(f"--kd_loss {' '.join(with_init)}: each has an init phase before distillation, and a stage has "
+                      "one; combine at most one of them with other losses")
+    if with_init and c.tune:
+        raise KDError(f"--tune with --kd_loss {with_init[0]}: its init phase runs before distillation, and the "
+                      "tune's trials would skip it; tune without it, or drop --tune")
 
 
 def _check_mixing(c: Config) -> None:

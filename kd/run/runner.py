@@ -29,7 +29,7 @@ from kd.run.plan import Plan, Stage, TeacherFrom, stage_record
 from kd.run.resume import check_tuned_resume, find_earlier
 from kd.run.summary import report_and_summary
 from kd.train.callbacks import EpochSeeding, History
-from kd.train.checkpoint_io import AtomicCheckpointIO, InterruptCheckpoint
+from kd.train.checkpoint_io import AtomicCheckpointIO, InterruptCheckpoint, stage_parts
 from kd.train.module import KDModule, NonFiniteLoss
 from kd.train.mutual import PEERS_FOLDER, PeerCheckpoints
 from kd.train.stage import StageBuilder
@@ -65,8 +65,9 @@ class StageRunner:
                 self.tuned[stage.name] = tune_stage(self.config, self.build, teacher, self.root, stage.role)
             baseline = results.get((stage.baseline, stage.seed)) if stage.baseline else None
             tuned = self.tuned.get(stage.name)
+            start = results.pop((stage.starts_from, stage.seed)) if stage.starts_from else None  # a phase: no row
             results[stage.key] = self._stage(stage, tuned.config if tuned else self.config, teacher,
-                                             baseline.best_top1 if baseline else None)
+                                             baseline.best_top1 if baseline else None, start)
             if stage.name == "distill" and self.config.mutual and is_main_process():
                 results |= {(peer.stage, peer.seed): peer for peer in peer_results(results[stage.key])}
             if last_generation(stage.name, self.config) and is_main_process():
@@ -88,9 +89,11 @@ class StageRunner:
         """The network a finished stage trained, as the teacher of the stages after it."""
         return replace(self.build.teacher((arch,), (result.best_checkpoint.resolve(),)), top1=result.best_top1)
 
-    def _stage(self, stage: Stage, c: Config, teacher: Teacher | None, baseline: float | None) -> StageResult:
+    def _stage(self, stage: Stage, c: Config, teacher: Teacher | None, baseline: float | None,
+               start: StageResult | None = None) -> StageResult:
         """One stage of run ``c`` (with the settings its tune chose, if tuned): reused if --resume finds it
-        finished, continued if unfinished, else new.
+        finished, continued if unfinished, else new; a new one after an init phase starts from where ``start``
+        (that phase) ended.
 
         A student about to learn from a teacher no better than chance, or than the baseline student
         (``baseline``, its top-1), is warned about, and the warning is kept in its result.
@@ -116,7 +119,13 @@ class StageRunner:
         model = self.build.network(stage.arch, stage.weights, stage.weights_flag, stage.seed)
         cache = (self.build.teacher_cache(teacher.checkpoints, stage.seed) if teacher is not None and c.teacher_cache
                  else None)
-        distiller = self.build.distiller(model, config, teacher.network if teacher else None, cache)
+        # An unfinished stage continues from its own checkpoint; a new one after an init phase from the phase's end.
+        phase = stage_parts(start.log_dir) if start and earlier is None else None
+        if phase:
+            model.load_state_dict(phase.pop("model"))
+        distiller = self.build.distiller(model, config, teacher.network if teacher else None, cache, stage.init)
+        if phase:
+            distiller.load_parts(phase)
         result = self._fit(stage.name, stage.arch, self.build.module(distiller, stage.arch, config), config,
                            earlier, teacher, [doubt] if doubt else [])
         if cache is not None and is_main_process():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from kd.errors import KDError
 from kd.files import check_writable, written_atomically
 
 
@@ -50,3 +52,19 @@ class InterruptCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             trainer.save_checkpoint(self.path)
+
+
+def stage_parts(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights a finished stage in log ``folder`` ended with (its last.ckpt), by part: ``model`` (the student),
+    ``objective`` (the losses' own modules), ``connectors``: where the distillation after an init phase starts."""
+    path = folder / "checkpoints" / "last.ckpt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        raise KDError(f"cannot read the init phase's last weights in {path}: {exc}; delete its folder to run the "
+                      "phase again") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "objective": {}, "connectors": {}}
+    for key, value in state.items():
+        part, _, name = key.partition(".")
+        parts.setdefault(part, {})[name] = value
+    return parts

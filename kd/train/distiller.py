@@ -48,8 +48,10 @@ class Distiller(nn.Module):
                  teacher_cache: TeacherCache | None = None, student_layers: list[str] | None = None,
                  teacher_layers: list[str] | None = None, feature_shapes: tuple[Shapes, Shapes] | None = None,
                  label_smoothing: float = 0.0, mixing: BatchMixing | None = None, ema_decay: float | None = None,
-                 channels_last: bool = False, compile: bool = False, teacher_free: bool = False) -> None:
+                 channels_last: bool = False, compile: bool = False, teacher_free: bool = False,
+                 init_phase: bool = False) -> None:
         super().__init__()
+        self.init_phase = init_phase  # the stage before distillation that trains only the losses' init_loss
         self.ema = weight_average(model, ema_decay) if ema_decay else None  # copied before hooks and compiling
         self.model, self.teacher, self.objective, self.teacher_cache = model, teacher, objective, teacher_cache
         self.label_smoothing, self.mixing, self.teacher_free = label_smoothing, mixing, teacher_free
@@ -69,6 +71,7 @@ class Distiller(nn.Module):
                 network.to(memory_format=self.memory_format)
                 if compile and (network is model or network is teacher):
                     network.compile()
+        self.train()  # each part in its mode: Lightning keeps the modes it finds (a teacher's, an untrained student's)
 
     @property
     def has_teacher(self) -> bool:
@@ -85,15 +88,30 @@ class Distiller(nn.Module):
         return self.learns_from_objective
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        """What the optimiser updates: the student, the connectors and the losses' own parameters."""
-        parts = [part for part in (self.model, self.objective, self.connectors) if part is not None]
-        return [p for part in parts for p in part.parameters()]
+        """What the optimiser updates: the student, the connectors and the losses' own parameters; in the init phase,
+        what the init losses train (the student only if one of them trains it)."""
+        connectors = list(self.connectors.parameters()) if self.connectors is not None else []
+        if self.objective is None:
+            return list(self.model.parameters())
+        if self.init_phase:
+            student = list(self.model.parameters()) if self.objective.init_trains_student else []
+            return student + connectors + self.objective.init_parameters()
+        return list(self.model.parameters()) + connectors + self.objective.main_parameters()
+
+    def load_parts(self, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Start from where an init phase left the losses' modules and the connectors (the student is loaded before
+        the distiller is built, so its weight average starts from it too)."""
+        for name, part in (("objective", self.objective), ("connectors", self.connectors)):
+            if part is not None:
+                part.load_state_dict(parts.get(name, {}))
 
     def train(self, mode: bool = True) -> Distiller:
         """Switch the student's mode; the teacher always stays in eval mode."""
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
+        if self.init_phase and not self.objective.init_trains_student:  # untrained, its BN statistics stay as they are
+            self.model.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +172,8 @@ class Distiller(nn.Module):
         teacher_logits, teacher_features = self.teacher_outputs(x, indices, epoch) if self.has_teacher else (None, {})
         connected = ({name: connector(f) for (name, f), connector in zip(student_features.items(), self.connectors)}
                      if self.connectors is not None else {})
+        if self.init_phase:
+            return Step(logits, *self.objective.init_step(student_features, teacher_features, connected))
         loss, terms = self.objective(logits, teacher_logits, hard_labels(y), targets=y,
                                      student_features=student_features, teacher_features=teacher_features,
                                      connected_features=connected, indices=indices, epoch=epoch,
@@ -197,10 +217,11 @@ class Distiller(nn.Module):
             self.train(was_training)
             self.teacher_cache = cache
         for name, value in terms.items():
-            if name.startswith("kd/") and not value.requires_grad:
+            if name.startswith(("kd/", "init/")) and not value.requires_grad:
                 key = name.split("/")[1]
-                raise KDError(f"--kd_loss {key}: its value does not depend on the student's logits or features "
-                              "(no gradient)")
+                what = "its init phase's loss does not depend on what that phase trains" if name.startswith(
+                    "init/") else "its value does not depend on the student's logits or features"
+                raise KDError(f"--kd_loss {key}: {what} (no gradient)")
 
     def remove_hooks(self) -> None:
         """Detach the feature hooks: the teacher is shared by later stages, which hook it themselves."""

@@ -72,9 +72,10 @@ class StageBuilder:
         return Teacher(archs, checkpoints, network, weights)
 
     def distiller(self, model: nn.Module, c: Config, teacher: nn.Module | None,
-                  cache: TeacherCache | None) -> Distiller:
+                  cache: TeacherCache | None, init_phase: bool = False) -> Distiller:
         """The training step of a stage with settings ``c``; distilling when it has a teacher or a teacher cache, or
-        when its losses need none (teacher-free: no teacher is run even if one is given). With --mutual, the student
+        when its losses need none (teacher-free: no teacher is run even if one is given); in an ``init_phase``, training
+        only its losses' init losses (FSP, AB, FT). With --mutual, the student
         trains beside its peers (each freshly seeded from the stage's seed and its number).
 
         The objective is built anew for every stage, so a loss's state (CRD's memory bank) never
@@ -100,7 +101,7 @@ class StageBuilder:
         return Distiller(model, teacher=teacher, objective=self._objective(c, shapes, teacher),
                          teacher_cache=None if teacher_free else cache, teacher_free=teacher_free,
                          student_layers=c.student_layers, teacher_layers=c.teacher_layers, feature_shapes=shapes,
-                         **options)
+                         init_phase=init_phase, **options)
 
     def _objective(self, c: Config, shapes: tuple[Shapes, Shapes] | None, teacher: nn.Module | None) -> Objective:
         """The losses of run ``c`` with their weights; feature losses sized by the hooked layers' ``shapes``."""

@@ -145,6 +145,9 @@ def random_features(seed, shapes, requires_grad=False):
 # real pair of networks; a loss with ``connect`` gets the student's features mapped to the teacher's shapes.
 TEACHER_SHAPES = {"t1": (5, 16, 4, 4), "t2": (5, 32, 2, 2)}
 STUDENT_SHAPES = {"s1": (5, 8, 8, 8), "s2": (5, 16, 4, 4)}
+# Losses that need other pairs: FSP as many channels on both sides at each layer, FT one pair.
+OWN_PAIRS = {"fsp": ({"s1": (5, 16, 8, 8), "s2": (5, 32, 4, 4)}, TEACHER_SHAPES),
+             "ft": ({"s1": (5, 8, 8, 8)}, {"t1": (5, 16, 4, 4)})}
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
@@ -156,13 +159,14 @@ def test_every_registered_loss_gives_finite_scalars_and_gradients(name):
     if "teacher_network" in (accepted_settings(factory) or set()):
         pytest.skip("it reads the teacher network when built: tested with one in its own file (test_overhaul.py)")
     connect, features = loss_property(factory, "connect"), loss_property(factory, "features")
-    student_shapes = dict(zip(STUDENT_SHAPES, TEACHER_SHAPES.values())) if connect else STUDENT_SHAPES
+    student_shapes, teacher_shapes = OWN_PAIRS.get(name, (STUDENT_SHAPES, TEACHER_SHAPES))
+    student_shapes = dict(zip(student_shapes, teacher_shapes.values())) if connect else student_shapes
     student_features = random_features(19, student_shapes, requires_grad=True)
     settings = {"num_classes": 7, "num_samples": 5,
                 "student_shapes": {k: v[1:] for k, v in student_shapes.items()},
-                "teacher_shapes": {k: v[1:] for k, v in TEACHER_SHAPES.items()}}
+                "teacher_shapes": {k: v[1:] for k, v in teacher_shapes.items()}}
     loss = build_loss(name, **settings)
-    extras = {"student_features": student_features, "teacher_features": random_features(20, TEACHER_SHAPES),
+    extras = {"student_features": student_features, "teacher_features": random_features(20, teacher_shapes),
               "indices": torch.arange(5), "epoch": 0,
               "strong_view": (random_logits(21, dtype=torch.float32).requires_grad_(True),
                               random_logits(22, dtype=torch.float32))}

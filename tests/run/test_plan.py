@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 
 import pytest
 
 from kd.config import Config, Role
 from kd.errors import KDError
-from kd.run.plan import Stage, TeacherFrom, plan_stages, stage_record
+from kd.run.plan import Stage, TeacherFrom, check_stages, plan_stages, stage_record
 from kd.train.teachers import Teacher
 
 
@@ -86,3 +88,14 @@ def test_teacher_lr_sets_the_teacher_stages_learning_rate_and_leaves_the_student
 def test_flags_that_would_be_ignored_are_refused(config, message):
     with pytest.raises(KDError, match=message):
         plan_stages(config)
+
+
+def test_each_assistant_trains_at_its_own_learning_rate_and_the_student_at_the_runs():
+    c = Config(train_teacher=True, distill=True, assistant_arch=["cnn_small", "cnn_tiny"], assistant_lr=[0.1, 0.02],
+               teacher_lr=0.3, lr=0.05)
+    records = {stage.name: stage_record(c, stage, None) for stage in plan_stages(c)}
+    assert {name: record.lr for name, record in records.items()} == {
+        "teacher": 0.3, "assistant1": 0.1, "assistant2": 0.02, "distill": 0.05}
+    assert all(record.assistant_lr == [] and record.teacher_lr is None for record in records.values())
+    with pytest.raises(KDError, match=r"--assistant_lr 0.1: give one learning rate per --assistant_arch \(2: "):
+        check_stages(replace(c, assistant_lr=[0.1]))
