@@ -61,6 +61,21 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, **options) -> subpro
                           capture_output=True, text=True, timeout=timeout, **options)
 
 
+def hooked_features(arch: str, layers: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs of ``layers`` of a CIFAR-100 network ``arch`` (seeded 0) on ``images``: real features for a loss."""
+    from kd.models.build import build_model
+
+    torch.manual_seed(0)
+    model, features = build_model(arch, 100), {}
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(lambda _, __, out, name=name: features.__setitem__(name, out))
+               for name in layers]
+    model(images)
+    for handle in handles:
+        handle.remove()
+    return features
+
+
 # A student that sleeps in each training step, so that a test can stop it in the middle of an epoch.
 SLOW_NET = """
 import time

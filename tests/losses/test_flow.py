@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import hooked_features
 from kd.losses.base import LOSSES, DistillationLoss
 from kd.losses.features import FeatureLoss
 from kd.losses.flow import ActivationBoundaries, FactorTransfer, FlowOfSolutionProcedure
-from kd.models.build import build_model
 
 B = 4
 Maps = dict[str, torch.Tensor]
@@ -276,16 +276,6 @@ def test_ft_p2_other_than_one_is_a_power():
 # ---- real features ---------------------------------------------------------------------------------------------
 
 
-def hooked(arch: str, layers: list[str], images: torch.Tensor) -> Maps:
-    torch.manual_seed(0)
-    model, features = build_model(arch, 100), {}
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(lambda _, __, out, name=name: features.__setitem__(name, out))
-               for name in layers]
-    model(images)
-    for handle in handles:
-        handle.remove()
-    return features
 
 
 @pytest.mark.parametrize("cls, student_layers, teacher_layers", [
@@ -296,9 +286,9 @@ def hooked(arch: str, layers: list[str], images: torch.Tensor) -> Maps:
 ])
 def test_resnet8x4_from_resnet32x4_gives_finite_losses_and_gradients(cls, student_layers, teacher_layers, one_thread):
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    student = hooked("cifar:resnet8x4", student_layers, images)
+    student = hooked_features("cifar:resnet8x4", student_layers, images)
     with torch.no_grad():
-        teacher = hooked("cifar:resnet32x4", teacher_layers, images)
+        teacher = hooked_features("cifar:resnet32x4", teacher_layers, images)
     loss = cls(student_shapes={k: tuple(v.shape[1:]) for k, v in student.items()},
                teacher_shapes={k: tuple(v.shape[1:]) for k, v in teacher.items()})
     init = loss.init_loss(student, teacher)

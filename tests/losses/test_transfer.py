@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import hooked_features
 from kd.errors import KDError
 from kd.losses.base import LOSSES, DistillationLoss, build_loss
 from kd.losses.transfer import KDSVD, NeuronSelectivityTransfer
-from kd.models.build import build_model
 
 B = 6
 
@@ -173,16 +173,6 @@ def test_kdsvd_is_zero_for_a_student_equal_to_its_teacher():
 # ---- real features ---------------------------------------------------------------------------------------------
 
 
-def hooked(arch: str, layers: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model, features = build_model(arch, 100), {}
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(lambda _, __, out, name=name: features.__setitem__(name, out))
-               for name in layers]
-    model(images)
-    for handle in handles:
-        handle.remove()
-    return features
 
 
 @pytest.mark.parametrize("name, student_arch, teacher_arch", [("nst", "cifar:resnet20", "cifar:resnet56"),
@@ -192,9 +182,9 @@ def test_real_features_of_cifar_networks_give_a_finite_loss_and_gradient(name, s
                                                                          one_thread):
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     layers = ["layer1", "layer2", "layer3"]
-    student = hooked(student_arch, layers, images)
+    student = hooked_features(student_arch, layers, images)
     with torch.no_grad():
-        teacher = hooked(teacher_arch, layers, images)
+        teacher = hooked_features(teacher_arch, layers, images)
     loss = build_loss(name, student_shapes={k: tuple(v.shape[1:]) for k, v in student.items()},
                       teacher_shapes={k: tuple(v.shape[1:]) for k, v in teacher.items()})
     logits = torch.zeros(4, 100)
