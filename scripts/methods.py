@@ -57,6 +57,7 @@ METHODS = {
     "ab": ["--student_layers", "features.1", "features.5", "--teacher_layers", "features.1", "features.5",
            "--loss_options", "ab.init_epochs=3"],
     "ft": [*LAST_MAP, "--loss_options", "ft.init_epochs=3"],
+    "srd": POOLED,
     "nkd": [],
     "wsld": [],
     "skd": [],

@@ -139,7 +139,8 @@ RECENT = {"mlkd": ["--kd_loss", "mlkd"], "nkd": ["--kd_loss", "nkd"], "wsld": ["
           "uskd": ["--kd_loss", "uskd", "--student_layers", "layer2", "--train_teacher", "false"],
           "self_distill": ["--kd_loss", "self_distill", "--student_layers", "layer1", "layer2", "layer3",
                            "--train_teacher", "false"],
-          "mutual": ["--mutual", "cifar:resnet8", "--train_teacher", "false"]}
+          "mutual": ["--mutual", "cifar:resnet8", "--train_teacher", "false"],
+          "srd": ["--kd_loss", "srd", "--student_layers", "avgpool", "--teacher_layers", "avgpool"]}
 # The methods with an init phase (RepDistiller's FSP, AB, FT), on resnet20 -> resnet8 as their presets hook them; at
 # --lr 0.005, as the recipe's 0.05 leaves a teacher of one epoch on 200 images with maps whose FSP/FT losses overflow.
 STAGES = ["--student_layers", "relu", "layer1", "layer2", "layer3", "--teacher_layers", "relu", "layer1", "layer2",

@@ -145,9 +145,10 @@ def random_features(seed, shapes, requires_grad=False):
 # real pair of networks; a loss with ``connect`` gets the student's features mapped to the teacher's shapes.
 TEACHER_SHAPES = {"t1": (5, 16, 4, 4), "t2": (5, 32, 2, 2)}
 STUDENT_SHAPES = {"s1": (5, 8, 8, 8), "s2": (5, 16, 4, 4)}
-# Losses that need other pairs: FSP as many channels on both sides at each layer, FT one pair.
+# Losses that need other pairs: FSP as many channels on both sides at each layer, FT one pair, SRD one pooled pair.
 OWN_PAIRS = {"fsp": ({"s1": (5, 16, 8, 8), "s2": (5, 32, 4, 4)}, TEACHER_SHAPES),
-             "ft": ({"s1": (5, 8, 8, 8)}, {"t1": (5, 16, 4, 4)})}
+             "ft": ({"s1": (5, 8, 8, 8)}, {"t1": (5, 16, 4, 4)}),
+             "srd": ({"s1": (5, 8, 1, 1)}, {"t1": (5, 16, 1, 1)})}
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
