@@ -55,3 +55,15 @@ def test_mutual_learning_and_two_view_losses_train_under_ddp(tiny_data, tmp_path
     results = [json.loads(path.read_text()) for path in (tmp_path / "kd").rglob("result.json")]
     assert {r["stage"] for r in results} - {"teacher"} == students  # one row each, written by rank 0 alone
     assert len(results) == len(students) + ("--train_teacher" in flags)
+
+
+def test_an_init_phase_trains_under_ddp_that_finds_unused_parameters_and_plain_ddp_is_refused(tiny_data, tmp_path):
+    flags = [*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--devices", "2", "--batch_size",
+             "6", "--train_teacher", "--distill", "--kd_loss", "ft", "--student_layers", "features.3",
+             "--teacher_layers", "features.3", "--loss_options", "ft.init_epochs=1"]
+    refused = run_cli([*flags, "--strategy", "ddp"], cwd=tmp_path)
+    assert refused.returncode == 2 and "pass --strategy ddp_find_unused_parameters_true" in refused.stderr
+    result = run_cli([*flags, "--strategy", "ddp_find_unused_parameters_true"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = sorted(json.loads(path.read_text())["stage"] for path in (tmp_path / "kd").rglob("result.json"))
+    assert stages == ["distill", "init_distill", "teacher"]

@@ -21,6 +21,7 @@ from kd.losses.hints import ConvReg
 from kd.losses.transfer import check_features, check_layers, check_maps
 
 Features = dict[str, torch.Tensor]
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the largest learning rate a float32 weight's update holds
 
 
 def check_init_epochs(loss: str, init_epochs: int, init_lr: float | None = None) -> int:
@@ -28,8 +29,10 @@ def check_init_epochs(loss: str, init_epochs: int, init_lr: float | None = None)
     read by the plan; None: --lr) a positive number or None; a ValueError otherwise."""
     if isinstance(init_epochs, bool) or not isinstance(init_epochs, int) or init_epochs < 0:
         raise ValueError(f"{loss}: init_epochs is a whole number of epochs >= 0, got {init_epochs!r}")
-    if init_lr is not None and (isinstance(init_lr, bool) or not isinstance(init_lr, (int, float)) or init_lr <= 0):
-        raise ValueError(f"{loss}: init_lr is the init phase's learning rate, above 0, got {init_lr!r}")
+    if init_lr is not None and (isinstance(init_lr, bool) or not isinstance(init_lr, (int, float))
+                                or not 0 < init_lr <= FLOAT32_MAX):
+        raise ValueError(f"{loss}: init_lr is the init phase's learning rate, above 0 and at most {FLOAT32_MAX:.4g} "
+                         f"(float32), got {init_lr!r}")
     return init_epochs
 
 

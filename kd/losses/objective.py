@@ -33,7 +33,7 @@ class Objective(nn.Module):
     """The weighted sum of the label cross-entropy and the distillation losses, term by term."""
 
     def __init__(self, losses: dict[str, Loss], weights: dict[str, float], ce_weight: float,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, init_keys: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.losses = nn.ModuleDict({k: v if isinstance(v, nn.Module) else _Function(v) for k, v in losses.items()})
         self.extras = {key: wanted_extras(loss) for key, loss in losses.items()}
@@ -43,7 +43,7 @@ class Objective(nn.Module):
         self.needs_features = any(loss_property(loss, "features") for loss in losses.values())
         self.needs_connectors = any(self.connect.values())
         self.needs_strong_view = any(STRONG_VIEW in extras for extras in self.extras.values())
-        self.init_keys = [key for key, loss in losses.items() if hasattr(loss, "init_loss")]
+        self.init_keys = list(init_keys)  # the losses with an init phase of at least one epoch
         self.init_trains_student = any(loss_property(losses[key], "init_trains_student") for key in self.init_keys)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -120,4 +120,5 @@ def build_objective(losses: ResolvedLosses, label_smoothing: float = 0.0, **sett
     """
     built = {loss.key: build_loss(loss.spec, **(settings | loss.options)) for loss in losses.losses}
     weights = {loss.key: loss.weight.value for loss in losses.losses}
-    return Objective(built, weights, losses.ce_weight.value, label_smoothing)
+    return Objective(built, weights, losses.ce_weight.value, label_smoothing,
+                     tuple(loss.key for loss in losses.with_init))

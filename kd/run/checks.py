@@ -103,6 +103,10 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
         raise KDError(f"--teacher_cache with --kd_loss {' '.join(c.kd_loss)}: it needs no teacher, so there are no "
                       "teacher outputs to cache; drop --teacher_cache")
     viewed = [loss.spec for loss in losses.needing(STRONG_VIEW)]
+    if world_size > 1 and losses.with_init and "find_unused_parameters_true" not in c.strategy:
+        raise KDError(f"--kd_loss {losses.with_init[0].spec} with several processes: its init phase leaves parts of "
+                      "the student without a gradient, which DDP refuses; pass --strategy "
+                      "ddp_find_unused_parameters_true")
     if c.teacher_cache and (features or viewed or world_size > 1 or c.assistant_arch or c.born_again):
         why = ("feature losses need the teacher's features, and the cache holds logits only" if features else
                f"--kd_loss {' '.join(viewed)} needs the teacher's logits of a second, strongly augmented view of "

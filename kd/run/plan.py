@@ -138,7 +138,7 @@ def stage_record(c: Config, stage: Stage, teacher: Teacher | None) -> Config:
         (loss,) = resolve_losses(c).with_init
         init_lr = loss.settings["init_lr"].value if "init_lr" in loss.settings else None  # FT's 0.01, say
         config = replace(config, epochs=loss.init_epochs, scheduler="none", milestones=[], warmup_epochs=0.0,
-                         ema=None, lr=init_lr or config.lr)
+                         ema=None, lr=init_lr or config.lr, optimizer="sgd", dot_delta=FIELDS["dot_delta"].default)
     if teacher is None:  # trained on labels alone, or by losses that need no teacher
         return with_weights_in_force(config) if stage.role is Role.DISTILL else config
     return replace(with_weights_in_force(config), teacher_arch=list(teacher.archs),

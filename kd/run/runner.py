@@ -61,11 +61,13 @@ class StageRunner:
         offered: dict[tuple[str, int], Teacher] = {}  # what each finished stage that teaches offers
         for index, stage in enumerate(self.plan.stages):
             teacher = self._teacher_of(stage.teacher, offered) if stage.teacher else None
+            if stage.init and self._found_after(self.plan.stages[index + 1], teacher):
+                continue  # --resume found its distillation finished or under way: it needs the phase no more
             if stage.tune:  # tuned once, with the first seed; every seed's stage of this name gets the best
                 self.tuned[stage.name] = tune_stage(self.config, self.build, teacher, self.root, stage.role)
             baseline = results.get((stage.baseline, stage.seed)) if stage.baseline else None
             tuned = self.tuned.get(stage.name)
-            start = results.pop((stage.starts_from, stage.seed)) if stage.starts_from else None  # a phase: no row
+            start = results.pop((stage.starts_from, stage.seed), None) if stage.starts_from else None  # no row
             results[stage.key] = self._stage(stage, tuned.config if tuned else self.config, teacher,
                                              baseline.best_top1 if baseline else None, start)
             if stage.name == "distill" and self.config.mutual and is_main_process():
@@ -80,6 +82,14 @@ class StageRunner:
             later = {(s.teacher.stage, s.teacher.seed) for s in self.plan.stages[index + 1:] if s.teacher}
             offered = {key: network for key, network in offered.items() if key in later}  # free the rest
         return list(results.values())
+
+    def _found_after(self, stage: Stage, teacher: Teacher | None) -> bool:
+        """Whether --resume finds ``stage`` (the distillation after an init phase) finished or able to continue."""
+        if not self.config.resume:
+            return False
+        earlier, _ = find_earlier(self.root / stage.name, stage_record(self.config, stage, teacher), stage.role,
+                                  stage.arch, self.build.classes)
+        return earlier is not None
 
     def _teacher_of(self, source: TeacherFrom, offered: dict[tuple[str, int], Teacher]) -> Teacher:
         """The teacher a stage learns from: an earlier stage's network, or the --teacher_checkpoint files."""
@@ -113,7 +123,7 @@ class StageRunner:
                 print(f"\n== {stage.name}, seed {stage.seed}: finished earlier in {earlier.log_dir}", flush=True)
             return earlier
         known = teacher is not None and teacher.top1 is not None
-        doubt = teacher_doubt(teacher.top1, len(self.build.classes), baseline) if known else None
+        doubt = teacher_doubt(teacher.top1, len(self.build.classes), baseline) if known and not stage.init else None
         if doubt and is_main_process():
             print(f"\nwarning: {stage.name} (seed {stage.seed}): {doubt}", flush=True)
         model = self.build.network(stage.arch, stage.weights, stage.weights_flag, stage.seed)

@@ -71,6 +71,10 @@ class Distiller(nn.Module):
                 network.to(memory_format=self.memory_format)
                 if compile and (network is model or network is teacher):
                     network.compile()
+        if objective is not None:  # what this phase does not train stays frozen (FT's paraphraser after its phase)
+            trained = {id(p) for p in self.trained_parameters()}
+            for parameter in objective.parameters():
+                parameter.requires_grad_(id(parameter) in trained)
         self.train()  # each part in its mode: Lightning keeps the modes it finds (a teacher's, an untrained student's)
 
     @property

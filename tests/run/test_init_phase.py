@@ -4,6 +4,7 @@ own before each distillation, reused and resumed like any, from whose end the di
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -110,9 +111,36 @@ def test_the_init_phase_trains_its_own_modules_and_the_distillation_starts_where
     assert "init_distill" not in rows and "distill" in rows  # the phase is no row of its own
     assert {r.stage for r in find_results([str(root)])} == {"teacher", "distill"}
 
+    shutil.rmtree(distill)  # a lost distillation is trained again from its finished phase, reused
     assert main([*flags, "--resume"]) == 0
-    assert capsys.readouterr().out.count("finished earlier") == 3
-    assert not (root / "init_distill" / "version_1").exists() and not (root / "distill" / "version_1").exists()
+    out = capsys.readouterr().out
+    assert "init_distill, seed 0: finished earlier" in out and not (root / "init_distill" / "version_1").exists()
+    assert torch.equal(_state(distill)["objective.losses.Frozen.gain"], ended["objective.losses.Frozen.gain"])
+    shutil.rmtree(root / "init_distill")  # a finished distillation needs its phase no more: not trained again
+    assert main([*flags, "--resume"]) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 2 and not (root / "init_distill").exists()
+
+
+def test_only_the_losses_whose_init_phase_runs_train_in_it_and_always_with_sgd(warm, tiny_data, tmp_path):
+    from kd.losses.objective import build_objective
+    from kd.losses.spec import resolve_losses
+
+    both = Config(kd_loss=[f"{warm}:Warm", f"{warm}:Frozen"], loss_options=["Warm.init_epochs=0"])
+    assert build_objective(resolve_losses(both)).init_keys == ["Frozen"]
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--distill",
+                 "--kd_loss", f"{warm}:Frozen", *LAYERS, "--optimizer", "dot"]) == 0
+    records = {stage: yaml.safe_load((tmp_path / "kd" / stage / "version_0" / "config.yaml").read_text())
+               for stage in ("init_distill", "distill")}
+    assert records["init_distill"]["optimizer"] == "sgd" and records["distill"]["optimizer"] == "dot"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0"])
+def test_an_init_learning_rate_that_cannot_train_is_refused_before_training(value, tiny_data, tmp_path, capsys):
+    assert main([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path), "--train_teacher", "--distill",
+                 "--kd_loss", "ft", *LAYERS, "--loss_options", f"ft.init_lr={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "init_lr is the init phase's learning rate" in err and err.count("\n") == 1
+    assert not (tmp_path / "kd").exists()
 
 
 def test_an_init_phase_that_trains_the_student_hands_it_on_at_its_own_learning_rate(warm, tiny_data, tmp_path):
