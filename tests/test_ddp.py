@@ -67,3 +67,29 @@ def test_an_init_phase_trains_under_ddp_that_finds_unused_parameters_and_plain_d
     assert result.returncode == 0, result.stderr[-3000:]
     stages = sorted(json.loads(path.read_text())["stage"] for path in (tmp_path / "kd").rglob("result.json"))
     assert stages == ["distill", "init_distill", "teacher"]
+
+
+def test_the_teacher_cache_fills_under_ddp_exactly_and_is_read_by_any_number_of_processes(tiny_data, tmp_path):
+    assert run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "t"), "--train_teacher",
+                    "--teacher_arch", "cnn_small"], cwd=tmp_path).returncode == 0
+    teacher = tmp_path / "t" / "kd" / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
+    cache = tmp_path / "cache"
+
+    def distill(out: str, *flags: str) -> list[float]:
+        result = run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / out), "--distill",
+                          "--teacher_arch", "cnn_small", "--teacher_checkpoint", str(teacher), "--epochs", "2",
+                          "--batch_size", "6", *flags], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / out / "kd" / "distill" / "version_0" / "result.json").read_text())["val_top1"]
+
+    two = ["--devices", "2", "--strategy", "ddp"]
+    cached = ["--teacher_cache", str(cache), "--teacher_cache_dtype", "float32"]
+    online = distill("online", *two)
+    assert distill("fill", *two, *cached) == online  # trained on the very logits it stored
+    folders = list(cache.iterdir())
+    assert len(folders) == 1 and sorted(p.name for p in folders[0].iterdir()) == ["epoch_0000", "epoch_0001", "val"]
+    assert distill("read", *two, *cached) == online  # read back: the same top-1, epoch by epoch ...
+    weights = [torch.load(tmp_path / out / "kd" / "distill" / "version_0" / "checkpoints" / "last.ckpt",
+                          weights_only=True)["state_dict"] for out in ("online", "read")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # ... and the same weights, bit for bit
+    distill("one", *cached, "--teacher_cache_only")  # every split is there for a single process too

@@ -107,11 +107,13 @@ def _check_distillation(c: Config, build: StageBuilder, world_size: int) -> Teac
         raise KDError(f"--kd_loss {losses.with_init[0].spec} with several processes: its init phase leaves parts of "
                       "the student without a gradient, which DDP refuses; pass --strategy "
                       "ddp_find_unused_parameters_true")
-    if c.teacher_cache and (features or viewed or world_size > 1 or c.assistant_arch or c.born_again):
+    mixed_apart = world_size > 1 and (c.mixup or c.cutmix)
+    if c.teacher_cache and (features or viewed or mixed_apart or c.assistant_arch or c.born_again):
         why = ("feature losses need the teacher's features, and the cache holds logits only" if features else
                f"--kd_loss {' '.join(viewed)} needs the teacher's logits of a second, strongly augmented view of "
                "each image, which the cache does not hold" if viewed else
-               "it is written by one process; run the cached distillation on one device" if world_size > 1
+               "with --mixup or --cutmix an image is mixed with its neighbour in the batch, and several processes "
+               "batch the images otherwise than one; cache a run on one device, or drop the mixing" if mixed_apart
                else "each assistant is a new teacher; cache the final distillation in a run without assistants"
                if c.assistant_arch else "each generation is a new teacher; cache a run without --born_again")
         raise KDError(f"--teacher_cache: {why}")

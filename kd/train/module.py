@@ -129,8 +129,8 @@ class KDModule(pl.LightningModule):
         self.distiller.update_average()
 
     def on_train_epoch_end(self) -> None:
-        if self.distiller.teacher_cache is not None:
-            self.distiller.teacher_cache.commit(self.current_epoch)
+        if self.distiller.teacher_cache is not None and self.trainer.world_size == 1:
+            self._commit_cache(self.current_epoch)  # several processes save it after validation (see below)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y, indices = batch
@@ -171,7 +171,17 @@ class KDModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.distiller.teacher_cache is not None and not self.trainer.sanity_checking:
-            self.distiller.teacher_cache.commit(None)
+            self._commit_cache(self.current_epoch)  # the epoch's training is over: every sample is recorded
+            self._commit_cache(None)
+
+    def _commit_cache(self, epoch: int | None) -> None:
+        """Save the teacher cache's ``epoch`` (None: validation), every process's share of it.
+
+        Under DDP the processes meet at barriers here, so this runs at the end of validation: at the end of the
+        training epoch rank 0's progress bar reduces the epoch's metrics before the others do, and a barrier
+        between would wait for ever."""
+        strategy = self.trainer.strategy
+        self.distiller.teacher_cache.commit(epoch, strategy.global_rank, strategy.world_size, strategy.barrier)
 
     def teardown(self, stage: str) -> None:
         self.distiller.remove_hooks()

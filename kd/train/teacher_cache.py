@@ -4,12 +4,18 @@ Augmentations are a pure function of (seed, epoch, sample index), so a later run
 teacher, data, transforms and seed sees exactly the images the first one did and can read the
 teacher's logits instead of running it. Each finished epoch is one folder, written aside and renamed
 into place: an interrupted epoch leaves nothing, and a finished one is never rewritten.
+
+Under DDP each process fills the samples of its shard; at the end of an epoch each writes its share beside the
+cache (``.<epoch>.part<rank>of<world>.npz``), and the first process merges the shares into the one folder a
+single process would have written. So the key and the layout do not depend on the process count, and a cache
+filled by N processes is read by any number.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,14 +183,62 @@ class TeacherCache:
         for pending in self._pending.values():
             pending.arrays["values"] = pending.arrays["values"].astype(np.float32)
 
-    def commit(self, epoch: int | None) -> None:
+    def commit(self, epoch: int | None, rank: int = 0, world_size: int = 1,
+               barrier: Callable[[], None] = lambda: None) -> None:
         """Save ``epoch``'s logits: written beside the cache, then renamed into place.
 
-        The first save also removes the epochs that killed runs left half written under any key.
+        With several processes (``rank`` of ``world_size``, ``barrier`` waiting for all of them), each writes its
+        share and rank 0 merges them. The first save also removes the epochs that killed runs left half written.
         """
         split = self._pending.pop(self.split_name(epoch), None)
-        if split is None or self.has(epoch):
+        if world_size == 1:
+            if split is not None and not self.has(epoch):
+                self._save(epoch, split.arrays)
             return
+        saved = self.has(epoch)  # asked by every process before any merges: the same answer on all of them
+        if split is not None and not saved:
+            self._write_share(epoch, split, rank, world_size)
+        barrier()
+        if rank == 0 and not saved:
+            self._save(epoch, self._merged_shares(epoch, world_size))
+        barrier()
+
+    def _share(self, epoch: int | None, rank: int, world_size: int) -> Path:
+        return self.folder / f".{self.split_name(epoch)}.part{rank}of{world_size}.npz"
+
+    def _write_share(self, epoch: int | None, split: _Split, rank: int, world_size: int) -> None:
+        """One process's share of an epoch, as one file written aside and renamed (a killed write leaves none)."""
+        path = self._share(epoch, rank, world_size)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with written_atomically(path) as tmp, tmp.open("wb") as file:
+                np.savez(file, **split.arrays)
+        except OSError as exc:
+            raise KDError(f"--teacher_cache: cannot write {path}: {exc.strerror or exc}") from None
+
+    def _merged_shares(self, epoch: int | None, world_size: int) -> dict[str, np.ndarray]:
+        """Every process's share of ``epoch`` in one set of arrays (float32 if any share had to widen), the share
+        files then removed; a share that is missing or damaged is a KDError naming it."""
+        merged = _Split(self._shapes(epoch), self.dtype).arrays
+        shares = [self._share(epoch, rank, world_size) for rank in range(world_size)]
+        for path in shares:
+            try:
+                with np.load(path) as share:
+                    arrays = {key: share[key] for key in merged}
+            except (OSError, ValueError, KeyError, EOFError) as exc:
+                raise KDError(f"--teacher_cache: cannot read {path}, one process's share of "
+                              f"{self.split_name(epoch)} ({exc})") from None
+            if arrays["values"].dtype != merged["values"].dtype and arrays["values"].dtype == np.float32:
+                merged["values"] = merged["values"].astype(np.float32)
+            rows = arrays["filled"]
+            for key, array in arrays.items():
+                merged[key][rows] = array[rows]
+        for path in self.folder.glob(f".{self.split_name(epoch)}.part*of*.npz"):  # this run's, and any killed run's
+            path.unlink(missing_ok=True)
+        return merged
+
+    def _save(self, epoch: int | None, arrays: dict[str, np.ndarray]) -> None:
+        """Write one epoch's arrays as its folder, aside and renamed into place."""
         final = self.folder / self.split_name(epoch)
         if not self._cleaned:
             for keyed in sorted(self.folder.parent.glob("*")):  # dead_temporaries passes over files
@@ -194,7 +248,7 @@ class TeacherCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             with written_atomically(final) as tmp:
                 tmp.mkdir()
-                for name, array in split.arrays.items():
+                for name, array in arrays.items():
                     np.save(tmp / f"{name}.npy", array)
         except OSError as exc:
             if not self.has(epoch):  # else another run saved the same epoch first: theirs is as good
