@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import FAST, run_cli
+from conftest import FAST, PROJECT, run_cli
 from kd.config import Config
 from kd.data.loaders import make_datamodule
 from kd.data.transforms import normalize
@@ -93,3 +97,30 @@ def test_the_teacher_cache_fills_under_ddp_exactly_and_is_read_by_any_number_of_
                           weights_only=True)["state_dict"] for out in ("online", "read")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # ... and the same weights, bit for bit
     distill("one", *cached, "--teacher_cache_only")  # every split is there for a single process too
+
+
+def test_two_nodes_simulated_on_this_machine_train_as_two_processes_on_one(tiny_data, tmp_path):
+    """``--num_nodes 2``, one process per "node" (node ranks 0 and 1, as torchrun or SLURM would start them), with
+    the teacher cache: one set of outputs, and the very top-1 of two processes on one node."""
+    assert run_cli([*FAST, "--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "t"), "--train_teacher",
+                    "--teacher_arch", "cnn_small"], cwd=tmp_path).returncode == 0
+    teacher = tmp_path / "t" / "kd" / "teacher" / "version_0" / "checkpoints" / "best.ckpt"
+    flags = [*FAST, "--data_dir", str(tiny_data), "--distill", "--teacher_arch", "cnn_small", "--teacher_checkpoint",
+             str(teacher), "--epochs", "2", "--batch_size", "6", "--strategy", "ddp"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, str(PROJECT / "experiment.py"), *flags, "--devices", "1", "--num_nodes",
+                               "2", "--output_dir", str(tmp_path / "nodes"), "--teacher_cache", str(tmp_path / "c")],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "NODE_RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+             for rank in (0, 1)]
+    outcomes = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outcomes[0][1][-2000:] + outcomes[1][1][-2000:]
+    results = list((tmp_path / "nodes").rglob("result.json"))
+    assert [p.parent.name for p in results] == ["version_0"] and len(list((tmp_path / "c").iterdir())) == 1
+    one_node = run_cli([*flags, "--devices", "2", "--output_dir", str(tmp_path / "one")], cwd=tmp_path)
+    assert one_node.returncode == 0, one_node.stderr[-2000:]
+    reference = json.loads((tmp_path / "one" / "kd" / "distill" / "version_0" / "result.json").read_text())
+    assert json.loads(results[0].read_text())["val_top1"] == reference["val_top1"]
