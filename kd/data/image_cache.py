@@ -10,11 +10,14 @@ name and renamed into place when complete, so an interrupted build never leaves 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,6 +79,18 @@ class ImageCache:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise KDError(f"--image_cache: cannot write {root}: {exc.strerror or exc}") from None
+        with _builder_lock(root / f".{key}.lock"):  # one writer: the others wait, then open what it built
+            if _read_meta(folder, expected) is not None:
+                return cls(folder)
+            nbytes = cls._write_folder(split, short_side, folder, expected)
+        print(f"image cache: {len(split)} images at short side {short_side}, {_human(nbytes)} in {folder}",
+              file=sys.stderr, flush=True)
+        return cls(folder)
+
+    @staticmethod
+    def _write_folder(split: Split, short_side: int, folder: Path, expected: dict) -> int:
+        """Decode ``split`` into ``folder``, built aside and renamed into place; the number of pixel bytes."""
+        nbytes = 0
         try:
             with written_atomically(folder) as tmp:
                 tmp.mkdir()
@@ -87,9 +102,7 @@ class ImageCache:
         except OSError as exc:
             if _read_meta(folder, expected) is None:  # not another process that finished first
                 raise KDError(f"--image_cache: cannot write {folder}: {exc.strerror or exc}") from None
-        print(f"image cache: {len(split)} images at short side {short_side}, {_human(nbytes)} in {folder}",
-              file=sys.stderr, flush=True)
-        return cls(folder)
+        return nbytes
 
     def __len__(self) -> int:
         return self._count
@@ -125,6 +138,35 @@ class ImageCache:
 
     def __repr__(self) -> str:
         return f"ImageCache({str(self.folder)!r}, {self._count} images, short side {self.short_side})"
+
+
+@contextlib.contextmanager
+def _builder_lock(path: Path) -> Iterator[None]:
+    """Hold the advisory lock ``path``, waiting for another builder (on any machine sharing the file system) to
+    finish; the file is removed on release, so nothing is left beside the cache. Where the file system cannot lock,
+    build anyway (two builders then decode twice, and one rename wins)."""
+    while True:
+        try:
+            file = path.open("a")
+        except OSError as exc:
+            raise KDError(f"--image_cache: cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. an NFS mount without lockd
+            warn(f"--image_cache: cannot lock {path} ({exc.strerror or exc}); processes building this cache at once "
+                 "each decode it")
+            break
+        try:  # the holder before us removed the file it locked: lock the one at the path now
+            if os.fstat(file.fileno()).st_ino == path.stat().st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        file.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it: a waiter on this file then tries the path again
+        file.close()
 
 
 def _read_meta(folder: Path, expected: dict | None = None) -> dict | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import ast
+import multiprocessing
+import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +117,32 @@ def test_second_build_reuses_the_cache(images, tmp_path, monkeypatch):
     assert second.folder == first.folder and pixels.stat().st_mtime_ns == stamp
     assert all(torch.equal(first[i], second[i]) for i in range(len(first)))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.folder.name]
+
+
+def test_processes_building_one_cache_at_once_decode_it_once(images, tmp_path, monkeypatch):
+    """Two processes (two machines' first ranks on a shared file system, say) ask for the same cache at once: one
+    decodes, the other waits for it and opens what it built."""
+    decoded = tmp_path / "decoded.txt"
+    resized = FileSplit.resized
+
+    def slow_resized(self, i, short_side):
+        with decoded.open("a") as log:
+            log.write(f"{os.getpid()} {i}\n")
+        time.sleep(0.05)
+        return resized(self, i, short_side)
+
+    monkeypatch.setattr(FileSplit, "resized", slow_resized)
+    builders = [multiprocessing.get_context("fork").Process(target=ImageCache.build,
+                                                             args=(_files(images), SHORT, tmp_path / "cache"))
+                for _ in range(2)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join(60)
+    assert [builder.exitcode for builder in builders] == [0, 0]
+    lines = decoded.read_text().splitlines()
+    assert len(lines) == len(images) and len({line.split()[0] for line in lines}) == 1  # one process decoded
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # its folder, and no lock file left
 
 
 def test_two_builds_give_identical_bytes(images, tmp_path):
