@@ -191,3 +191,21 @@ def test_key_follows_the_teacher_the_files_their_labels_and_the_settings(tiny_da
     assert touched != first
     teacher.write_bytes(b"other weights")
     assert key() not in (first, touched)
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_shares_of_several_processes_merge_into_the_epoch_one_process_writes(tmp_path, topk):
+    """Each process (here two caches on one folder, committing in turn) saves its share; rank 0 merges them. A share
+    that had to widen to float32 widens the epoch; every sample reads back as its process stored it."""
+    logits = torch.randn(6, 5) * 3
+    logits[4, 0] = 70000.0  # past float16: rank 0's share (rows 0, 2, 4) widens, rank 1's stays float16
+    waited = []
+    ranks = [_cache(tmp_path, topk=topk) for _ in range(2)]
+    stored = {rank: ranks[rank].record(0, torch.arange(rank, 6, 2), logits[rank::2]) for rank in (1, 0)}
+    for rank in (1, 0):  # the last process to commit merges; with a real barrier rank 0 merges after every share
+        ranks[rank].commit(0, rank, 2, lambda rank=rank: waited.append(rank))
+    assert waited == [1, 1, 0, 0] and sorted(p.name for p in (tmp_path / "key").iterdir()) == ["epoch_0000"]
+    reader = _cache(tmp_path, topk=topk)
+    assert reader.complete(0)
+    for rank in (0, 1):
+        assert torch.equal(reader.lookup(0, torch.arange(rank, 6, 2)), stored[rank])
