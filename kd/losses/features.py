@@ -14,6 +14,7 @@ teacher; the losses detach them, so no gradient ever reaches them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kd.losses.base import DistillationLoss, Range
 
@@ -30,6 +31,12 @@ def feature_pairs(student_features: dict[str, torch.Tensor],
     if not student_features:
         raise ValueError("no hooked features: a feature loss needs at least one student/teacher layer pair")
     return [(s, t.detach()) for s, t in zip(student_features.values(), teacher_features.values())]
+
+
+def pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (B, C, H, W) maps average-pooled to their smaller height and width, where they differ from it."""
+    size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
+    return tuple(F.adaptive_avg_pool2d(x, size) if tuple(x.shape[2:]) != size else x for x in (a, b))
 
 
 def flat(feature: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.config import FLOAT32_MAX
 from kd.losses.base import LOSSES, Range
-from kd.losses.features import FeatureLoss, Shapes, check_built, feature_pairs, layer_pairs
+from kd.losses.features import FeatureLoss, Shapes, check_built, feature_pairs, layer_pairs, pool_to_smaller
 from kd.losses.hints import ConvReg
 from kd.losses.transfer import check_features, check_layers, check_maps
 
 Features = dict[str, torch.Tensor]
-FLOAT32_MAX = torch.finfo(torch.float32).max  # the largest learning rate a float32 weight's update holds
 
 
 def check_init_epochs(loss: str, init_epochs: int, init_lr: float | None = None) -> int:
@@ -34,12 +34,6 @@ def check_init_epochs(loss: str, init_epochs: int, init_lr: float | None = None)
         raise ValueError(f"{loss}: init_lr is the init phase's learning rate, above 0 and at most {FLOAT32_MAX:.4g} "
                          f"(float32), got {init_lr!r}")
     return init_epochs
-
-
-def pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two (B, C, H, W) maps average-pooled to their smaller height and width, where they differ from it."""
-    size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
-    return tuple(F.adaptive_avg_pool2d(x, size) if tuple(x.shape[2:]) != size else x for x in (a, b))
 
 
 # ---- FSP ------------------------------------------------------------------------------------------------------

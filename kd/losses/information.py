@@ -16,7 +16,7 @@ from torch import nn
 
 from kd.losses.base import LOSSES, Range
 from kd.losses.features import (SIDES, FeatureLoss, Shapes, check_built, check_map_channels, feature_pairs, flat,
-                                layer_pairs)
+                                layer_pairs, pool_to_smaller)
 
 
 # ---- CC -------------------------------------------------------------------------------------------------------
@@ -117,11 +117,7 @@ class VIDRegressor(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """Mean over (B, C, H, W) of the Gaussian's negative log-likelihood of ``teacher`` (less 0.5·log 2π)."""
-        size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
-        if tuple(student.shape[2:]) != size:
-            student = F.adaptive_avg_pool2d(student, size)
-        if tuple(teacher.shape[2:]) != size:
-            teacher = F.adaptive_avg_pool2d(teacher, size)
+        student, teacher = pool_to_smaller(student, teacher)
         pred_mean = self.regressor(student)
         pred_var = self.variance().view(1, -1, 1, 1)
         return (0.5 * ((pred_mean - teacher) ** 2 / pred_var + torch.log(pred_var))).mean()
