@@ -10,23 +10,16 @@ their absolute differences, beside a KL divergence between the two networks' own
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kd.losses.base import LOSSES, Range
 from kd.losses.features import SIDES, FeatureLoss, Shapes, check_built, feature_pairs, flat, layer_pairs
+from kd.losses.logits import kl_softmax
 
 
 def log_power_distance(projected: torch.Tensor, teacher: torch.Tensor, exponent: float) -> torch.Tensor:
     """SRD's feature term: ``log Σ |projected − teacher|^exponent`` over the whole batch and all dimensions."""
     return (projected - teacher).abs().pow(exponent).sum().log()
-
-
-def softened_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SRD's logit term: KL(softmax(t/T) ‖ softmax(s/T)) averaged over the batch, without Hinton's T² factor (as
-    torchdistill's ``SRDLoss``, an ``nn.KLDivLoss(reduction='batchmean')``)."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
-                    reduction="batchmean")
 
 
 def pooled_width(loss: str, flag: str, name: str, shape: tuple[int, ...]) -> int:
@@ -93,5 +86,6 @@ class ProjectorDistillation(FeatureLoss):
                 raise ValueError(f"srd: --{flag}_layers '{name}' gives {feature.shape[1]} numbers per sample, but the "
                                  f"loss was built for a pooled feature of width {width}")
         feature = log_power_distance(self.projector(s), self.teacher_norm(t), self.exponent)
-        kl = softened_kl(student_logits, teacher_logits.detach(), self.temperature)
+        # torchdistill's nn.KLDivLoss(reduction='batchmean'): Hinton's KL without its T² factor
+        kl = kl_softmax(student_logits, teacher_logits.detach(), self.temperature) / self.temperature**2
         return {"feature": self.feature_weight * feature, "kl": self.kl_weight * kl}
