@@ -196,8 +196,8 @@ class TeacherCache:
                 self._save(epoch, split.arrays)
             return
         saved = self.has(epoch)  # asked by every process before any merges: the same answer on all of them
-        if split is not None and not saved:
-            self._write_share(epoch, split, rank, world_size)
+        if not saved:  # a process that trained on no sample this epoch writes an empty share: none is missing
+            self._write_share(epoch, split or _Split(self._shapes(epoch), self.dtype), rank, world_size)
         barrier()
         if rank == 0 and not saved:
             self._save(epoch, self._merged_shares(epoch, world_size))

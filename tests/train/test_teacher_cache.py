@@ -209,3 +209,16 @@ def test_shares_of_several_processes_merge_into_the_epoch_one_process_writes(tmp
     assert reader.complete(0)
     for rank in (0, 1):
         assert torch.equal(reader.lookup(0, torch.arange(rank, 6, 2)), stored[rank])
+
+
+def test_a_process_that_recorded_nothing_still_lets_the_epoch_merge(tmp_path):
+    """A process whose shard held no sample this epoch (more processes than batches) adds an empty share, so rank 0's
+    merge finds every share and saves the other process's samples, the rest marked missing rather than failing."""
+    logits = torch.randn(6, 5)
+    ranks = [_cache(tmp_path) for _ in range(2)]
+    stored = ranks[1].record(0, torch.arange(6), logits)
+    for rank in (1, 0):
+        ranks[rank].commit(0, rank, 2, lambda: None)
+    reader = _cache(tmp_path)
+    assert reader.has(0) and reader.complete(0)
+    assert torch.equal(reader.lookup(0, torch.arange(6)), stored)
